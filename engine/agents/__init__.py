@@ -1,0 +1,1 @@
+"""Agents: the request/response types, the simulated agent and the HTTP LLM agents."""

@@ -1,0 +1,512 @@
+"""Configuration: a frozen, validated tree of attrs classes loaded from TOML.
+
+Every field has a default, so an empty file is a valid configuration and a partial
+file overrides only what it names (the latency targets merge per percentile).
+``load_config`` raises :class:`~engine.errors.ConfigError` naming the key path, the
+bad value and what is allowed; nothing half-validated is ever returned.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "ACTION_TYPES",
+    "OPERATIONS",
+    "AgentConfig",
+    "CacheConfig",
+    "Config",
+    "HedgingConfig",
+    "LatencyModel",
+    "LatencyTarget",
+    "LazyLoadingConfig",
+    "ModuleConfig",
+    "MonitoringConfig",
+    "ParallelizationConfig",
+    "PerformanceConfig",
+    "ProfilingConfig",
+    "SimulationConfig",
+    "StateConfig",
+    "load_config",
+    "parse_config",
+]
+
+#: The operation names used by the profiler and the targets table.
+OPERATIONS = ("player_action", "context_building", "agent_query", "state_update", "cache_lookup")
+#: The action types the classifier can produce ("other" is the fallback).
+ACTION_TYPES = ("combat", "exploration", "roleplay", "question", "rest", "system", "other")
+BACKENDS = ("simulated", "openai", "anthropic")
+
+T = TypeVar("T")
+
+
+def _frozen_map(value: Mapping[str, T]) -> Mapping[str, T]:
+    return types.MappingProxyType(dict(value))
+
+
+class _Invalid(ValueError):
+    """A field's value is out of range; ``field`` is None for whole-table checks."""
+
+    def __init__(self, field: str | None, allowed: str) -> None:
+        self.field = field
+        super().__init__(allowed)
+
+
+def _positive(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise _Invalid(attr.name, "must be > 0")
+
+
+def _non_negative(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise _Invalid(attr.name, "must be >= 0")
+
+
+def _fraction(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise _Invalid(attr.name, "must be between 0.0 and 1.0")
+
+
+def _one_of(*allowed: str) -> Any:
+    def check(_inst: object, attr: attrs.Attribute[Any], value: str) -> None:
+        if value not in allowed:
+            raise _Invalid(attr.name, f"must be one of {', '.join(map(repr, allowed))}")
+
+    return check
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@attrs.frozen
+class LatencyTarget:
+    """Latency goals of one operation, in seconds; p50 <= p95 <= p99."""
+
+    p50: float = attrs.field(validator=_positive)
+    p95: float = attrs.field(validator=_positive)
+    p99: float = attrs.field(validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.p50 <= self.p95 <= self.p99:
+            raise _Invalid(
+                None,
+                f"percentiles must not decrease (p50 {self.p50} <= p95 {self.p95} <= p99 {self.p99})"
+            )
+
+    def as_dict(self) -> dict[str, float]:
+        return {"p50": self.p50, "p95": self.p95, "p99": self.p99}
+
+
+DEFAULT_TARGETS: Mapping[str, LatencyTarget] = _frozen_map(
+    {
+        "player_action": LatencyTarget(3.0, 10.0, 15.0),
+        "context_building": LatencyTarget(0.5, 1.5, 3.0),
+        "agent_query": LatencyTarget(1.0, 3.0, 5.0),
+        "state_update": LatencyTarget(0.1, 0.3, 0.5),
+        "cache_lookup": LatencyTarget(0.005, 0.020, 0.050),
+    }
+)
+
+
+@attrs.frozen
+class ProfilingConfig:
+    enabled: bool = True
+    sample_rate: float = attrs.field(default=1.0, validator=_fraction)
+
+
+@attrs.frozen
+class ParallelizationConfig:
+    max_concurrent_agents: int = attrs.field(default=4, validator=_positive)
+    agent_timeout_seconds: float = attrs.field(default=5.0, validator=_positive)
+    action_deadline_seconds: float = attrs.field(default=10.0, validator=_positive)
+
+
+@attrs.frozen
+class HedgingConfig:
+    enabled: bool = True
+    budget_fraction: float = attrs.field(default=0.1, validator=_fraction)
+    min_samples: int = attrs.field(default=20, validator=_non_negative)
+
+
+@attrs.frozen
+class CacheConfig:
+    max_size_mb: float = attrs.field(default=50.0, validator=_positive)
+    ttl_minutes: float = attrs.field(default=30.0, validator=_positive)
+    preload_enabled: bool = True
+
+
+def _default_priorities() -> Mapping[str, tuple[str, ...]]:
+    return _frozen_map(
+        {
+            "combat": ("encounters", "monsters", "rules", "conditions"),
+            "exploration": ("locations", "encounters", "rules"),
+            "roleplay": ("npcs", "locations"),
+            "question": ("rules", "spells", "conditions"),
+            "rest": ("rules", "locations"),
+            "system": (),
+            "other": ("locations", "npcs"),
+        }
+    )
+
+
+@attrs.frozen
+class LazyLoadingConfig:
+    enabled: bool = True
+    background_load: bool = True
+    max_concurrent_loads: int = attrs.field(default=4, validator=_positive)
+    priorities: Mapping[str, tuple[str, ...]] = attrs.field(
+        factory=_default_priorities, converter=_frozen_map
+    )
+
+
+@attrs.frozen
+class MonitoringConfig:
+    span_log_path: str = ""  # empty: no span log
+    span_log_max_bytes: int = attrs.field(default=10_000_000, validator=_positive)
+    span_log_backups: int = attrs.field(default=3, validator=_non_negative)
+    metrics_enabled: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = attrs.field(default=0, validator=_non_negative)  # 0: no endpoint
+
+
+@attrs.frozen
+class PerformanceConfig:
+    profiling: ProfilingConfig = attrs.field(factory=ProfilingConfig)
+    parallelization: ParallelizationConfig = attrs.field(factory=ParallelizationConfig)
+    hedging: HedgingConfig = attrs.field(factory=HedgingConfig)
+    cache: CacheConfig = attrs.field(factory=CacheConfig)
+    lazy_loading: LazyLoadingConfig = attrs.field(factory=LazyLoadingConfig)
+    monitoring: MonitoringConfig = attrs.field(factory=MonitoringConfig)
+    targets: Mapping[str, LatencyTarget] = attrs.field(
+        factory=lambda: DEFAULT_TARGETS, converter=_frozen_map
+    )
+
+
+@attrs.frozen
+class LatencyModel:
+    """Simulated LLM latency: LogNormal time to first token + tokens x inter-token time.
+
+    With probability ``straggler_probability`` the call stalls: its latency is
+    multiplied by ``straggler_factor``.
+    """
+
+    ttft_median_seconds: float = attrs.field(default=0.5, validator=_positive)
+    ttft_sigma: float = attrs.field(default=0.6, validator=_non_negative)
+    inter_token_seconds: float = attrs.field(default=0.01, validator=_non_negative)
+    straggler_probability: float = attrs.field(default=0.0, validator=_fraction)
+    straggler_factor: float = attrs.field(default=5.0, validator=_positive)
+
+
+def _default_scenarios() -> Mapping[str, LatencyModel]:
+    return _frozen_map(
+        {
+            # calibrated to the per-agent target (p50 1 s, p95 3 s, p99 5 s)
+            "targets": LatencyModel(0.55, 0.85, 0.004, 0.01, 3.0),
+            # calibrated to hosted-LLM measurements: TTFT p50 ~0.7 s, p99 several x p50,
+            # ~80 output tokens/s, occasional stalls
+            "hosted": LatencyModel(0.7, 0.5, 0.0125, 0.03, 6.0),
+        }
+    )
+
+
+@attrs.frozen
+class AgentConfig:
+    """One LLM-backed agent: how it is reached and where it sits in the DAG."""
+
+    backend: str = attrs.field(default="simulated", validator=_one_of(*BACKENDS))
+    depends_on: tuple[str, ...] = ()
+    timeout_seconds: float = attrs.field(default=5.0, validator=_positive)
+    budget_tokens: int = attrs.field(default=1000, validator=_positive)
+    output_tokens: int = attrs.field(default=100, validator=_positive)
+    hedge_after: float | str = "off"
+    # HTTP backends only
+    base_url: str = ""
+    model: str = ""
+    api_key_env: str = ""
+    max_tokens: int = attrs.field(default=400, validator=_positive)
+    prompt: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        h = self.hedge_after
+        if isinstance(h, str):
+            if h not in ("off", "p95"):
+                raise _Invalid("hedge_after", 'must be "off", "p95" or a number of seconds > 0')
+        elif h <= 0:
+            raise _Invalid("hedge_after", 'must be "off", "p95" or a number of seconds > 0')
+
+
+def _default_agents() -> Mapping[str, AgentConfig]:
+    return _frozen_map(
+        {
+            "archivist": AgentConfig(budget_tokens=1500, output_tokens=80, hedge_after="p95"),
+            "module_keeper": AgentConfig(budget_tokens=1200, output_tokens=60, hedge_after="p95"),
+            "arbiter": AgentConfig(
+                depends_on=("archivist", "module_keeper"),
+                budget_tokens=1500,
+                output_tokens=80,
+                hedge_after="p95",
+            ),
+            "narrator": AgentConfig(
+                depends_on=("arbiter",), budget_tokens=2000, output_tokens=150, hedge_after="p95"
+            ),
+        }
+    )
+
+
+def _default_actions() -> Mapping[str, tuple[str, ...]]:
+    return _frozen_map(
+        {
+            "combat": ("archivist", "module_keeper", "arbiter", "narrator"),
+            "exploration": ("archivist", "module_keeper", "arbiter", "narrator"),
+            "roleplay": ("archivist", "module_keeper", "narrator"),
+            "question": ("archivist", "arbiter", "narrator"),
+            "rest": ("module_keeper", "arbiter", "narrator"),
+            "system": ("module_keeper",),
+            "other": ("archivist", "module_keeper", "narrator"),
+        }
+    )
+
+
+@attrs.frozen
+class ModuleConfig:
+    name: str = "default"  # "default", "srd", or a path to an adventure folder
+    include_srd: bool = True
+    cache_dir: str = ""  # where compiled modules live; empty: ~/.cache/dm-engine
+
+
+@attrs.frozen
+class StateConfig:
+    path: str = ""  # SQLite session store; empty: in <cache_dir>/sessions.sqlite
+    max_action_chars: int = attrs.field(default=2000, validator=_positive)
+
+
+@attrs.frozen
+class SimulationConfig:
+    scenario: str = "targets"
+    seed: int = 20261126
+
+
+@attrs.frozen
+class Config:
+    """The whole configuration; see ``config.toml`` for every key with its meaning."""
+
+    performance: PerformanceConfig = attrs.field(factory=PerformanceConfig)
+    agents: Mapping[str, AgentConfig] = attrs.field(
+        factory=_default_agents, converter=_frozen_map
+    )
+    actions: Mapping[str, tuple[str, ...]] = attrs.field(
+        factory=_default_actions, converter=_frozen_map
+    )
+    scenarios: Mapping[str, LatencyModel] = attrs.field(
+        factory=_default_scenarios, converter=_frozen_map
+    )
+    module: ModuleConfig = attrs.field(factory=ModuleConfig)
+    state: StateConfig = attrs.field(factory=StateConfig)
+    simulation: SimulationConfig = attrs.field(factory=SimulationConfig)
+
+    @property
+    def targets(self) -> Mapping[str, LatencyTarget]:
+        return self.performance.targets
+
+    def agents_for(self, action_type: str) -> tuple[str, ...]:
+        """The agents that answer ``action_type`` (``other`` when it has no entry)."""
+        return self.actions.get(action_type, self.actions.get("other", ()))
+
+    def latency_model(self) -> LatencyModel:
+        return self.scenarios[self.simulation.scenario]
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read and validate a TOML file; ``None`` gives the built-in defaults.
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or a value is invalid.
+    """
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("<file>", str(p), "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("<file>", str(p), f"cannot be read ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("<file>", str(p), f"is not valid TOML ({exc})") from None
+    return parse_config(raw)
+
+
+def parse_config(raw: Mapping[str, Any]) -> Config:
+    """Validate a parsed TOML document (a dict) into a :class:`Config`."""
+    raw = dict(raw)
+    perf = dict(raw.get("performance", {}) or {})
+    if "targets" in perf:
+        perf["targets"] = _merge_targets(perf["targets"])
+        raw["performance"] = perf
+    config = _structure(Config, raw, "")
+    _check_graph(config)
+    return config
+
+
+def _merge_targets(raw: object) -> object:
+    if not isinstance(raw, Mapping):
+        return raw  # the structurer reports the type error
+    merged: dict[str, object] = {k: v.as_dict() for k, v in DEFAULT_TARGETS.items()}
+    for op, table in raw.items():
+        if isinstance(table, Mapping) and op in merged:
+            base = merged[op]
+            assert isinstance(base, dict)
+            merged[op] = {**base, **table}
+        else:
+            merged[op] = table
+    return merged
+
+
+def _check_graph(config: Config) -> None:
+    names = set(config.agents)
+    for name, agent in config.agents.items():
+        for dep in agent.depends_on:
+            if dep not in names:
+                raise ConfigError(
+                    f"agents.{name}.depends_on", dep, f"unknown agent; known: {sorted(names)}"
+                )
+        if name in agent.depends_on:
+            raise ConfigError(f"agents.{name}.depends_on", name, "an agent cannot depend on itself")
+    cycle = _find_cycle({n: a.depends_on for n, a in config.agents.items()})
+    if cycle:
+        raise ConfigError(
+            f"agents.{cycle[0]}.depends_on",
+            list(config.agents[cycle[0]].depends_on),
+            f"dependency cycle {' -> '.join(cycle)}",
+        )
+    for action, agents in config.actions.items():
+        for agent_name in agents:
+            if agent_name not in names:
+                raise ConfigError(
+                    f"actions.{action}", agent_name, f"unknown agent; known: {sorted(names)}"
+                )
+    if config.simulation.scenario not in config.scenarios:
+        raise ConfigError(
+            "simulation.scenario",
+            config.simulation.scenario,
+            f"unknown scenario; known: {sorted(config.scenarios)}",
+        )
+
+
+def _find_cycle(graph: Mapping[str, tuple[str, ...]]) -> list[str]:
+    """A dependency cycle as a path (first == last), or [] when the graph is acyclic."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        stack.append(node)
+        for dep in graph.get(node, ()):
+            if state.get(dep) == 1:
+                return [*stack[stack.index(dep) :], dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return []
+
+    for node in graph:
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+def _type_name(tp: Any) -> str:
+    if tp is float:
+        return "a number"
+    if tp is int:
+        return "an integer"
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a string"
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+    if origin in (Mapping, dict):
+        return "a table"
+    if attrs.has(tp):
+        return "a table"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return str(tp)
+
+
+def _structure(tp: Any, value: Any, path: str) -> Any:
+    """Turn TOML data into ``tp``, raising ConfigError with the key path on mismatch."""
+    origin = typing.get_origin(tp)
+    if attrs.has(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(path or "<root>", value, "must be a table")
+        fields = {f.name: f for f in attrs.fields(tp)}
+        hints = typing.get_type_hints(tp)
+        kwargs: dict[str, Any] = {}
+        for key, item in value.items():
+            sub = f"{path}.{key}" if path else key
+            if key not in fields:
+                raise ConfigError(sub, item, f"unknown key; allowed keys: {', '.join(fields)}")
+            kwargs[key] = _structure(hints[key], item, sub)
+        missing = [n for n, f in fields.items() if f.default is attrs.NOTHING and n not in kwargs]
+        if missing:
+            raise ConfigError(path or "<root>", dict(value), f"missing keys: {', '.join(missing)}")
+        try:
+            return tp(**kwargs)
+        except _Invalid as exc:
+            if exc.field is None:
+                raise ConfigError(path or "<root>", dict(value), str(exc)) from None
+            sub = f"{path}.{exc.field}" if path else exc.field
+            bad = value.get(exc.field, attrs.fields_dict(tp)[exc.field].default)
+            raise ConfigError(sub, bad, str(exc)) from None
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(path, value, f"must be {_type_name(tp)}")
+        return tuple(_structure(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict):
+        _key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            raise ConfigError(path, value, "must be a table")
+        return {k: _structure(val_tp, v, f"{path}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _structure(option, value, path)
+            except ConfigError:
+                continue
+        raise ConfigError(path, value, f"must be {_type_name(tp)}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, value, "must be a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, value, "must be an integer")
+        return value
+    if tp in (bool, str):
+        if not isinstance(value, tp):
+            raise ConfigError(path, value, f"must be {_type_name(tp)}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # pragma: no cover
+

@@ -1,0 +1,1 @@
+"""Module content: the module store, the cache, the lazy loader and the context builder."""

@@ -1,0 +1,1 @@
+"""Observability: the profiler, its quantile sketches, exporters and the HTML report."""

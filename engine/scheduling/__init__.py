@@ -1,0 +1,1 @@
+"""Scheduling: the dependency DAG, the eager executor and hedged requests."""
