@@ -1,0 +1,564 @@
+"""Durable session state: one SQLite file (WAL), one transaction per player action.
+
+The store keeps, per session, a turn counter, a transcript row per action and a
+key/value table of game state that agents change. ``record_action`` writes all
+three in ONE transaction, so after any crash a session's turn counter equals its
+number of transcript rows and every recorded action's state changes are applied.
+
+All SQLite work runs in a worker thread (``anyio.to_thread.run_sync``) on a single
+connection guarded by a lock; a per-store ``CapacityLimiter(1)`` keeps waiting
+calls on the event loop instead of parking one thread each.
+
+Usage::
+
+    async with SessionStore.open(path) as store:
+        state = await store.ensure_session("s1")
+        turn = await store.record_action("s1", action_text=..., action_type=..., ...)
+
+See ``docs/state.md`` for the schema and the durability guarantees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, final
+
+import anyio
+import anyio.to_thread
+import attrs
+
+from .config import StateConfig
+from .errors import SessionError
+
+__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SessionState", "SessionStore", "TranscriptEntry"]
+
+#: ``PRAGMA application_id`` of a session store ("dmS1"); other SQLite files are foreign.
+APPLICATION_ID = 0x646D5331
+#: ``PRAGMA user_version`` of the schema below; another version is refused, never migrated.
+SCHEMA_VERSION = 1
+MAX_SESSION_ID_CHARS = 200
+DEFAULT_MAX_ACTION_CHARS = 2000
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_TABLES = frozenset({"sessions", "transcript", "state"})
+_SCHEMA = """
+CREATE TABLE sessions (
+    session_id TEXT PRIMARY KEY,
+    turn       INTEGER NOT NULL CHECK (turn >= 0),
+    created    REAL NOT NULL,
+    updated    REAL NOT NULL
+);
+CREATE TABLE transcript (
+    session_id    TEXT NOT NULL REFERENCES sessions(session_id),
+    turn          INTEGER NOT NULL CHECK (turn >= 1),
+    action_text   TEXT NOT NULL,
+    action_type   TEXT NOT NULL,
+    narrative     TEXT NOT NULL,
+    state_changes TEXT NOT NULL,
+    responses     TEXT NOT NULL,
+    created       REAL NOT NULL,
+    PRIMARY KEY (session_id, turn)
+);
+CREATE TABLE state (
+    session_id TEXT NOT NULL REFERENCES sessions(session_id),
+    key        TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    PRIMARY KEY (session_id, key)
+);
+"""
+
+_T = TypeVar("_T")
+
+
+@attrs.frozen
+class SessionState:
+    """A snapshot of one session: ``turn`` actions recorded so far, and its state."""
+
+    session_id: str
+    turn: int
+    state: dict[str, Any]
+    created: float  # wall-clock seconds since the epoch (persisted across processes)
+    updated: float
+
+
+@attrs.frozen
+class TranscriptEntry:
+    """One recorded action, exactly as ``record_action`` received it."""
+
+    turn: int
+    action_text: str
+    action_type: str
+    narrative: str
+    state_changes: dict[str, Any]
+    responses: dict[str, Any]
+    created: float
+
+
+def _check_session_id(session_id: object) -> str:
+    if not isinstance(session_id, str):
+        raise SessionError(f"session id must be a str, got {type(session_id).__name__}")
+    if not session_id.strip():
+        raise SessionError("session id must not be empty or whitespace")
+    if len(session_id) > MAX_SESSION_ID_CHARS:
+        raise SessionError(
+            f"session id is {len(session_id)} characters long; the limit is {MAX_SESSION_ID_CHARS}"
+        )
+    if "\x00" in session_id:
+        raise SessionError("session id must not contain NUL characters")
+    return session_id
+
+
+def _to_json(what: str, value: Mapping[str, Any]) -> str:
+    if not isinstance(value, Mapping):
+        raise SessionError(f"{what} must be a mapping, got {type(value).__name__}")
+    for key in value:
+        if not isinstance(key, str) or not key:
+            raise SessionError(f"{what} keys must be non-empty strings, got {key!r}")
+    try:
+        return json.dumps(dict(value), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SessionError(f"{what} is not JSON-serialisable: {exc}") from None
+
+
+@final
+@attrs.define(eq=False, repr=False)
+class SessionStore:
+    """The durable session store; open it with ``async with SessionStore.open(path)``.
+
+    Guarantees:
+        * ``record_action`` is one SQLite transaction: after it returns the action
+          survives a crash of the process (and, with ``synchronous="FULL"``, the
+          default, a power loss on honest disks); if it raises or the process dies
+          before it returns, either all of the action is stored or none of it.
+        * Concurrent calls (many sessions, or one session from several tasks) are
+          serialized on one connection; none loses another's update.
+        * A cancelled call never leaves a half-written action: the worker thread is
+          not abandoned, so the transaction commits or rolls back before
+          ``Cancelled`` propagates.
+    """
+
+    path: Path
+    max_action_chars: int
+    _conn: sqlite3.Connection
+    _limiter: anyio.CapacityLimiter
+    _clock: Callable[[], float]
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+    _closed: bool = attrs.field(default=False, init=False)
+
+    def __repr__(self) -> str:
+        return f"<SessionStore {str(self.path)!r}{' closed' if self._closed else ''}>"
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        max_action_chars: int = DEFAULT_MAX_ACTION_CHARS,
+        synchronous: Literal["NORMAL", "FULL"] = "FULL",
+        clock: Callable[[], float] = time.time,
+    ) -> AsyncIterator[SessionStore]:
+        """Open (creating if missing or empty) the store at ``path``; close it on exit.
+
+        Args:
+            path: the SQLite file. Its directory must exist.
+            max_action_chars: longest accepted action text.
+            synchronous: ``"FULL"`` fsyncs the WAL on every commit (durable against
+                power loss); ``"NORMAL"`` does not (durable against a crash of the
+                process only, which is all SIGKILL can do).
+            clock: wall-clock source of the persisted ``created``/``updated`` times.
+
+        Raises:
+            SessionError: the file is not SQLite, is corrupt, or is an SQLite file
+                of something else (other tables, ``application_id`` or schema
+                version). The file is then left exactly as it was.
+        """
+        if isinstance(max_action_chars, bool) or not isinstance(max_action_chars, int):
+            raise TypeError("max_action_chars must be an int")
+        if max_action_chars < 1:
+            raise ValueError(f"max_action_chars must be >= 1, got {max_action_chars}")
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
+        file = Path(path)
+        conn = await anyio.to_thread.run_sync(_connect, file, synchronous)
+        store = cls(file, max_action_chars, conn, anyio.CapacityLimiter(1), clock)
+        try:
+            yield store
+        finally:
+            await store.aclose()
+
+    @classmethod
+    def from_config(
+        cls, config: StateConfig, cache_dir: str | os.PathLike[str] = ""
+    ) -> contextlib.AbstractAsyncContextManager[SessionStore]:
+        """``open`` the store named by ``[state]``: ``config.path``, else
+        ``<cache_dir>/sessions.sqlite`` (``cache_dir`` empty: ``~/.cache/dm-engine``,
+        created if missing)."""
+        if config.path:
+            path = Path(config.path).expanduser()
+        else:
+            base = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache/dm-engine"
+            base.mkdir(parents=True, exist_ok=True)
+            path = base / "sessions.sqlite"
+        return cls.open(path, max_action_chars=config.max_action_chars)
+
+    async def aclose(self) -> None:
+        """Close the connection (after calls in flight); idempotent, shielded from cancellation."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._close_sync, limiter=self._limiter)
+
+    def _close_sync(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._conn.close()
+
+    # ------------------------------------------------------------------ sessions
+
+    async def create_session(self, session_id: str) -> SessionState:
+        """Create a new session at turn 0.
+
+        Raises:
+            SessionError: the id is invalid or the session already exists.
+        """
+        _check_session_id(session_id)
+
+        def work(conn: sqlite3.Connection) -> SessionState:
+            if _session_row(conn, session_id) is not None:
+                raise SessionError(f"session {session_id!r} already exists")
+            now = self._clock()
+            conn.execute(
+                "INSERT INTO sessions (session_id, turn, created, updated) VALUES (?, 0, ?, ?)",
+                (session_id, now, now),
+            )
+            return SessionState(session_id, 0, {}, now, now)
+
+        return await self._run("create_session", work, write=True)
+
+    async def ensure_session(self, session_id: str) -> SessionState:
+        """Return the session, creating it at turn 0 if it does not exist (idempotent)."""
+        _check_session_id(session_id)
+
+        def work(conn: sqlite3.Connection) -> SessionState:
+            if _session_row(conn, session_id) is None:
+                now = self._clock()
+                conn.execute(
+                    "INSERT INTO sessions (session_id, turn, created, updated) VALUES (?, 0, ?, ?)",
+                    (session_id, now, now),
+                )
+            return _load_session(conn, session_id)
+
+        return await self._run("ensure_session", work, write=True)
+
+    async def get_session(self, session_id: str) -> SessionState:
+        """The session's turn and state. Raises SessionError if it does not exist."""
+        _check_session_id(session_id)
+        return await self._run(
+            "get_session", lambda conn: _load_session(conn, session_id), write=False
+        )
+
+    async def session_ids(self) -> list[str]:
+        """Every session id, sorted."""
+        return await self._run(
+            "session_ids",
+            lambda conn: [
+                r[0] for r in conn.execute("SELECT session_id FROM sessions ORDER BY session_id")
+            ],
+            write=False,
+        )
+
+    async def count_actions(self, session_id: str | None = None) -> int:
+        """Recorded actions of one session, or of all sessions when ``None``.
+
+        Raises:
+            SessionError: ``session_id`` names no session.
+        """
+        if session_id is None:
+            return await self._run(
+                "count_actions",
+                lambda conn: int(conn.execute("SELECT count(*) FROM transcript").fetchone()[0]),
+                write=False,
+            )
+        _check_session_id(session_id)
+
+        def work(conn: sqlite3.Connection) -> int:
+            _require_session(conn, session_id)
+            row = conn.execute(
+                "SELECT count(*) FROM transcript WHERE session_id = ?", (session_id,)
+            ).fetchone()
+            return int(row[0])
+
+        return await self._run("count_actions", work, write=False)
+
+    # ------------------------------------------------------------------ actions
+
+    async def record_action(
+        self,
+        session_id: str,
+        *,
+        turn_expected: int | None = None,
+        action_text: str,
+        action_type: str,
+        narrative: str,
+        state_changes: Mapping[str, Any],
+        responses: Mapping[str, Any],
+    ) -> int:
+        """Durably record one action in ONE transaction; return its turn number.
+
+        The transaction inserts the transcript row, applies ``state_changes`` to the
+        session's state (a value of ``None`` deletes the key; any other value is
+        stored as JSON) and bumps the turn counter. Nothing is written when it raises.
+
+        Args:
+            turn_expected: if given, the session's current turn as the caller last
+                saw it (``SessionState.turn``); a different current turn means
+                another action was recorded in between, and the call fails.
+
+        Raises:
+            SessionError: empty/whitespace or too long action text, an invalid or
+                unknown session, a ``turn_expected`` mismatch, values that are not
+                JSON-serialisable, or a storage failure.
+        """
+        _check_session_id(session_id)
+        if not isinstance(action_text, str):
+            raise SessionError(f"action text must be a str, got {type(action_text).__name__}")
+        if not action_text.strip():
+            raise SessionError("action text is empty; say what your character does")
+        if len(action_text) > self.max_action_chars:
+            raise SessionError(
+                f"action text is {len(action_text)} characters long; "
+                f"the limit is {self.max_action_chars}"
+            )
+        if not isinstance(action_type, str) or not action_type:
+            raise SessionError(f"action type must be a non-empty str, got {action_type!r}")
+        if not isinstance(narrative, str):
+            raise SessionError(f"narrative must be a str, got {type(narrative).__name__}")
+        changes_json = _to_json("state_changes", state_changes)
+        responses_json = _to_json("responses", responses)
+        # serialize each value once, here, so the thread only does SQL
+        values = {
+            key: None if value is None else json.dumps(value, sort_keys=True)
+            for key, value in state_changes.items()
+        }
+
+        def work(conn: sqlite3.Connection) -> int:
+            row = _require_session(conn, session_id)
+            turn = int(row[0])
+            if turn_expected is not None and turn != turn_expected:
+                raise SessionError(
+                    f"session {session_id!r} is at turn {turn}, not {turn_expected}: "
+                    "another action was recorded in between"
+                )
+            new_turn = turn + 1
+            now = self._clock()
+            conn.execute(
+                "INSERT INTO transcript (session_id, turn, action_text, action_type, narrative,"
+                " state_changes, responses, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    session_id,
+                    new_turn,
+                    action_text,
+                    action_type,
+                    narrative,
+                    changes_json,
+                    responses_json,
+                    now,
+                ),
+            )
+            for key, value in values.items():
+                if value is None:
+                    conn.execute(
+                        "DELETE FROM state WHERE session_id = ? AND key = ?", (session_id, key)
+                    )
+                else:
+                    conn.execute(
+                        "INSERT INTO state (session_id, key, value) VALUES (?, ?, ?)"
+                        " ON CONFLICT (session_id, key) DO UPDATE SET value = excluded.value",
+                        (session_id, key, value),
+                    )
+            conn.execute(
+                "UPDATE sessions SET turn = ?, updated = ? WHERE session_id = ?",
+                (new_turn, now, session_id),
+            )
+            return new_turn
+
+        return await self._run("record_action", work, write=True)
+
+    async def transcript(self, session_id: str, limit: int | None = None) -> list[TranscriptEntry]:
+        """The session's actions in turn order; with ``limit``, only the last ``limit``.
+
+        Raises:
+            SessionError: the session does not exist.
+            ValueError: ``limit`` is negative.
+        """
+        _check_session_id(session_id)
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0 or None, got {limit}")
+
+        def work(conn: sqlite3.Connection) -> list[TranscriptEntry]:
+            _require_session(conn, session_id)
+            rows = conn.execute(
+                "SELECT turn, action_text, action_type, narrative, state_changes, responses,"
+                " created FROM transcript WHERE session_id = ? ORDER BY turn DESC LIMIT ?",
+                (session_id, -1 if limit is None else limit),
+            ).fetchall()
+            return [
+                TranscriptEntry(
+                    turn=int(r[0]),
+                    action_text=r[1],
+                    action_type=r[2],
+                    narrative=r[3],
+                    state_changes=json.loads(r[4]),
+                    responses=json.loads(r[5]),
+                    created=float(r[6]),
+                )
+                for r in reversed(rows)
+            ]
+
+        return await self._run("transcript", work, write=False)
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _run(self, op: str, work: Callable[[sqlite3.Connection], _T], *, write: bool) -> _T:
+        """Run ``work`` in a worker thread inside one transaction (IMMEDIATE for writes)."""
+
+        def in_thread() -> _T:
+            with self._lock:
+                if self._closed:
+                    raise SessionError(f"{op}: the session store {str(self.path)!r} is closed")
+                conn = self._conn
+                try:
+                    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                    try:
+                        result = work(conn)
+                    except BaseException:
+                        conn.rollback()
+                        raise
+                    conn.commit()
+                    return result
+                except sqlite3.Error as exc:
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.rollback()
+                    raise SessionError(f"{op} on {str(self.path)!r} failed: {exc}") from exc
+
+        return await anyio.to_thread.run_sync(in_thread, limiter=self._limiter)
+
+
+def _session_row(conn: sqlite3.Connection, session_id: str) -> tuple[Any, ...] | None:
+    row: tuple[Any, ...] | None = conn.execute(
+        "SELECT turn, created, updated FROM sessions WHERE session_id = ?", (session_id,)
+    ).fetchone()
+    return row
+
+
+def _require_session(conn: sqlite3.Connection, session_id: str) -> tuple[Any, ...]:
+    row = _session_row(conn, session_id)
+    if row is None:
+        raise SessionError(f"unknown session {session_id!r}")
+    return row
+
+
+def _load_session(conn: sqlite3.Connection, session_id: str) -> SessionState:
+    turn, created, updated = _require_session(conn, session_id)
+    state = {
+        key: json.loads(value)
+        for key, value in conn.execute(
+            "SELECT key, value FROM state WHERE session_id = ? ORDER BY key", (session_id,)
+        )
+    }
+    return SessionState(session_id, int(turn), state, float(created), float(updated))
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    """Open and validate (or initialise) the file; refuse foreign files untouched."""
+    where = str(path)
+    try:
+        with path.open("rb") as f:
+            header = f.read(len(_SQLITE_MAGIC))
+    except FileNotFoundError:
+        header = b""
+    except OSError as exc:
+        raise SessionError(f"session store {where!r} cannot be read: {exc}") from exc
+    if header and header != _SQLITE_MAGIC:
+        raise SessionError(f"session store {where!r} is not an SQLite database; refusing to use it")
+    try:
+        conn = sqlite3.connect(where, isolation_level=None, check_same_thread=False, timeout=10.0)
+    except sqlite3.Error as exc:
+        raise SessionError(f"session store {where!r} cannot be opened: {exc}") from exc
+    try:
+        # Only reads until the file is known to be ours (or empty): a foreign file is untouched.
+        fresh = _inspect(conn, where)
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise SessionError(f"session store {where!r} cannot use WAL mode (got {mode!r})")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if fresh:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # another process may have initialised it meanwhile
+                if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+            _inspect(conn, where)
+        return conn
+    except BaseException as exc:
+        conn.close()
+        if isinstance(exc, sqlite3.Error):
+            raise SessionError(f"session store {where!r} is unusable: {exc}") from exc
+        raise
+
+
+def _inspect(conn: sqlite3.Connection, where: str) -> bool:
+    """Check the file is our store; True if it is an empty database to initialise."""
+    try:
+        tables = {
+            r[0]
+            for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            if not str(r[0]).startswith("sqlite_")
+        }
+        app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        check = None
+        if not tables and app_id == 0 and version == 0:
+            return True
+        if app_id == APPLICATION_ID and version == SCHEMA_VERSION:
+            check = [str(r[0]) for r in conn.execute("PRAGMA quick_check").fetchall()]
+    except sqlite3.DatabaseError as exc:
+        raise SessionError(f"session store {where!r} is corrupt or not a database: {exc}") from exc
+    if app_id != APPLICATION_ID:
+        raise SessionError(
+            f"session store {where!r} is an SQLite file of another application "
+            f"(application_id {app_id:#x}, tables {sorted(tables)}); refusing to use it"
+        )
+    if version != SCHEMA_VERSION:
+        raise SessionError(
+            f"session store {where!r} has schema version {version}; "
+            f"this engine reads version {SCHEMA_VERSION} only"
+        )
+    if missing := _TABLES - tables:
+        raise SessionError(f"session store {where!r} lacks tables {sorted(missing)}")
+    if check != ["ok"]:
+        detail = "; ".join((check or [])[:3])
+        raise SessionError(f"session store {where!r} is corrupt: {detail}")
+    return False
