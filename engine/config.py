@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import attrs
 
 from .errors import ConfigError
+from .scheduling.dag import find_cycle
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -104,7 +105,7 @@ class LatencyTarget:
         if not self.p50 <= self.p95 <= self.p99:
             raise _Invalid(
                 None,
-                f"percentiles must not decrease (p50 {self.p50} <= p95 {self.p95} <= p99 {self.p99})"
+                f"percentiles must not decrease (p50 {self.p50} <= p95 {self.p95} <= p99 {self.p99})",
             )
 
     def as_dict(self) -> dict[str, float]:
@@ -305,9 +306,7 @@ class Config:
     """The whole configuration; see ``config.toml`` for every key with its meaning."""
 
     performance: PerformanceConfig = attrs.field(factory=PerformanceConfig)
-    agents: Mapping[str, AgentConfig] = attrs.field(
-        factory=_default_agents, converter=_frozen_map
-    )
+    agents: Mapping[str, AgentConfig] = attrs.field(factory=_default_agents, converter=_frozen_map)
     actions: Mapping[str, tuple[str, ...]] = attrs.field(
         factory=_default_actions, converter=_frozen_map
     )
@@ -360,7 +359,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     if "targets" in perf:
         perf["targets"] = _merge_targets(perf["targets"])
         raw["performance"] = perf
-    config = _structure(Config, raw, "")
+    config: Config = _structure(Config, raw, "")
     _check_graph(config)
     return config
 
@@ -389,7 +388,7 @@ def _check_graph(config: Config) -> None:
                 )
         if name in agent.depends_on:
             raise ConfigError(f"agents.{name}.depends_on", name, "an agent cannot depend on itself")
-    cycle = _find_cycle({n: a.depends_on for n, a in config.agents.items()})
+    cycle = find_cycle({n: a.depends_on for n, a in config.agents.items()})
     if cycle:
         raise ConfigError(
             f"agents.{cycle[0]}.depends_on",
@@ -408,29 +407,6 @@ def _check_graph(config: Config) -> None:
             config.simulation.scenario,
             f"unknown scenario; known: {sorted(config.scenarios)}",
         )
-
-
-def _find_cycle(graph: Mapping[str, tuple[str, ...]]) -> list[str]:
-    """A dependency cycle as a path (first == last), or [] when the graph is acyclic."""
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str]:
-        state[node] = 1
-        stack.append(node)
-        for dep in graph.get(node, ()):
-            if state.get(dep) == 1:
-                return [*stack[stack.index(dep) :], dep]
-            if dep not in state and (found := visit(dep)):
-                return found
-        stack.pop()
-        state[node] = 2
-        return []
-
-    for node in graph:
-        if node not in state and (found := visit(node)):
-            return found
-    return []
 
 
 def _type_name(tp: Any) -> str:
@@ -509,4 +485,3 @@ def _structure(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(path, value, f"must be {_type_name(tp)}")
         return value
     raise TypeError(f"unsupported config type {tp!r} at {path}")  # pragma: no cover
-

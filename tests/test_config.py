@@ -50,23 +50,75 @@ def test_agents_for_falls_back_to_other() -> None:
 
 BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"bogus": 1}, "bogus", "unknown key"),
-    ({"performance": {"profiling": {"sample_rate": 1.5}}}, "performance.profiling.sample_rate", "between 0.0 and 1.0"),
-    ({"performance": {"profiling": {"sample_rate": -0.1}}}, "performance.profiling.sample_rate", "between 0.0 and 1.0"),
-    ({"performance": {"profiling": {"enabled": "yes"}}}, "performance.profiling.enabled", "true or false"),
+    (
+        {"performance": {"profiling": {"sample_rate": 1.5}}},
+        "performance.profiling.sample_rate",
+        "between 0.0 and 1.0",
+    ),
+    (
+        {"performance": {"profiling": {"sample_rate": -0.1}}},
+        "performance.profiling.sample_rate",
+        "between 0.0 and 1.0",
+    ),
+    (
+        {"performance": {"profiling": {"enabled": "yes"}}},
+        "performance.profiling.enabled",
+        "true or false",
+    ),
     ({"performance": {"cache": {"max_size_mb": -5}}}, "performance.cache.max_size_mb", "> 0"),
-    ({"performance": {"cache": {"max_size_mb": "big"}}}, "performance.cache.max_size_mb", "a number"),
+    (
+        {"performance": {"cache": {"max_size_mb": "big"}}},
+        "performance.cache.max_size_mb",
+        "a number",
+    ),
     ({"performance": {"cache": {"ttl_minutes": 0}}}, "performance.cache.ttl_minutes", "> 0"),
     ({"performance": {"cache": {"colour": "red"}}}, "performance.cache.colour", "unknown key"),
-    ({"performance": {"parallelization": {"max_concurrent_agents": 2.5}}}, "performance.parallelization.max_concurrent_agents", "an integer"),
-    ({"performance": {"parallelization": {"max_concurrent_agents": 0}}}, "performance.parallelization.max_concurrent_agents", "> 0"),
-    ({"performance": {"parallelization": {"agent_timeout_seconds": True}}}, "performance.parallelization.agent_timeout_seconds", "a number"),
-    ({"performance": {"targets": {"agent_query": {"p50": 4.0}}}}, "performance.targets.agent_query", "must not decrease"),
-    ({"performance": {"targets": {"agent_query": {"p95": 9.0}}}}, "performance.targets.agent_query", "must not decrease"),
-    ({"performance": {"targets": {"new_op": {"p50": 1.0}}}}, "performance.targets.new_op", "missing keys"),
+    (
+        {"performance": {"parallelization": {"max_concurrent_agents": 2.5}}},
+        "performance.parallelization.max_concurrent_agents",
+        "an integer",
+    ),
+    (
+        {"performance": {"parallelization": {"max_concurrent_agents": 0}}},
+        "performance.parallelization.max_concurrent_agents",
+        "> 0",
+    ),
+    (
+        {"performance": {"parallelization": {"agent_timeout_seconds": True}}},
+        "performance.parallelization.agent_timeout_seconds",
+        "a number",
+    ),
+    (
+        {"performance": {"targets": {"agent_query": {"p50": 4.0}}}},
+        "performance.targets.agent_query",
+        "must not decrease",
+    ),
+    (
+        {"performance": {"targets": {"agent_query": {"p95": 9.0}}}},
+        "performance.targets.agent_query",
+        "must not decrease",
+    ),
+    (
+        {"performance": {"targets": {"new_op": {"p50": 1.0}}}},
+        "performance.targets.new_op",
+        "missing keys",
+    ),
     ({"performance": {"targets": "fast"}}, "performance.targets", "a table"),
-    ({"performance": {"lazy_loading": {"priorities": {"combat": "monsters"}}}}, "performance.lazy_loading.priorities.combat", "a list"),
-    ({"agents": {"narrator": {"depends_on": ["ghost"]}}}, "agents.narrator.depends_on", "unknown agent"),
-    ({"agents": {"a": {"depends_on": ["b"]}, "b": {"depends_on": ["a"]}}, "actions": {}}, "depends_on", "dependency cycle"),
+    (
+        {"performance": {"lazy_loading": {"priorities": {"combat": "monsters"}}}},
+        "performance.lazy_loading.priorities.combat",
+        "a list",
+    ),
+    (
+        {"agents": {"narrator": {"depends_on": ["ghost"]}}},
+        "agents.narrator.depends_on",
+        "unknown agent",
+    ),
+    (
+        {"agents": {"a": {"depends_on": ["b"]}, "b": {"depends_on": ["a"]}}, "actions": {}},
+        "depends_on",
+        "dependency cycle",
+    ),
     ({"agents": {"a": {"depends_on": ["a"]}}, "actions": {}}, "agents.a.depends_on", "itself"),
     ({"agents": {"narrator": {"backend": "gpt"}}}, "agents.narrator.backend", "one of"),
     ({"agents": {"narrator": {"hedge_after": "p99"}}}, "agents.narrator.hedge_after", '"p95"'),
@@ -74,7 +126,11 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"agents": {"narrator": {"depends_on": "arbiter"}}}, "agents.narrator.depends_on", "a list"),
     ({"actions": {"combat": ["narrator", "bard"]}}, "actions.combat", "unknown agent"),
     ({"simulation": {"scenario": "moon"}}, "simulation.scenario", "unknown scenario"),
-    ({"scenarios": {"targets": {"straggler_probability": 2}}}, "scenarios.targets.straggler_probability", "between"),
+    (
+        {"scenarios": {"targets": {"straggler_probability": 2}}},
+        "scenarios.targets.straggler_probability",
+        "between",
+    ),
     ({"state": {"max_action_chars": 0}}, "state.max_action_chars", "> 0"),
 ]
 

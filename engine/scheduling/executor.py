@@ -1,0 +1,355 @@
+"""The parallel agent executor: a request DAG run eagerly under a capacity limiter.
+
+Guarantees:
+
+* **Eager.** A request starts the moment its last dependency succeeded; nothing waits
+  for a whole level. With unlimited capacity the makespan is the critical path.
+* **Bounded.** At most ``max_concurrent`` agent attempts hold a limiter token at once,
+  hedges included; admission is FIFO by readiness.
+* **Timed from readiness.** A request's timeout covers queueing and running; the
+  response reports both separately.
+* **Isolated.** An agent that raises or times out yields an ``ERROR``/``TIMEOUT``
+  response and its transitive dependents are ``SKIPPED``; other branches go on.
+* **Cancellation-safe.** Cancelling the caller cancels every in-flight call, leaves no
+  task running and releases every token; ``Cancelled`` is never an agent error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, final
+
+import anyio
+import anyio.lowlevel
+import attrs
+
+from ..agents.base import Agent, AgentRequest, AgentResponse, Status
+from ..config import Config
+from .dag import RequestGraph, analyze_dependencies
+from .hedging import HedgePolicy
+
+__all__ = ["ExecutorStatistics", "ParallelAgentExecutor"]
+
+
+@attrs.frozen
+class ExecutorStatistics:
+    """A snapshot: limiter occupancy and what the executor has done so far."""
+
+    borrowed_tokens: int
+    total_tokens: int
+    waiting: int
+    requests: int
+    attempts: int
+    hedges_sent: int
+    hedges_won: int
+
+
+@final
+@attrs.define(eq=False)
+class _Outcome:
+    """The winning attempt of one request (or the error if every attempt failed)."""
+
+    output: Any = None
+    error: BaseException | None = None
+    attempts: int = 0
+    hedged: bool = False
+    hedge_won: bool = False
+
+
+@final
+@attrs.define(eq=False)
+class ParallelAgentExecutor:
+    """Runs agent requests as a dependency DAG; see the module docstring.
+
+    Args:
+        agents: agent name -> object with ``async run(request, inputs)``.
+        max_concurrent: agent attempts running at once (one shared limiter).
+        agent_timeout: default per-request timeout in seconds (from readiness).
+        hedging: optional hedge policy (``None``: never hedge).
+        on_response: called with every response as it is decided (metrics hook).
+    """
+
+    agents: Mapping[str, Agent]
+    max_concurrent: int = 4
+    agent_timeout: float = 5.0
+    hedging: HedgePolicy | None = None
+    on_response: Callable[[AgentResponse], None] | None = None
+    _limiter: anyio.CapacityLimiter | None = attrs.field(default=None, init=False)
+    _limiter_loop: object = attrs.field(default=None, init=False)
+    _requests: int = attrs.field(default=0, init=False)
+    _attempts: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
+        if self.agent_timeout <= 0:
+            raise ValueError(f"agent_timeout must be > 0, got {self.agent_timeout}")
+
+    @classmethod
+    def from_config(
+        cls, agents: Mapping[str, Agent], config: Config, **kwargs: Any
+    ) -> ParallelAgentExecutor:
+        par = config.performance.parallelization
+        kwargs.setdefault("hedging", HedgePolicy.from_config(config))
+        return cls(agents, par.max_concurrent_agents, par.agent_timeout_seconds, **kwargs)
+
+    # ------------------------------------------------------------------ public API
+
+    def analyze_dependencies(self, requests: Sequence[AgentRequest]) -> list[list[AgentRequest]]:
+        """Topological levels (Kahn); raises ``DependencyError`` for a bad graph."""
+        return analyze_dependencies(requests)
+
+    def statistics(self) -> ExecutorStatistics:
+        limiter = self._limiter
+        stats = limiter.statistics() if limiter is not None else None
+        hedges = self.hedging.statistics() if self.hedging is not None else None
+        return ExecutorStatistics(
+            borrowed_tokens=stats.borrowed_tokens if stats else 0,
+            total_tokens=int(stats.total_tokens) if stats else self.max_concurrent,
+            waiting=stats.tasks_waiting if stats else 0,
+            requests=self._requests,
+            attempts=self._attempts,
+            hedges_sent=hedges.hedges_sent if hedges else 0,
+            hedges_won=hedges.hedges_won if hedges else 0,
+        )
+
+    async def execute_parallel(
+        self, requests: Sequence[AgentRequest], *, deadline: float | None = None
+    ) -> list[AgentResponse]:
+        """Run ``requests`` eagerly; responses come back in request order.
+
+        Args:
+            requests: the DAG; ``depends_on`` names other requests' ids.
+            deadline: optional overall budget in seconds; requests unfinished when it
+                passes are ``CANCELLED``.
+
+        Raises:
+            DependencyError: the graph is malformed (before anything runs).
+            ValueError: a request names an agent the executor does not have.
+        """
+        graph = RequestGraph.build(requests)
+        self._check_agents(graph.requests)
+        limiter = self._current_limiter()
+        n = len(graph.requests)
+        responses: list[AgentResponse | None] = [None] * n
+        remaining = [len(p) for p in graph.parents]
+        ready_at: dict[int, float] = {}
+
+        def decide(i: int, response: AgentResponse) -> None:
+            responses[i] = response
+            if self.on_response is not None:
+                self.on_response(response)
+
+        def skip_dependents(failed: int) -> None:
+            failed_req = graph.requests[failed]
+            status = responses[failed]
+            reason = f"dependency {failed_req.id!r} {status.status.value if status else 'failed'}"
+            stack = list(graph.children[failed])
+            while stack:
+                c = stack.pop()
+                if responses[c] is not None:
+                    continue
+                req = graph.requests[c]
+                decide(c, AgentResponse(req.id, req.agent, Status.SKIPPED, error=reason))
+                stack.extend(graph.children[c])
+
+        async def run(i: int, tg: anyio.abc.TaskGroup) -> None:
+            request = graph.requests[i]
+            inputs = {graph.requests[p].id: _output(responses[p]) for p in graph.parents[i]}
+            response = await self._run_request(request, inputs, ready_at[i], limiter)
+            decide(i, response)
+            if not response.ok:
+                skip_dependents(i)
+                return
+            now = anyio.current_time()
+            for c in graph.children[i]:
+                remaining[c] -= 1
+                if remaining[c] == 0 and responses[c] is None:
+                    ready_at[c] = now
+                    tg.start_soon(run, c, tg)
+
+        with anyio.move_on_after(deadline if deadline is not None else float("inf")):
+            async with anyio.create_task_group() as tg:
+                start = anyio.current_time()
+                for i in graph.levels[0] if graph.levels else ():
+                    ready_at[i] = start
+                    tg.start_soon(run, i, tg)
+
+        # Only the overall deadline leaves requests undecided.
+        end = anyio.current_time()
+        result: list[AgentResponse] = []
+        for i, response in enumerate(responses):
+            if response is None:
+                req = graph.requests[i]
+                waited = end - ready_at[i] if i in ready_at else 0.0
+                response = AgentResponse(
+                    req.id,
+                    req.agent,
+                    Status.CANCELLED,
+                    error=f"execution deadline of {deadline}s passed",
+                    queued=waited,
+                )
+                decide(i, response)
+            result.append(response)
+        return result
+
+    async def execute_with_timeout(
+        self,
+        request: AgentRequest,
+        timeout: float,  # noqa: ASYNC109 - the public API of DESIGN.md
+        inputs: Mapping[str, Any] | None = None,
+    ) -> AgentResponse:
+        """Run one request on its own with ``timeout`` (queue time included).
+
+        Its ``depends_on`` is not consulted: ``inputs`` (default empty) are given
+        to the agent as they are.
+        """
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0, got {timeout}")
+        self._check_agents([request])
+        request = attrs.evolve(request, timeout=timeout)
+        response = await self._run_request(
+            request, inputs or {}, anyio.current_time(), self._current_limiter()
+        )
+        if self.on_response is not None:
+            self.on_response(response)
+        return response
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_agents(self, requests: Sequence[AgentRequest]) -> None:
+        for request in requests:
+            if request.agent not in self.agents:
+                raise ValueError(
+                    f"request {request.id!r} names unknown agent {request.agent!r}; "
+                    f"known: {sorted(self.agents)}"
+                )
+
+    def _current_limiter(self) -> anyio.CapacityLimiter:
+        """The limiter of the running event loop (a new loop gets a new limiter)."""
+        loop = anyio.lowlevel.current_token().native_token
+        if self._limiter is None or self._limiter_loop is not loop:
+            self._limiter = anyio.CapacityLimiter(self.max_concurrent)
+            self._limiter_loop = loop
+        return self._limiter
+
+    async def _run_request(
+        self,
+        request: AgentRequest,
+        inputs: Mapping[str, Any],
+        ready_at: float,
+        limiter: anyio.CapacityLimiter,
+    ) -> AgentResponse:
+        self._requests += 1
+        timeout = request.timeout if request.timeout is not None else self.agent_timeout
+        agent = self.agents[request.agent]
+        admitted: float | None = None
+        outcome = _Outcome()
+        borrower = object()
+        with anyio.move_on_after(timeout) as scope:
+            await limiter.acquire_on_behalf_of(borrower)
+            admitted = anyio.current_time()
+            outcome = await self._attempts_of(agent, request, inputs, limiter, borrower)
+        end = anyio.current_time()
+        queued = (admitted if admitted is not None else end) - ready_at
+        duration = end - admitted if admitted is not None else 0.0
+        response = AgentResponse(
+            request.id,
+            request.agent,
+            Status.OK,
+            output=outcome.output,
+            queued=queued,
+            duration=duration,
+            attempts=outcome.attempts,
+            hedged=outcome.hedged,
+        )
+        if scope.cancelled_caught:
+            where = "running" if admitted is not None else "queued for capacity"
+            error = f"timed out after {timeout:g}s ({where}; queued {queued:.3f}s)"
+            return attrs.evolve(response, status=Status.TIMEOUT, output=None, error=error)
+        if outcome.error is not None:
+            error = f"{type(outcome.error).__name__}: {outcome.error}"
+            return attrs.evolve(response, status=Status.ERROR, output=None, error=error)
+        return response
+
+    async def _attempts_of(
+        self,
+        agent: Agent,
+        request: AgentRequest,
+        inputs: Mapping[str, Any],
+        limiter: anyio.CapacityLimiter,
+        borrower: object,
+    ) -> _Outcome:
+        """Run the first attempt (token already held) and maybe one hedge.
+
+        Every attempt releases its own token when it ends, however it ends.
+        """
+        policy = self.hedging
+        delay = policy.delay_for(request.agent) if policy is not None else None
+        if policy is not None:
+            policy.on_call()
+        outcome = _Outcome()
+        started = 0
+        failed = 0
+        done = anyio.Event()
+
+        async def attempt(number: int, req: AgentRequest, token_holder: object) -> None:
+            nonlocal failed
+            try:
+                t0 = anyio.current_time()
+                try:
+                    output = await agent.run(req, inputs)
+                except Exception as exc:
+                    failed += 1
+                    if outcome.error is None:
+                        outcome.error = exc
+                    if failed == started:
+                        done.set()
+                    return
+                if done.is_set():
+                    return  # lost a photo finish; the winner is already decided
+                outcome.output, outcome.error = output, None
+                outcome.hedge_won = number > 1
+                if policy is not None:
+                    policy.observe(request.agent, anyio.current_time() - t0)
+                done.set()
+            finally:
+                limiter.release_on_behalf_of(token_holder)
+
+        async with anyio.create_task_group() as tg:
+            started = 1
+            self._attempts += 1
+            tg.start_soon(attempt, 1, request, borrower)
+            if delay is not None:
+                with anyio.move_on_after(delay):
+                    await done.wait()
+                if not done.is_set() and policy is not None:
+                    hedge_holder = object()
+                    if _try_acquire(limiter, hedge_holder):
+                        if policy.try_spend():
+                            started = 2
+                            self._attempts += 1
+                            outcome.hedged = True
+                            hedge = attrs.evolve(request, context={**request.context, "attempt": 2})
+                            tg.start_soon(attempt, 2, hedge, hedge_holder)
+                        else:
+                            limiter.release_on_behalf_of(hedge_holder)
+            await done.wait()
+            tg.cancel_scope.cancel()
+        outcome.attempts = started
+        if outcome.hedge_won and policy is not None:
+            policy.record_hedge_win()
+        return outcome
+
+
+def _try_acquire(limiter: anyio.CapacityLimiter, borrower: object) -> bool:
+    try:
+        limiter.acquire_on_behalf_of_nowait(borrower)
+    except anyio.WouldBlock:
+        return False
+    return True
+
+
+def _output(response: AgentResponse | None) -> Any:
+    assert response is not None and response.ok
+    return response.output

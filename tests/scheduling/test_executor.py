@@ -1,0 +1,273 @@
+"""The eager executor's behaviour, in virtual time (trio MockClock) and on asyncio."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+import engine
+from engine.agents.base import AgentRequest, Status
+from engine.scheduling.executor import ParallelAgentExecutor
+from engine.scheduling.hedging import HedgePolicy
+
+from .helpers import ScriptedAgent
+
+pytestmark = pytest.mark.anyio
+
+
+def req(rid: str, *deps: str, timeout: float | None = None) -> AgentRequest:
+    return AgentRequest(id=rid, agent="a", depends_on=deps, timeout=timeout)
+
+
+def executor(agent: ScriptedAgent, **kwargs: Any) -> ParallelAgentExecutor:
+    kwargs.setdefault("max_concurrent", 100)
+    kwargs.setdefault("agent_timeout", 100.0)
+    return ParallelAgentExecutor({"a": agent}, **kwargs)
+
+
+async def test_fast_chain_does_not_wait_for_slow_sibling(trio_only: None) -> None:
+    # a -> b is fast (1 + 1); c is slow (5). A level barrier would start b at 5.
+    agent = ScriptedAgent({"a": 1, "b": 1, "c": 5})
+    t0 = anyio.current_time()
+    responses = await executor(agent).execute_parallel([req("a"), req("c"), req("b", "a")])
+    assert agent.starts["b"] == [t0 + 1]
+    assert agent.ends["b"] == t0 + 2
+    assert anyio.current_time() - t0 == 5
+    assert [r.request_id for r in responses] == ["a", "c", "b"]
+
+
+async def test_dependents_receive_outputs() -> None:
+    agent = ScriptedAgent(default=0.01)
+    await executor(agent).execute_parallel([req("x"), req("y"), req("z", "x", "y")])
+    assert agent.inputs_seen["z"] == {"x": "out:x:1", "y": "out:y:1"}
+    assert agent.inputs_seen["x"] == {}
+
+
+async def test_concurrency_limit(trio_only: None) -> None:
+    agent = ScriptedAgent(default=1)
+    t0 = anyio.current_time()
+    responses = await executor(agent, max_concurrent=2).execute_parallel(
+        [req("r0"), req("r1"), req("r2"), req("r3")]
+    )
+    assert agent.peak == 2
+    assert sorted(r.queued for r in responses) == [0, 0, 1, 1]
+    assert all(r.duration == 1 for r in responses)
+    assert anyio.current_time() - t0 == 2
+
+
+async def test_admission_is_fifo_by_readiness(trio_only: None) -> None:
+    # three executions share one token; "early" becomes ready before "late"
+    agent = ScriptedAgent({"long": 3, "early": 1, "late": 1})
+    ex = executor(agent, max_concurrent=1)
+    t0 = anyio.current_time()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ex.execute_parallel, [req("long")])
+        await anyio.sleep(1)
+        tg.start_soon(ex.execute_parallel, [req("early")])
+        await anyio.sleep(1)
+        tg.start_soon(ex.execute_parallel, [req("late")])
+    assert agent.starts["early"][0] < agent.starts["late"][0]
+    assert (agent.starts["early"][0] - t0, agent.starts["late"][0] - t0) == (3, 4)
+
+
+async def test_timeout_counts_queue_time(trio_only: None) -> None:
+    agent = ScriptedAgent({"slow": 4, "late": 2})
+    ex = executor(agent, max_concurrent=1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ex.execute_parallel, [req("slow")])
+        await anyio.sleep(0.5)  # "slow" holds the only token
+        (late,) = await ex.execute_parallel([req("late", timeout=3)])
+    # it would finish at 6 if its timer started at admission; from readiness it ends at 3
+    assert late.status is Status.TIMEOUT
+    assert late.queued == 3 and late.duration == 0
+    assert "queued for capacity" in (late.error or "")
+    assert "late" not in agent.starts
+
+
+async def test_timeout_while_running(trio_only: None) -> None:
+    agent = ScriptedAgent({"a": 10})
+    (response,) = await executor(agent).execute_parallel([req("a", timeout=2)])
+    assert response.status is Status.TIMEOUT
+    assert (response.queued, response.duration) == (0, 2)
+    assert agent.cancelled == ["a"]
+
+
+async def test_failure_skips_exactly_transitive_dependents() -> None:
+    agent = ScriptedAgent(default=0.01, fail=frozenset({"b"}))
+    requests = [req("a"), req("b", "a"), req("c", "b"), req("d", "c"), req("e", "a"), req("f")]
+    responses = {r.request_id: r for r in await executor(agent).execute_parallel(requests)}
+    assert responses["b"].status is Status.ERROR
+    assert "Boom: b failed" in (responses["b"].error or "")
+    for rid in ("c", "d"):
+        assert responses[rid].status is Status.SKIPPED
+        assert "'b'" in (responses[rid].error or "")
+    assert {responses[r].status for r in ("a", "e", "f")} == {Status.OK}
+    assert "c" not in agent.starts and "d" not in agent.starts
+
+
+async def test_overall_deadline_cancels_the_rest(trio_only: None) -> None:
+    agent = ScriptedAgent({"a": 1, "b": 5, "c": 1})
+    responses = await executor(agent).execute_parallel(
+        [req("a"), req("b", "a"), req("c", "b")], deadline=3
+    )
+    assert [r.status for r in responses] == [Status.OK, Status.CANCELLED, Status.CANCELLED]
+    assert agent.cancelled == ["b"]
+    assert executor(agent).statistics().borrowed_tokens == 0
+
+
+async def test_caller_cancellation_releases_everything() -> None:
+    agent = ScriptedAgent(default=10)
+    ex = executor(agent, max_concurrent=2)
+    with anyio.move_on_after(1) as scope:
+        await ex.execute_parallel([req("a"), req("b"), req("c"), req("d", "a")])
+    assert scope.cancelled_caught
+    assert len(agent.cancelled) == 2 and set(agent.cancelled) <= {"a", "b", "c"}
+    assert "d" not in agent.starts
+    assert agent.running == 0
+    stats = ex.statistics()
+    assert stats.borrowed_tokens == 0 and stats.waiting == 0
+
+
+async def test_bad_graph_raises_before_anything_runs() -> None:
+    agent = ScriptedAgent()
+    with pytest.raises(engine.DependencyError):
+        await executor(agent).execute_parallel([req("a", "b"), req("b", "a"), req("c")])
+    assert agent.starts == {}
+
+
+async def test_unknown_agent_raises_before_anything_runs() -> None:
+    agent = ScriptedAgent()
+    with pytest.raises(ValueError, match="unknown agent 'ghost'"):
+        await executor(agent).execute_parallel([req("a"), AgentRequest(id="g", agent="ghost")])
+    assert agent.starts == {}
+
+
+async def test_equal_requests_with_different_ids() -> None:
+    agent = ScriptedAgent(default=0.01)
+    twins = [AgentRequest(id=f"t{i}", agent="a", context={"same": True}) for i in range(5)]
+    responses = await executor(agent).execute_parallel(twins)
+    assert [r.output for r in responses] == [f"out:t{i}:1" for i in range(5)]
+
+
+async def test_execute_with_timeout(trio_only: None) -> None:
+    agent = ScriptedAgent({"a": 2})
+    ex = executor(agent)
+    ok = await ex.execute_with_timeout(req("a"), 3, inputs={"x": 1})
+    assert ok.status is Status.OK and ok.duration == 2
+    assert agent.inputs_seen["a"] == {"x": 1}
+    late = await ex.execute_with_timeout(req("a"), 1)
+    assert late.status is Status.TIMEOUT
+    with pytest.raises(ValueError):
+        await ex.execute_with_timeout(req("a"), 0)
+
+
+async def test_on_response_sees_every_decision() -> None:
+    seen: list[tuple[str, Status]] = []
+    agent = ScriptedAgent(default=0.01, fail=frozenset({"a"}))
+    ex = executor(agent, on_response=lambda r: seen.append((r.request_id, r.status)))
+    await ex.execute_parallel([req("a"), req("b", "a"), req("c")])
+    assert sorted(seen) == [("a", Status.ERROR), ("b", Status.SKIPPED), ("c", Status.OK)]
+
+
+def test_reuse_across_event_loops() -> None:
+    # the previous design bound its semaphore to the first loop
+    agent = ScriptedAgent(default=0.0)
+    ex = executor(agent, max_concurrent=1)
+    for backend in ("trio", "asyncio", "trio"):
+        responses = anyio.run(ex.execute_parallel, [req("a"), req("b")], backend=backend)
+        assert [r.status for r in responses] == [Status.OK, Status.OK]
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="max_concurrent"):
+        ParallelAgentExecutor({}, max_concurrent=0)
+    with pytest.raises(ValueError, match="agent_timeout"):
+        ParallelAgentExecutor({}, agent_timeout=0)
+
+
+# ---------------------------------------------------------------- hedging
+
+
+def hedged(
+    agent: ScriptedAgent, after: float = 2.0, budget: float = 1.0, **kw: Any
+) -> ParallelAgentExecutor:
+    policy = HedgePolicy({"a": after}, budget_fraction=budget, max_tokens=1.0)
+    return executor(agent, hedging=policy, **kw)
+
+
+async def test_hedge_wins_and_loser_is_cancelled(trio_only: None) -> None:
+    agent = ScriptedAgent({"a": [10, 1]})  # first attempt straggles, the hedge is quick
+    ex = hedged(agent)
+    t0 = anyio.current_time()
+    (response,) = await ex.execute_parallel([req("a")])
+    assert response.status is Status.OK and response.output == "out:a:2"
+    assert response.hedged and response.attempts == 2
+    assert anyio.current_time() - t0 == 3  # hedge sent at 2, answered at 3
+    assert agent.starts["a"] == [t0, t0 + 2]
+    assert agent.cancelled == ["a"] and agent.running == 0
+    stats = ex.statistics()
+    assert (stats.hedges_sent, stats.hedges_won, stats.borrowed_tokens) == (1, 1, 0)
+
+
+async def test_first_answer_wins_when_primary_is_faster(trio_only: None) -> None:
+    agent = ScriptedAgent({"a": [3, 5]})
+    ex = hedged(agent)
+    (response,) = await ex.execute_parallel([req("a")])
+    assert response.output == "out:a:1" and response.hedged
+    assert ex.statistics().hedges_won == 0
+    assert agent.running == 0
+
+
+async def test_no_hedge_when_answer_is_in_time(trio_only: None) -> None:
+    agent = ScriptedAgent({"a": [1, 1]})
+    (response,) = await hedged(agent).execute_parallel([req("a")])
+    assert not response.hedged and response.attempts == 1
+    assert len(agent.starts["a"]) == 1
+
+
+async def test_hedge_never_waits_for_capacity(trio_only: None) -> None:
+    # both tokens are busy when the hedge would fire: no hedge, no extra queueing
+    agent = ScriptedAgent({"a": [10, 1], "b": 10})
+    ex = hedged(agent, max_concurrent=2)
+    responses = await ex.execute_parallel([req("a"), req("b")])
+    assert not responses[0].hedged
+    assert agent.peak == 2
+    assert len(agent.starts["a"]) == 1
+
+
+async def test_hedge_budget_caps_extra_calls(trio_only: None) -> None:
+    agent = ScriptedAgent({f"r{i}": [5, 1] for i in range(40)})
+    policy = HedgePolicy({"a": 1.0}, budget_fraction=0.1)
+    ex = executor(agent, hedging=policy)
+    for i in range(40):
+        await ex.execute_parallel([req(f"r{i}")])
+    stats = ex.statistics()
+    assert stats.hedges_sent == 4  # 10 % of 40 calls
+    assert stats.attempts == 44
+
+
+async def test_failed_primary_waits_for_running_hedge(trio_only: None) -> None:
+    agent = ScriptedAgent({"a": [3, 2]}, fail=frozenset())
+
+    # primary errors at 3 after the hedge started at 2; the hedge answers at 4
+    class FailFirst(ScriptedAgent):
+        async def run(self, request: AgentRequest, inputs: Any) -> Any:
+            out = await super().run(request, inputs)
+            if request.context.get("attempt", 1) == 1:
+                raise RuntimeError("primary broke")
+            return out
+
+    flaky = FailFirst(agent.latency)
+    (response,) = await hedged(flaky).execute_parallel([req("a")])
+    assert response.status is Status.OK and response.output == "out:a:2"
+
+
+async def test_p95_hedge_delay_learns_from_observations(trio_only: None) -> None:
+    policy = HedgePolicy({"a": "p95"}, min_samples=20)
+    assert policy.delay_for("a") is None
+    for i in range(160):
+        policy.observe("a", float(i + 1))
+    assert policy.delay_for("a") == 152.0  # the 152nd of 160 samples
+    assert policy.delay_for("other") is None
