@@ -1,0 +1,403 @@
+"""Tests of the durable session store (engine.state)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import attrs
+import pytest
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.config import StateConfig
+from engine.errors import SessionError
+from engine.state import APPLICATION_ID, SCHEMA_VERSION, SessionState, SessionStore
+
+pytestmark = pytest.mark.anyio
+
+
+def _action(text: str = "I search the altar", **changes: Any) -> dict[str, Any]:
+    return {
+        "action_text": text,
+        "action_type": "exploration",
+        "narrative": f"You {text.lower()}.",
+        "state_changes": changes,
+        "responses": {"narrator": {"status": "ok", "tokens": 12}},
+    }
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file of ``directory`` with its bytes: 'nothing lost, nothing touched'."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "sessions.sqlite"
+
+
+# ------------------------------------------------------------------ happy path
+
+
+async def test_SessionStore_records_actions_and_state(db: Path) -> None:
+    clock = itertools.count(100).__next__
+    async with SessionStore.open(db, clock=lambda: float(clock())) as store:
+        fresh = await store.ensure_session("s1")
+        assert fresh == SessionState("s1", 0, {}, 100.0, 100.0)
+        assert await store.record_action("s1", **_action("A", hp=10, door="open")) == 1
+        assert await store.record_action("s1", **_action("B", hp=7, door=None, gold=[1, 2])) == 2
+        state = await store.get_session("s1")
+        assert state == SessionState("s1", 2, {"hp": 7, "gold": [1, 2]}, 100.0, 102.0)
+        entries = await store.transcript("s1")
+        assert [(e.turn, e.action_text, e.created) for e in entries] == [
+            (1, "A", 101.0),
+            (2, "B", 102.0),
+        ]
+        assert entries[1].state_changes == {"hp": 7, "door": None, "gold": [1, 2]}
+        assert entries[1].responses == {"narrator": {"status": "ok", "tokens": 12}}
+        assert entries[1].narrative == "You b."
+        assert [e.turn for e in await store.transcript("s1", limit=1)] == [2]
+        assert await store.transcript("s1", limit=0) == []
+        assert await store.count_actions("s1") == 2
+        await store.ensure_session("s0")
+        assert await store.count_actions("s0") == 0
+        assert await store.count_actions() == 2
+        assert await store.session_ids() == ["s0", "s1"]
+
+
+async def test_SessionStore_ensure_is_idempotent_and_create_refuses_duplicates(db: Path) -> None:
+    async with SessionStore.open(db) as store:
+        created = await store.create_session("s")
+        await store.record_action("s", **_action(x=1))
+        again = await store.ensure_session("s")
+        assert again.turn == 1 and again.created == created.created
+        with pytest.raises(SessionError, match="already exists"):
+            await store.create_session("s")
+        assert (await store.get_session("s")).turn == 1
+
+
+async def test_SessionStore_persists_across_reopen(db: Path) -> None:
+    async with SessionStore.open(db) as store:
+        await store.ensure_session("s")
+        for i in range(3):
+            await store.record_action("s", **_action(f"act {i}", i=i))
+    async with SessionStore.open(db) as store:
+        assert (await store.get_session("s")).state == {"i": 2}
+        assert [e.action_text for e in await store.transcript("s")] == ["act 0", "act 1", "act 2"]
+        assert await store.record_action("s", **_action()) == 4
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+async def test_SessionStore_turn_expected_detects_interleaved_actions(db: Path) -> None:
+    async with SessionStore.open(db) as store:
+        seen = await store.ensure_session("s")
+        assert await store.record_action("s", turn_expected=seen.turn, **_action()) == 1
+        with pytest.raises(SessionError, match="at turn 1, not 0"):
+            await store.record_action("s", turn_expected=seen.turn, **_action())
+        assert await store.count_actions("s") == 1
+
+
+async def test_SessionStore_from_config(tmp_path: Path) -> None:
+    cache = tmp_path / "cache" / "nested"
+    async with SessionStore.from_config(StateConfig(max_action_chars=5), cache) as store:
+        assert store.path == cache / "sessions.sqlite"
+        assert store.max_action_chars == 5
+        await store.ensure_session("s")
+    explicit = tmp_path / "x.sqlite"
+    async with SessionStore.from_config(StateConfig(path=str(explicit))) as store:
+        assert store.path == explicit and store.max_action_chars == 2000
+    assert explicit.exists()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "action text is empty"),
+        ("  \n\t ", "action text is empty"),
+        ("x" * 11, "11 characters long; the limit is 10"),
+    ],
+)
+async def test_SessionStore_rejects_bad_action_text(db: Path, text: str, message: str) -> None:
+    async with SessionStore.open(db, max_action_chars=10) as store:
+        await store.ensure_session("s")
+        with pytest.raises(SessionError, match=message):
+            await store.record_action("s", **_action(text, hp=1))
+        assert await store.record_action("s", **_action("x" * 10)) == 1  # the limit itself is fine
+        assert await store.count_actions() == 1
+        assert (await store.get_session("s")).state == {}
+
+
+async def test_SessionStore_rejects_unknown_sessions(db: Path) -> None:
+    async with SessionStore.open(db) as store:
+        with pytest.raises(SessionError, match="unknown session 'nope'"):
+            await store.get_session("nope")
+        with pytest.raises(SessionError, match="unknown session 'nope'"):
+            await store.record_action("nope", **_action())
+        with pytest.raises(SessionError, match="unknown session"):
+            await store.transcript("nope")
+        with pytest.raises(SessionError, match="unknown session"):
+            await store.count_actions("nope")
+        assert await store.session_ids() == []
+        assert await store.count_actions() == 0
+
+
+@pytest.mark.parametrize(
+    ("session_id", "message"),
+    [("", "empty"), ("   ", "empty"), ("x" * 201, "201 characters"), ("a\x00b", "NUL"), (7, "str")],
+)
+async def test_SessionStore_rejects_bad_session_ids(
+    db: Path, session_id: Any, message: str
+) -> None:
+    async with SessionStore.open(db) as store:
+        with pytest.raises(SessionError, match=message):
+            await store.ensure_session(session_id)
+        assert await store.session_ids() == []
+        await store.ensure_session("x" * 200)
+
+
+async def test_SessionStore_rejects_unserialisable_changes_writing_nothing(db: Path) -> None:
+    async with SessionStore.open(db) as store:
+        await store.ensure_session("s")
+        with pytest.raises(SessionError, match="state_changes is not JSON-serialisable"):
+            await store.record_action("s", **_action(hp=object()))
+        with pytest.raises(SessionError, match="not JSON-serialisable"):
+            await store.record_action("s", **_action(hp=float("nan")))
+        bad = {**_action(), "responses": {"narrator": {1, 2}}}
+        with pytest.raises(SessionError, match="responses is not JSON-serialisable"):
+            await store.record_action("s", **bad)
+        with pytest.raises(SessionError, match="keys must be non-empty strings"):
+            await store.record_action("s", **{**_action(), "state_changes": {3: "x"}})
+        assert await store.count_actions() == 0
+        assert (await store.get_session("s")).turn == 0
+
+
+async def test_SessionStore_refuses_random_bytes_untouched(tmp_path: Path, db: Path) -> None:
+    _write(db, random.Random(1).randbytes(8192))
+    before = _snapshot(tmp_path)
+    with pytest.raises(SessionError, match=r"sessions\.sqlite.*not an SQLite database"):
+        async with SessionStore.open(db):
+            pass  # pragma: no cover
+    assert _snapshot(tmp_path) == before
+
+
+async def test_SessionStore_refuses_sqlite_header_with_garbage(tmp_path: Path, db: Path) -> None:
+    _write(db, b"SQLite format 3\x00" + random.Random(2).randbytes(8192))
+    before = _snapshot(tmp_path)
+    with pytest.raises(SessionError, match=r"sessions\.sqlite.*(corrupt|not a database)"):
+        async with SessionStore.open(db):
+            pass  # pragma: no cover
+    assert _snapshot(tmp_path) == before
+
+
+async def test_SessionStore_refuses_foreign_sqlite_untouched(tmp_path: Path, db: Path) -> None:
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE inventory (item TEXT)")
+    conn.execute("INSERT INTO inventory VALUES ('sword')")
+    conn.commit()
+    conn.close()
+    before = _snapshot(tmp_path)
+    with pytest.raises(SessionError, match=r"sessions\.sqlite.*another application.*inventory"):
+        async with SessionStore.open(db):
+            pass  # pragma: no cover
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("pragma", "message"),
+    [
+        ("application_id = 1234", "another application"),
+        (f"user_version = {SCHEMA_VERSION + 1}", f"schema version {SCHEMA_VERSION + 1}"),
+    ],
+)
+async def test_SessionStore_refuses_other_ids_and_versions(
+    tmp_path: Path, db: Path, pragma: str, message: str
+) -> None:
+    async with SessionStore.open(db) as store:
+        await store.ensure_session("s")
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA {pragma}")
+    conn.commit()
+    conn.close()
+    before = _snapshot(tmp_path)
+    with pytest.raises(SessionError, match=message):
+        async with SessionStore.open(db):
+            pass  # pragma: no cover
+    assert _snapshot(tmp_path) == before
+
+
+async def test_SessionStore_refuses_a_damaged_store_untouched(tmp_path: Path, db: Path) -> None:
+    async with SessionStore.open(db) as store:
+        await store.ensure_session("s")
+        for i in range(200):
+            await store.record_action("s", **_action(f"action number {i} " * 20, i=i))
+    data = bytearray(_snapshot(db.parent)[db.name])
+    page = 4096
+    assert len(data) > 8 * page
+    # smash pages in the middle (b-tree pages of the transcript), keep the header page
+    data[3 * page : 6 * page] = random.Random(3).randbytes(3 * page)
+    _write(db, bytes(data))
+    before = _snapshot(tmp_path)
+    with pytest.raises(SessionError, match=r"sessions\.sqlite.*corrupt"):
+        async with SessionStore.open(db):
+            pass  # pragma: no cover
+    assert _snapshot(tmp_path) == before
+
+
+async def test_SessionStore_refuses_calls_after_close(db: Path) -> None:
+    async with SessionStore.open(db) as store:
+        await store.ensure_session("s")
+    await store.aclose()  # idempotent
+    with pytest.raises(SessionError, match="is closed"):
+        await store.get_session("s")
+
+
+async def test_SessionStore_open_validates_arguments(db: Path) -> None:
+    with pytest.raises(ValueError, match="max_action_chars must be >= 1"):
+        async with SessionStore.open(db, max_action_chars=0):
+            pass  # pragma: no cover
+    with pytest.raises(ValueError, match="synchronous"):
+        async with SessionStore.open(db, synchronous="OFF"):  # type: ignore[arg-type]
+            pass  # pragma: no cover
+    assert db.name not in _snapshot(db.parent)
+
+
+# ------------------------------------------------------------------ cancellation
+
+
+async def test_SessionStore_cancelled_before_the_call_writes_nothing(db: Path) -> None:
+    async with SessionStore.open(db) as store:
+        await store.ensure_session("s")
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await store.record_action("s", **_action(hp=1))
+            pytest.fail("Cancelled was swallowed")  # pragma: no cover
+        assert scope.cancelled_caught
+        assert await store.count_actions("s") == 0
+
+
+async def test_SessionStore_cancelled_midway_is_all_or_nothing(db: Path) -> None:
+    async with SessionStore.open(db) as store:
+        await store.ensure_session("s")
+        returned = []
+        for i in range(20):
+            # on trio the mock clock jumps to the deadline while the worker thread runs
+            with anyio.move_on_after(0.001 * (i % 3)):
+                returned.append(await store.record_action("s", **_action(f"a{i}", k=i)))
+        turn = (await store.get_session("s")).turn
+        entries = await store.transcript("s")
+        assert [e.turn for e in entries] == list(range(1, turn + 1))
+        assert set(returned) <= {e.turn for e in entries}
+        state = (await store.get_session("s")).state
+        assert state == ({"k": entries[-1].state_changes["k"]} if entries else {})
+
+
+# ------------------------------------------------------------------ property: concurrency
+
+
+@attrs.frozen
+class _Op:
+    writer: int
+    key: str
+    value: int | None
+    yields: int
+
+
+_ops = st.builds(
+    _Op,
+    writer=st.integers(0, 1),
+    key=st.sampled_from(["hp", "gold", "door"]),
+    value=st.none() | st.integers(-5, 5),
+    yields=st.integers(0, 3),
+)
+
+
+@contextlib.contextmanager
+def _fresh_db() -> Iterator[Path]:
+    # a new directory per hypothesis example (tmp_path is function-scoped)
+    with tempfile.TemporaryDirectory() as directory:
+        yield Path(directory) / "sessions.sqlite"
+
+
+async def _run_schedule(path: Path, schedule: dict[str, list[_Op]]) -> None:
+    """Every session has two writer tasks recording concurrently through ONE store."""
+    returned: dict[str, dict[int, int]] = {sid: {} for sid in schedule}  # op index -> turn
+
+    async with SessionStore.open(path, synchronous="NORMAL") as store:
+
+        async def writer(sid: str, who: int) -> None:
+            for index, op in enumerate(schedule[sid]):
+                if op.writer != who:
+                    continue
+                for _ in range(op.yields):
+                    await anyio.lowlevel.checkpoint()
+                returned[sid][index] = await store.record_action(
+                    sid, **_action(f"{sid} op {index}", **{op.key: op.value})
+                )
+
+        async with anyio.create_task_group() as tg:
+            for sid in schedule:
+                await store.ensure_session(sid)
+                for who in (0, 1):
+                    tg.start_soon(writer, sid, who)
+
+        for sid, ops in schedule.items():
+            # sequential model: n actions -> turns 1..n, each op exactly once
+            turns = returned[sid]
+            assert sorted(turns.values()) == list(range(1, len(ops) + 1))
+            for who in (0, 1):  # one writer's actions keep their order
+                mine = [turns[i] for i, op in enumerate(ops) if op.writer == who]
+                assert mine == sorted(mine)
+            entries = await store.transcript(sid)
+            assert [e.turn for e in entries] == list(range(1, len(ops) + 1))
+            by_turn = {turn: index for index, turn in turns.items()}
+            assert [e.action_text for e in entries] == [
+                f"{sid} op {by_turn[e.turn]}" for e in entries
+            ]
+            model: dict[str, Any] = {}
+            for e in entries:  # replay the changes in turn order
+                for key, value in e.state_changes.items():
+                    if value is None:
+                        model.pop(key, None)
+                    else:
+                        model[key] = value
+            state = await store.get_session(sid)
+            assert (state.turn, state.state) == (len(ops), model)
+            assert await store.count_actions(sid) == len(ops)
+        assert await store.count_actions() == sum(len(ops) for ops in schedule.values())
+        assert await store.session_ids() == sorted(schedule)
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_SessionStore_concurrent_sessions_never_lose_updates(
+    backend: str, data: st.DataObject
+) -> None:
+    n_sessions = data.draw(st.integers(1, 4), label="sessions")
+    schedule = {
+        f"s{i}": data.draw(st.lists(_ops, max_size=8), label=f"s{i}") for i in range(n_sessions)
+    }
+    options = {"clock": trio.testing.MockClock(autojump_threshold=0)} if backend == "trio" else {}
+    with _fresh_db() as path:
+        anyio.run(_run_schedule, path, schedule, backend=backend, backend_options=options)
