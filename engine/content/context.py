@@ -1,0 +1,357 @@
+"""The optimized context builder: the most relevant module chunks that fit a token budget.
+
+Relevance of a chunk for a request (0..1)::
+
+    0.65 * bm25 / best_bm25  +  0.35 * boost
+
+``bm25`` is the FTS5 score of the chunk for the request's text (the player's action
+plus the location and NPC names in its context); ``boost`` is 1.0 for chunks about
+the current location, 0.8 for chunks about an NPC present, 0.4 for a chunk in one of
+the sections the action type needs (``[performance.lazy_loading.priorities]``),
+else 0. Chunks about the location or the NPCs present are candidates even when the
+text does not mention them.
+
+Selection: candidates by decreasing relevance (ties by id); a chunk is taken when it
+fits the remaining budget and skipped otherwise (smaller ones after it are still
+tried); it stops when the budget is full, no remaining candidate is small enough, or
+relevance drops below ``min_relevance``. The final text is counted again with the
+builder's counter and trimmed from the least relevant end until it fits, so
+``result.tokens <= budget`` holds for any counter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, final
+
+import anyio
+import anyio.lowlevel
+import attrs
+
+from .sources import Chunk
+from .store import CatalogueEntry, SectionContent, fts_query
+from .tokens import DEFAULT_COUNTER, TokenCounter
+
+if TYPE_CHECKING:
+    from ..agents.base import AgentRequest
+    from .cache import ModuleCache
+    from .lazy import LazyLoadManager
+
+__all__ = ["ContextResult", "ContextSource", "OptimizedContextBuilder", "chunk_key"]
+
+_SEPARATOR = "\n\n"
+_BM25_WEIGHT = 0.65
+_BOOST_WEIGHT = 0.35
+_BOOST_LOCATION = 1.0
+_BOOST_NPC = 0.8
+_BOOST_SECTION = 0.4
+
+
+class ContextSource(Protocol):
+    """What the builder needs of a module (``ModuleStore`` implements it)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def counter_name(self) -> str: ...
+
+    @property
+    def catalogue(self) -> Mapping[str, CatalogueEntry]: ...
+
+    async def search(self, query: str, limit: int = 40) -> list[tuple[str, float]]: ...
+
+    async def fetch_chunks(self, ids: Iterable[str]) -> dict[str, Chunk]: ...
+
+    def ids_for_key(self, key: str) -> Sequence[str]: ...
+
+
+@attrs.frozen
+class ContextResult:
+    """A built context. ``sources``: (chunk id, relevance) in the order of ``text``."""
+
+    text: str
+    tokens: int
+    sources: tuple[tuple[str, float], ...]
+    cache_hits: int
+    cache_misses: int
+    elapsed: float
+
+
+def chunk_key(module: str, entry: CatalogueEntry) -> str:
+    """Cache key of a chunk's text: ``module:<module>:<section>:<id>@<digest>``.
+
+    The digest makes it a content key: a changed chunk gets a new key and is never
+    served stale, even when module, section and id are unchanged.
+    """
+    return f"module:{module}:{entry.section}:{entry.id}@{entry.digest}"
+
+
+def _names(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, Iterable):
+        return [str(v) for v in value if v]
+    return []
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _stems(text: str) -> set[str]:
+    """Cheap stems: lower-case words of 2+ letters cut to 5 characters."""
+    return {w[:5] for w in _WORD.findall(text.lower()) if len(w) > 1}
+
+
+def _default_priorities() -> Mapping[str, Sequence[str]]:
+    from ..config import LazyLoadingConfig
+
+    return LazyLoadingConfig().priorities
+
+
+@final
+@attrs.define(eq=False, repr=False, init=False)
+class OptimizedContextBuilder:
+    """Builds token-budgeted context for agent requests from a module.
+
+    Args:
+        module: the module (a ``ModuleStore`` or anything with its search API).
+        cache: chunk text goes through it (``get_or_load`` with content keys); None:
+            straight from the module.
+        lazy: when it reports a section loaded, chunk text is taken from the
+            section's cache entry (after checking the chunk's digest).
+        counter: the token counter of the budget; default: the store's counter,
+            whose per-chunk counts are precomputed in the catalogue.
+    """
+
+    module: ContextSource
+    cache: ModuleCache | None = None
+    lazy: LazyLoadManager | None = None
+    counter: TokenCounter = attrs.field(default=DEFAULT_COUNTER, kw_only=True)
+    candidates: int = attrs.field(default=40, kw_only=True)
+    min_relevance: float = attrs.field(default=0.1, kw_only=True)
+    priorities: Mapping[str, Sequence[str]] = attrs.field(factory=_default_priorities, kw_only=True)
+
+    def __init__(
+        self,
+        module: ContextSource,
+        cache: ModuleCache | None = None,
+        lazy: LazyLoadManager | None = None,
+        *,
+        counter: TokenCounter | None = None,
+        candidates: int = 40,
+        min_relevance: float = 0.1,
+        priorities: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates!r}")
+        if not 0.0 <= min_relevance <= 1.0:
+            raise ValueError(f"min_relevance must be in [0, 1], got {min_relevance!r}")
+        self.__attrs_init__(
+            module,
+            cache,
+            lazy,
+            counter=DEFAULT_COUNTER if counter is None else counter,
+            candidates=candidates,
+            min_relevance=min_relevance,
+            priorities=_default_priorities() if priorities is None else priorities,
+        )
+
+    def __repr__(self) -> str:
+        return f"<OptimizedContextBuilder {self.module.name!r}>"
+
+    @property
+    def _precounted(self) -> bool:
+        """The catalogue's token counts are this builder's counter's counts."""
+        return self.counter == DEFAULT_COUNTER and self.module.counter_name == DEFAULT_COUNTER.name
+
+    # ------------------------------------------------------------ relevance
+
+    def _request_parts(self, request: AgentRequest) -> tuple[str, str, list[str], str]:
+        ctx = request.context
+        action = str(ctx.get("action") or "")
+        location = str(ctx.get("location") or "")
+        npcs = _names(ctx.get("npcs_present", ctx.get("npcs")))
+        action_type = str(ctx.get("action_type") or "")
+        return action, location, npcs, action_type
+
+    def _boost(
+        self,
+        keys: Iterable[str],
+        section: str,
+        location: str,
+        npcs: Iterable[str],
+        sections: Iterable[str],
+    ) -> float:
+        keyset = set(keys)
+        if location and location.lower() in keyset:
+            return _BOOST_LOCATION
+        if any(n.lower() in keyset for n in npcs):
+            return _BOOST_NPC
+        if section in sections:
+            return _BOOST_SECTION
+        return 0.0
+
+    async def rank(self, request: AgentRequest) -> list[tuple[str, float]]:
+        """Candidate chunk ids with their relevance (0..1), best first, ties by id."""
+        action, location, npcs, action_type = self._request_parts(request)
+        query = " ".join([action, location, *npcs])
+        hits = await self.module.search(query, self.candidates)
+        top = max((s for _, s in hits), default=0.0)
+        bm25 = {cid: (s / top if top > 0 else 0.0) for cid, s in hits}
+        for key in [location, *npcs]:
+            if key:
+                for cid in self.module.ids_for_key(key):
+                    bm25.setdefault(cid, 0.0)
+        sections = self.priorities.get(action_type, ()) if action_type else ()
+        catalogue = self.module.catalogue
+        ranked = []
+        for cid, b in bm25.items():
+            e = catalogue[cid]
+            boost = self._boost(e.keys, e.section, location, npcs, sections)
+            ranked.append((cid, min(1.0, _BM25_WEIGHT * b + _BOOST_WEIGHT * boost)))
+        ranked.sort(key=lambda x: (-x[1], x[0]))
+        return ranked
+
+    def estimate_relevance(self, content: object, request: AgentRequest) -> float:
+        """A cheap 0..1 relevance of ``content`` (a Chunk, CatalogueEntry, SectionContent
+        or text) for ``request``: term overlap with the action (title terms count more)
+        plus the same location/NPC/section boosts as ``build_context``. No index scan."""
+        action, location, npcs, action_type = self._request_parts(request)
+        query = _stems(" ".join(fts_query(action).replace('"', "").split(" OR ")))
+        title, text, section = "", "", ""
+        keys: tuple[str, ...] = ()
+        if isinstance(content, Chunk):
+            title, text, keys, section = content.title, content.text, content.keys, content.section
+        elif isinstance(content, CatalogueEntry):
+            title, keys, section = content.title, content.keys, content.section
+        elif isinstance(content, SectionContent):
+            section, text = content.section, " ".join(c.title for c in content.chunks)
+        else:
+            text = str(content)
+        base = 0.0
+        if query:
+            title_stems, text_stems = _stems(title), _stems(text)
+            base = sum(
+                1.0 if t in title_stems else 0.6 if t in text_stems else 0.0 for t in query
+            ) / len(query)
+        sections = self.priorities.get(action_type, ()) if action_type else ()
+        boost = self._boost(keys, section, location, npcs, sections)
+        return max(0.0, min(1.0, _BM25_WEIGHT * base + _BOOST_WEIGHT * boost))
+
+    # ------------------------------------------------------------ selection
+
+    def _select(
+        self, ranked: Sequence[tuple[str, float]], tokens: Mapping[str, int], budget: int
+    ) -> list[tuple[str, float]]:
+        """Greedy by relevance with skip-and-continue; see the module docstring."""
+        eligible = [(cid, r) for cid, r in ranked if r >= self.min_relevance]
+        # suffix minima: stop as soon as nothing left could fit
+        smallest = [0] * (len(eligible) + 1)
+        smallest[-1] = budget + 1
+        for i in range(len(eligible) - 1, -1, -1):
+            smallest[i] = min(tokens[eligible[i][0]], smallest[i + 1])
+        remaining = budget
+        chosen: list[tuple[str, float]] = []
+        for i, (cid, rel) in enumerate(eligible):
+            if remaining < smallest[i]:
+                break
+            t = tokens[cid]
+            if t <= remaining:
+                chosen.append((cid, rel))
+                remaining -= t
+        return chosen
+
+    async def _texts(self, ids: Sequence[str]) -> tuple[dict[str, str], int, int]:
+        """Text of each chunk through the cache; (texts, cache hits, cache misses)."""
+        catalogue = self.module.catalogue
+        texts: dict[str, str] = {}
+        hits = 0
+        missing: list[str] = []
+        cache, lazy, name = self.cache, self.lazy, self.module.name
+        for cid in ids:
+            if cache is None:
+                missing.append(cid)
+                continue
+            e = catalogue[cid]
+            value = cache.get(chunk_key(name, e))
+            if isinstance(value, str):
+                texts[cid] = value
+                hits += 1
+                continue
+            if lazy is not None and lazy.is_loaded(e.section):
+                section = cache.get(f"module:{name}:{e.section}")
+                if isinstance(section, SectionContent):
+                    chunk = _find(section, cid)
+                    if chunk is not None and chunk.digest == e.digest:
+                        texts[cid] = chunk.text
+                        hits += 1
+                        continue
+            missing.append(cid)
+        if missing:
+            fetched = await self.module.fetch_chunks(missing)  # one query for all misses
+            for cid in missing:
+                text = fetched[cid].text
+                if cache is not None:
+
+                    async def loaded(text: str = text) -> str:
+                        return text
+
+                    # single flight: a concurrent builder loading the same key shares it
+                    text = await cache.get_or_load(chunk_key(name, catalogue[cid]), loaded)
+                texts[cid] = text
+        else:
+            await anyio.lowlevel.checkpoint()
+        return texts, hits, len(missing)
+
+    async def build_context(self, request: AgentRequest, budget: int) -> ContextResult:
+        """The most relevant chunks that fit ``budget`` tokens, joined by blank lines.
+
+        Guarantees: ``result.tokens == counter.count(result.text) <= budget``; equal
+        inputs (request, budget, module content) give equal text and sources.
+
+        Raises:
+            ValueError: ``budget`` is negative.
+        """
+        if budget < 0:
+            raise ValueError(f"budget must be >= 0, got {budget!r}")
+        t0 = anyio.current_time()
+        ranked = await self.rank(request)
+        hits = misses = 0
+        texts: dict[str, str] = {}
+        if self._precounted:
+            tokens = {cid: self.module.catalogue[cid].tokens for cid, _ in ranked}
+        else:  # a user's counter: count the candidates' text with it
+            texts, hits, misses = await self._texts(
+                [c for c, r in ranked if r >= self.min_relevance]
+            )
+            tokens = {cid: self.counter.count(texts.get(cid, "")) for cid, _ in ranked}
+        chosen = self._select(ranked, tokens, budget)
+        need = [cid for cid, _ in chosen if cid not in texts]
+        if need:
+            more, h, m = await self._texts(need)
+            texts.update(more)
+            hits += h
+            misses += m
+        text = _SEPARATOR.join(texts[cid] for cid, _ in chosen)
+        count = self.counter.count(text)
+        while count > budget and chosen:  # counters need not be additive: verify, trim
+            chosen.pop()
+            text = _SEPARATOR.join(texts[cid] for cid, _ in chosen)
+            count = self.counter.count(text)
+        return ContextResult(
+            text=text,
+            tokens=count,
+            sources=tuple(chosen),
+            cache_hits=hits,
+            cache_misses=misses,
+            elapsed=anyio.current_time() - t0,
+        )
+
+
+def _find(section: SectionContent, chunk_id: str) -> Chunk | None:
+    for c in section.chunks:
+        if c.id == chunk_id:
+            return c
+    return None
