@@ -1,0 +1,1 @@
+"""Comparisons and figure-reproducing scripts; the library never imports this package."""
