@@ -178,9 +178,10 @@ class ModuleCache:
         max_size_mb: budget in MiB (``max_size_bytes = max_size_mb * 2**20``).
         ttl_minutes: lifetime of an entry from the moment it is stored.
 
-    Every method except ``invalidate``/``invalidate_pattern``/``clear``/``get_stats``
-    reads the loop's clock and so must run inside an event loop (``RuntimeError``
-    otherwise); ``get_stats`` outside a loop skips the expiry sweep.
+    ``get``/``put``/``in``/``get_or_load``/``preload`` read the loop's clock and so
+    must run inside an event loop (``RuntimeError`` naming the cause otherwise);
+    ``invalidate``/``invalidate_pattern``/``clear``/``get_stats`` also work outside
+    one (they then skip the expiry sweep).
     """
 
     max_size_mb: float = attrs.field(default=50.0, validator=_positive)
@@ -254,12 +255,14 @@ class ModuleCache:
         return self._store(key, value, size, _now())
 
     def invalidate(self, key: str) -> bool:
-        """Drop ``key``; True if a value was stored. A load in flight is superseded."""
+        """Drop ``key``; True if a live value was stored. A load in flight is superseded."""
+        self._sweep_if_running()
         self._supersede(key)
         return self._remove(key)
 
     def invalidate_pattern(self, pattern: str) -> int:
         """Drop every key matching the glob ``pattern``; returns how many were stored."""
+        self._sweep_if_running()
         match = re.compile(fnmatch.translate(pattern)).match
         for key in [k for k in self._flights if match(k)]:
             self._supersede(key)
@@ -270,6 +273,7 @@ class ModuleCache:
 
     def clear(self) -> None:
         """Drop every entry and supersede every load in flight. Stats are kept."""
+        self._sweep_if_running()  # so entries past their TTL count as expirations
         for key in list(self._flights):
             self._supersede(key)
         self._lru.clear()
@@ -279,8 +283,7 @@ class ModuleCache:
 
     def get_stats(self) -> CacheStats:
         """An exact snapshot (expired entries reclaimed first when a loop runs)."""
-        with contextlib.suppress(RuntimeError):
-            self._sweep(_now())
+        self._sweep_if_running()
         lookups = self._hits + self._misses
         return CacheStats(
             hits=self._hits,
@@ -458,6 +461,11 @@ class ModuleCache:
         del self._by_expiry[key]
         self._size -= entry.size
         return True
+
+    def _sweep_if_running(self) -> None:
+        """Sweep when a loop runs; outside one (e.g. final reporting) skip it."""
+        with contextlib.suppress(RuntimeError):
+            self._sweep(_now())
 
     def _sweep(self, now: float) -> None:
         """Reclaim every expired entry (all TTLs are equal: pop the store-order head)."""
