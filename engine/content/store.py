@@ -140,7 +140,8 @@ class SectionContent:
 
 
 def fts_query(text: str) -> str:
-    """An FTS5 MATCH expression (terms OR-ed, each quoted) from free text; '' when none."""
+    """An FTS5 MATCH expression from free text: its terms (stop words dropped) and each
+    pair of adjacent terms as a phrase, OR-ed and quoted; '' when there are no terms."""
     terms: dict[str, None] = {}
     word: list[str] = []
     for ch in text.lower() + " ":
@@ -151,7 +152,10 @@ def fts_query(text: str) -> str:
             word.clear()
             if len(w) > 1 and w not in _STOPWORDS:
                 terms[w] = None
-    return " OR ".join(f'"{t}"' for t in terms)
+    words = list(terms)
+    # adjacent pairs as phrases too: a chunk saying "hold person" beats one saying "hold"
+    phrases = [f"{a} {b}" for a, b in zip(words, words[1:])]
+    return " OR ".join(f'"{t}"' for t in words + phrases)
 
 
 _SCHEMA = """
