@@ -531,7 +531,9 @@ async def open_module(
             the message names the file and the problem.
     """
     path, _ = await anyio.to_thread.run_sync(_prepare, name_or_path, include_srd, cache_dir)
-    opened: list[ModuleStore] = []  # survives a cancellation delivered after the thread ran
+    # anyio returns a finished thread's result and delivers a cancellation at the next
+    # checkpoint; should a backend raise instead, the store opened meanwhile is closed
+    opened: list[ModuleStore] = []
 
     def open_into() -> None:
         opened.append(_open(path))

@@ -1,0 +1,196 @@
+"""The compiled module store: compile once, recompile on change, reject foreign files."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import anyio
+import anyio.from_thread
+import pytest
+
+from engine.content import store as store_mod
+from engine.content.sources import bundled_adventure_dir
+from engine.content.store import ModuleStore, SectionContent, fts_query, open_module
+from engine.errors import LoadError, ModuleError
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default module (adventure + SRD), compiled once for this file."""
+    d = tmp_path_factory.mktemp("modules")
+
+    async def compile_() -> None:
+        s = await open_module("default", cache_dir=d)
+        await s.aclose()
+
+    anyio.run(compile_)
+    return d
+
+
+def _adventure_copy(tmp_path: Path) -> Path:
+    folder = tmp_path / "emberfall"
+    shutil.copytree(bundled_adventure_dir(), folder)
+    return folder
+
+
+async def test_open_reads_catalogue_and_sections(compiled: Path) -> None:
+    async with await open_module("default", cache_dir=compiled) as m:
+        assert m.name == "default"
+        assert m.section_names() == [
+            "chapters",
+            "locations",
+            "npcs",
+            "encounters",
+            "rules",
+            "spells",
+            "monsters",
+            "equipment",
+            "magic_items",
+            "conditions",
+        ]
+        entry = m.catalogue["srd/monsters/ogre"]
+        assert (entry.section, entry.title) == ("monsters", "Ogre")
+        assert not hasattr(entry, "text")  # the catalogue holds no chunk text
+        npcs = await m.load_section("npcs")
+        assert isinstance(npcs, SectionContent)
+        assert {c.section for c in npcs} == {"npcs"}
+        assert len(npcs) == len(m.chunk_ids("npcs"))
+        with pytest.raises(LoadError, match="no section 'dragons'"):
+            await m.load_section("dragons")
+
+
+async def test_unchanged_module_is_not_recompiled(compiled: Path) -> None:
+    files = sorted(compiled.glob("*.sqlite"))  # noqa: ASYNC240
+    assert len(files) == 1
+    before = files[0].stat()
+    async with await open_module("default", cache_dir=compiled) as m:
+        assert m.path == files[0]
+    after = files[0].stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+async def test_srd_only_and_adventure_only(tmp_path: Path) -> None:
+    async with await open_module("default", include_srd=False, cache_dir=tmp_path) as m:
+        assert m.section_names() == ["chapters", "locations", "npcs", "encounters"]
+
+
+async def test_search_ranks_by_bm25_deterministically(compiled: Path) -> None:
+    async with await open_module("default", cache_dir=compiled) as m:
+        first = await m.search("cast fireball at the goblins", 10)
+        assert first == await m.search("cast fireball at the goblins", 10)
+        ids = [cid for cid, _ in first]
+        assert "srd/spells/fireball" in ids and "srd/monsters/goblin" in ids
+        scores = [s for _, s in first]
+        assert scores == sorted(scores, reverse=True) and scores[-1] > 0
+        assert await m.search("the of and", 10) == []  # only stop words
+        assert await m.search('"); DROP TABLE chunks; --', 5) == await m.search(
+            "drop table chunks", 5
+        )
+        chunks = await m.fetch_chunks(ids[:3])
+        assert list(chunks) == ids[:3] or set(chunks) == set(ids[:3])
+        assert all(chunks[i].id == i for i in ids[:3])
+
+
+def test_fts_query_quotes_terms_and_pairs() -> None:
+    assert fts_query("Hold Person on the cult-fanatic!") == (
+        '"hold" OR "person" OR "cult" OR "fanatic" OR "hold person" OR "person cult" OR "cult fanatic"'
+    )
+    assert fts_query("?? the") == ""
+
+
+async def test_changed_source_is_recompiled(tmp_path: Path) -> None:
+    folder = _adventure_copy(tmp_path)
+    cache = tmp_path / "cache"
+    async with await open_module(folder, include_srd=False, cache_dir=cache) as m1:
+        assert m1.name == "emberfall"
+        assert await m1.search("marmalade", 5) == []
+        old_path = m1.path
+    nave = folder / "locations" / "the-sunken-nave.md"
+    nave.write_text(nave.read_text() + "\nA jar of marmalade sits on the altar.\n")
+    async with await open_module(folder, include_srd=False, cache_dir=cache) as m2:
+        assert m2.path != old_path and m2.fingerprint != m1.fingerprint
+        hits = await m2.search("marmalade", 5)
+        assert hits and hits[0][0].startswith("emberfall/locations/the-sunken-nave")
+    assert not old_path.exists()  # the superseded file is removed
+    assert [p.name for p in cache.iterdir()] == [m2.path.name]  # no temp files left
+
+
+async def test_malformed_source_leaves_nothing_behind(tmp_path: Path) -> None:
+    folder = _adventure_copy(tmp_path)
+    (folder / "npcs" / "broken.md").write_text("---\ntype: npc\n")
+    cache = tmp_path / "cache"
+    with pytest.raises(ModuleError, match=r"broken\.md: front matter is not closed"):
+        await open_module(folder, include_srd=False, cache_dir=cache)
+    assert list(cache.iterdir()) == []
+
+
+async def test_missing_folder_is_a_module_error(tmp_path: Path) -> None:
+    with pytest.raises(ModuleError, match="no such adventure folder"):
+        await open_module(tmp_path / "nowhere", cache_dir=tmp_path)
+
+
+async def test_foreign_sqlite_file_is_rejected(tmp_path: Path) -> None:
+    foreign = tmp_path / "other.sqlite"
+    conn = sqlite3.connect(foreign)
+    conn.execute("CREATE TABLE meta(key TEXT, value TEXT)")
+    conn.execute("INSERT INTO meta VALUES ('schema', 'someone-else')")
+    conn.commit()
+    conn.close()
+    with pytest.raises(ModuleError, match=r"other\.sqlite: not a compiled dm-engine module"):
+        await open_module(foreign)
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(ModuleError, match=r"garbage\.sqlite"):
+        await open_module(garbage)
+
+
+async def test_compiled_file_opens_directly(compiled: Path) -> None:
+    path = next(compiled.glob("*.sqlite"))  # noqa: ASYNC240
+    async with await open_module(path) as m:
+        assert m.name == "default" and "srd/spells/fireball" in m.catalogue
+
+
+async def test_corrupt_cache_file_is_recompiled(tmp_path: Path) -> None:
+    async with await open_module("default", include_srd=False, cache_dir=tmp_path) as m:
+        path = m.path
+    path.write_bytes(b"\0" * 4096)
+    async with await open_module("default", include_srd=False, cache_dir=tmp_path) as m:
+        assert m.path == path and len(m.catalogue) > 0
+
+
+async def test_closed_store_raises(tmp_path: Path) -> None:
+    m = await open_module("default", include_srd=False, cache_dir=tmp_path)
+    await m.aclose()
+    await m.aclose()  # idempotent
+    with pytest.raises(ModuleError, match="closed"):
+        await m.search("altar", 3)
+
+
+async def test_cancelled_open_leaves_no_open_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation delivered while the catalogue is read leaves no connection open."""
+    async with await open_module("default", include_srd=False, cache_dir=tmp_path):
+        pass  # compiled: the next open only reads the catalogue
+    opened: list[ModuleStore] = []
+    real_open = store_mod._open
+
+    with anyio.CancelScope() as scope:
+
+        def spy(path: Path) -> ModuleStore:
+            s = real_open(path)
+            opened.append(s)
+            anyio.from_thread.run_sync(scope.cancel)  # cancelled while the thread runs
+            return s
+
+        monkeypatch.setattr(store_mod, "_open", spy)
+        # anyio hands a finished thread's result back and cancels at the next checkpoint
+        async with await open_module("default", include_srd=False, cache_dir=tmp_path):
+            await anyio.sleep(1)
+            pytest.fail("not cancelled")
+    assert scope.cancelled_caught
+    assert len(opened) == 1 and opened[0]._conn is None
