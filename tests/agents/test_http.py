@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -23,10 +26,15 @@ from engine.agents.http import (
     make_http_agent,
     parse_retry_after,
 )
-from engine.config import AgentConfig
+from engine.config import AgentConfig, parse_config
 from engine.errors import AgentError, ConfigError
 
 from .fakeserver import FakeLLMServer, Reply
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 KEY = "sk-test-SECRET-0123456789abcdef"
 FAST = RetryPolicy(max_attempts=4, initial_backoff=0.02, max_backoff=0.05)
@@ -470,3 +478,28 @@ def test_prompt_template_substitutes_known_names_only() -> None:
     assert "[x]\n[1, 2]" in user
     default = OpenAIChatAgent(name="oracle", client=httpx.AsyncClient(), model="m")
     assert "oracle agent" in default.build_prompt(request(), {})[0]
+
+
+def test_docs_example_config_is_valid_and_builds_agents(monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "agents.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```toml\n(.*?)```", doc, flags=re.S)
+    assert len(blocks) == 1
+    config = parse_config(tomllib.loads(blocks[0]))
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    client = httpx.AsyncClient()
+    agents = {name: make_http_agent(name, ac, client) for name, ac in config.agents.items()}
+    assert {name: type(a).__name__ for name, a in agents.items()} == {
+        "archivist": "OpenAIChatAgent",
+        "module_keeper": "OpenAIChatAgent",
+        "arbiter": "OpenAIChatAgent",
+        "narrator": "AnthropicAgent",
+    }
+    keeper = agents["module_keeper"]
+    assert isinstance(keeper, OpenAIChatAgent)
+    assert keeper.url == "http://127.0.0.1:11434/v1/chat/completions"
+    system, _ = keeper.build_prompt(request(), {})
+    assert system.startswith("You are the module_keeper of a D&D adventure. From the module")
+    narrator = agents["narrator"]
+    assert isinstance(narrator, AnthropicAgent)
+    assert narrator.url == "https://api.anthropic.com/v1/messages"
+    assert config.agents["narrator"].hedge_after == 4.0
