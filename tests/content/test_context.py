@@ -1,0 +1,270 @@
+"""The context builder: budget, skip-and-continue, determinism, no stale content, caching."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import anyio
+import attrs
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.agents.base import AgentRequest
+from engine.content.cache import ModuleCache
+from engine.content.context import OptimizedContextBuilder, chunk_key
+from engine.content.lazy import LazyLoadManager
+from engine.content.sources import Chunk, bundled_adventure_dir
+from engine.content.store import CatalogueEntry, open_module
+from engine.content.tokens import DEFAULT_COUNTER
+
+
+def req(action: str, **context: object) -> AgentRequest:
+    return AgentRequest(id="r", agent="narrator", context={"action": action, **context})
+
+
+@attrs.define
+class FakeModule:
+    """An in-memory module: chunk i has ``sizes[i]`` words and BM25 score ``scores[i]``."""
+
+    sizes: Sequence[int]
+    scores: Sequence[float]
+    name: str = "fake"
+    counter_name: str = DEFAULT_COUNTER.name
+    fetches: list[list[str]] = attrs.Factory(list)
+
+    def _chunk(self, i: int) -> Chunk:
+        text = f"c{i:03d} " + "w " * self.sizes[i]
+        return Chunk(f"c{i:03d}", "rules", f"c{i:03d}", text, DEFAULT_COUNTER.count(text), "fake")
+
+    @property
+    def catalogue(self) -> dict[str, CatalogueEntry]:
+        out = {}
+        for i in range(len(self.sizes)):
+            c = self._chunk(i)
+            out[c.id] = CatalogueEntry(c.id, c.section, c.title, c.tokens, (), c.digest, i + 1)
+        return out
+
+    async def search(self, query: str, limit: int = 40) -> list[tuple[str, float]]:
+        await trio.lowlevel.checkpoint()
+        hits = [(f"c{i:03d}", s) for i, s in enumerate(self.scores) if s > 0]
+        return sorted(hits, key=lambda h: (-h[1], h[0]))[:limit]
+
+    async def fetch_chunks(self, ids: Iterable[str]) -> dict[str, Chunk]:
+        await trio.lowlevel.checkpoint()
+        ids = list(ids)
+        self.fetches.append(ids)
+        return {i: self._chunk(int(i[1:])) for i in ids}
+
+    def ids_for_key(self, key: str) -> Sequence[str]:
+        return ()
+
+
+def greedy_model(
+    ranked: list[tuple[str, float]], tokens: dict[str, int], budget: int, floor: float
+) -> list[str]:
+    """The plain sequential rule: in order, take what fits, skip what does not."""
+    chosen, left = [], budget
+    for cid, rel in ranked:
+        if rel >= floor and tokens[cid] <= left:
+            chosen.append(cid)
+            left -= tokens[cid]
+    return chosen
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_budget_never_exceeded_and_skip_and_continue(data: st.DataObject) -> None:
+    n = data.draw(st.integers(1, 30))
+    sizes = data.draw(st.lists(st.integers(0, 400), min_size=n, max_size=n))
+    scores = data.draw(st.lists(st.floats(0, 20, allow_nan=False), min_size=n, max_size=n))
+    budget = data.draw(st.integers(0, 3000))
+    module = FakeModule(sizes, scores)
+    builder = OptimizedContextBuilder(module, candidates=50)
+
+    async def main() -> None:
+        result = await builder.build_context(req("anything"), budget)
+        assert result.tokens <= budget
+        assert result.tokens == DEFAULT_COUNTER.count(result.text)
+        ranked = await builder.rank(req("anything"))
+        catalogue = module.catalogue
+        tokens = {cid: catalogue[cid].tokens for cid, _ in ranked}
+        chosen = [cid for cid, _ in result.sources]
+        assert chosen == greedy_model(ranked, tokens, budget, builder.min_relevance)
+        # maximality: nothing eligible that was left out would still fit
+        left = budget - sum(tokens[c] for c in chosen)
+        for cid, rel in ranked:
+            if cid not in chosen and rel >= builder.min_relevance:
+                assert tokens[cid] > left
+        # only the chosen chunks' text was fetched
+        assert sorted(c for f in module.fetches for c in f) == sorted(chosen)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_skips_a_big_chunk_and_takes_smaller_ones() -> None:
+    module = FakeModule(sizes=[100, 900, 50, 40], scores=[10, 9, 8, 7])
+    builder = OptimizedContextBuilder(module)
+
+    async def main() -> None:
+        result = await builder.build_context(req("x"), 300)
+        assert [c for c, _ in result.sources] == ["c000", "c002", "c003"]
+
+    trio.run(main)
+
+
+class WordsPlusOverhead:
+    """A non-additive counter: words plus a fixed overhead per call (like a chat template)."""
+
+    name = "words+8"
+
+    def count(self, text: str) -> int:
+        return len(text.split()) + 8 if text else 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 200), min_size=1, max_size=15),
+    budget=st.integers(0, 1500),
+)
+def test_a_users_counter_bounds_the_result_too(sizes: list[int], budget: int) -> None:
+    module = FakeModule(sizes, [float(len(sizes) - i) for i in range(len(sizes))])
+    counter = WordsPlusOverhead()
+    builder = OptimizedContextBuilder(module, counter=counter)
+
+    async def main() -> None:
+        result = await builder.build_context(req("x"), budget)
+        assert result.tokens == counter.count(result.text) <= budget
+
+    trio.run(main)
+
+
+def test_bad_arguments() -> None:
+    module = FakeModule([1], [1.0])
+    with pytest.raises(ValueError, match="candidates"):
+        OptimizedContextBuilder(module, candidates=0)
+    with pytest.raises(ValueError, match="min_relevance"):
+        OptimizedContextBuilder(module, min_relevance=2)
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="budget"):
+            await OptimizedContextBuilder(module).build_context(req("x"), -1)
+
+    trio.run(main)
+
+
+# ------------------------------------------------------------ on the real module
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("modules")
+
+    async def compile_() -> None:
+        s = await open_module("default", cache_dir=d)
+        await s.aclose()
+
+    anyio.run(compile_)
+    return d
+
+
+NAVE = req(
+    "I search the altar for traps",
+    location="The Sunken Nave",
+    npcs=["Sister Ilse Maren"],
+    action_type="exploration",
+)
+
+
+@pytest.mark.anyio
+async def test_deterministic_and_boosted(compiled: Path) -> None:
+    async with await open_module("default", cache_dir=compiled) as m:
+        a = await OptimizedContextBuilder(m).build_context(NAVE, 1500)
+        b = await OptimizedContextBuilder(m, ModuleCache()).build_context(NAVE, 1500)
+        assert (a.text, a.sources, a.tokens) == (b.text, b.sources, b.tokens)
+        ids = [c for c, _ in a.sources]
+        assert ids[0].startswith("default/locations/the-sunken-nave")  # the altar paragraph
+        assert "default/npcs/sister-ilse-maren" in ids
+        rels = [r for _, r in a.sources]
+        assert rels == sorted(rels, reverse=True) and all(0 <= r <= 1 for r in rels)
+        # without the location and NPC in context, the boosts disappear
+        plain = await OptimizedContextBuilder(m).build_context(req(NAVE.context["action"]), 1500)
+        assert "default/npcs/sister-ilse-maren" not in [c for c, _ in plain.sources]
+
+
+@pytest.mark.anyio
+async def test_cache_hits_on_repeat_and_keys_carry_the_digest(compiled: Path) -> None:
+    async with await open_module("default", cache_dir=compiled) as m:
+        cache = ModuleCache()
+        builder = OptimizedContextBuilder(m, cache)
+        first = await builder.build_context(NAVE, 1000)
+        assert (first.cache_hits, first.cache_misses) == (0, len(first.sources))
+        again = await builder.build_context(NAVE, 1000)
+        assert (again.cache_hits, again.cache_misses) == (len(first.sources), 0)
+        assert again.text == first.text
+        cid = first.sources[0][0]
+        key = chunk_key(m.name, m.catalogue[cid])
+        assert key.startswith(f"module:default:locations:{cid}@") and cache.get(key) is not None
+
+
+@pytest.mark.anyio
+async def test_changed_content_is_not_served_stale(tmp_path: Path) -> None:
+    folder = tmp_path / "emberfall"
+    shutil.copytree(bundled_adventure_dir(), folder)
+    cache = ModuleCache()  # shared across both versions, as in a long-running engine
+    request = req("I look at the altar", location="The Sunken Nave")
+    async with await open_module(folder, include_srd=False, cache_dir=tmp_path / "c") as m1:
+        old = await OptimizedContextBuilder(m1, cache).build_context(request, 2000)
+    assert "pressure plate" in old.text
+    nave = folder / "locations" / "the-sunken-nave.md"
+    nave.write_text(nave.read_text().replace("pressure plate", "tripwire of braided hair"))
+    async with await open_module(folder, include_srd=False, cache_dir=tmp_path / "c") as m2:
+        assert m2.name == m1.name
+        new = await OptimizedContextBuilder(m2, cache).build_context(request, 2000)
+    assert "tripwire of braided hair" in new.text and "pressure plate" not in new.text
+
+
+@pytest.mark.anyio
+async def test_lazy_loaded_sections_serve_chunk_text(compiled: Path) -> None:
+    async with await open_module("default", cache_dir=compiled) as m:
+        cache = ModuleCache()
+        async with LazyLoadManager(m, cache) as lazy:
+            await lazy.ensure_loaded("locations", "npcs", "encounters")
+            builder = OptimizedContextBuilder(m, cache, lazy)
+            result = await builder.build_context(NAVE, 1200)
+            adventure = [c for c, _ in result.sources if c.startswith("default/")]
+            assert adventure
+            assert result.cache_hits >= len(adventure)
+            assert result.cache_misses == len(result.sources) - result.cache_hits
+            plain = await OptimizedContextBuilder(m).build_context(NAVE, 1200)
+            assert plain.text == result.text
+
+
+@pytest.mark.anyio
+async def test_estimate_relevance(compiled: Path) -> None:
+    async with await open_module("default", cache_dir=compiled) as m:
+        builder = OptimizedContextBuilder(m)
+        chunks = await m.fetch_chunks(["srd/spells/fireball", "srd/monsters/ogre"])
+        fire = req("cast fireball at the goblins", action_type="combat")
+        hit = builder.estimate_relevance(chunks["srd/spells/fireball"], fire)
+        miss = builder.estimate_relevance(chunks["srd/monsters/ogre"], fire)
+        assert 0.0 <= miss < hit <= 1.0
+        assert builder.estimate_relevance("", req("")) == 0.0
+        nave = m.catalogue["default/locations/the-sunken-nave"]
+        assert builder.estimate_relevance(nave, NAVE) > builder.estimate_relevance(nave, req("x"))
+        section = await m.load_section("conditions")
+        assert 0.0 <= builder.estimate_relevance(section, fire) <= 1.0
+
+
+@pytest.mark.anyio
+async def test_zero_budget_and_no_match(compiled: Path) -> None:
+    async with await open_module("default", cache_dir=compiled) as m:
+        builder = OptimizedContextBuilder(m)
+        empty = await builder.build_context(NAVE, 0)
+        assert (empty.text, empty.tokens, empty.sources) == ("", 0, ())
+        nothing = await builder.build_context(req("zzqx qqzx"), 500)
+        assert nothing.sources == ()
