@@ -51,8 +51,8 @@ log = logging.getLogger(__name__)
 OK, ERROR, CANCELLED = "ok", "error", "cancelled"
 _CANCELLED_TYPES: tuple[type[BaseException], ...] = (trio.Cancelled, asyncio.CancelledError)
 
-SpanListener = Callable[["Span"], None]
-SampleListener = Callable[[str, float, str], None]
+SpanListener = Callable[["Span"], object]
+SampleListener = Callable[[str, float, str], object]
 
 
 @final
