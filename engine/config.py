@@ -215,8 +215,9 @@ class LatencyModel:
 def _default_scenarios() -> Mapping[str, LatencyModel]:
     return _frozen_map(
         {
-            # calibrated to the per-agent target (p50 1 s, p95 3 s, p99 5 s)
-            "targets": LatencyModel(0.55, 0.85, 0.004, 0.01, 3.0),
+            # calibrated so the slowest agent (narrator, 150 tokens) sits at the per-agent
+            # target: p50 1.0 s, p95 2.6 s, p99 4.5 s; the others are faster
+            "targets": LatencyModel(0.4, 0.95, 0.004, 0.01, 3.0),
             # calibrated to hosted-LLM measurements: TTFT p50 ~0.7 s, p99 several x p50,
             # ~80 output tokens/s, occasional stalls
             "hosted": LatencyModel(0.7, 0.5, 0.0125, 0.03, 6.0),
@@ -255,14 +256,21 @@ def _default_agents() -> Mapping[str, AgentConfig]:
         {
             "archivist": AgentConfig(budget_tokens=1500, output_tokens=80, hedge_after="p95"),
             "module_keeper": AgentConfig(budget_tokens=1200, output_tokens=60, hedge_after="p95"),
+            # The arbiter rules from the rules text the archivist found; the narrator
+            # needs the ruling and the module keeper's scene. (DESIGN.md's example has
+            # the arbiter wait for both; then every level merges into one agent and an
+            # eager schedule cannot beat a level barrier. See docs/architecture.md.)
             "arbiter": AgentConfig(
-                depends_on=("archivist", "module_keeper"),
+                depends_on=("archivist",),
                 budget_tokens=1500,
                 output_tokens=80,
                 hedge_after="p95",
             ),
             "narrator": AgentConfig(
-                depends_on=("arbiter",), budget_tokens=2000, output_tokens=150, hedge_after="p95"
+                depends_on=("arbiter", "module_keeper"),
+                budget_tokens=2000,
+                output_tokens=150,
+                hedge_after="p95",
             ),
         }
     )

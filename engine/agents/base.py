@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
@@ -21,6 +21,12 @@ class Status(enum.Enum):
     CANCELLED = "cancelled"  # the whole execution was cancelled or hit its deadline
 
 
+def _ids(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str):  # a lone id, not its characters
+        return (value,)
+    return tuple(value)
+
+
 @attrs.frozen(eq=False)
 class AgentRequest:
     """One call of one agent inside an action's DAG.
@@ -32,7 +38,7 @@ class AgentRequest:
     id: str
     agent: str
     context: Mapping[str, Any] = attrs.field(factory=dict)
-    depends_on: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    depends_on: tuple[str, ...] = attrs.field(default=(), converter=_ids)
     timeout: float | None = None  # None: the executor's agent_timeout
 
 

@@ -17,6 +17,7 @@ Guarantees:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any, final
 
 import anyio
@@ -168,7 +169,8 @@ class ParallelAgentExecutor:
                     ready_at[c] = now
                     tg.start_soon(run, c, tg)
 
-        with anyio.move_on_after(deadline if deadline is not None else float("inf")):
+        scope = anyio.move_on_after(deadline) if deadline is not None else nullcontext()
+        with scope:
             async with anyio.create_task_group() as tg:
                 start = anyio.current_time()
                 for i in graph.levels[0] if graph.levels else ():
@@ -243,14 +245,32 @@ class ParallelAgentExecutor:
         self._requests += 1
         timeout = request.timeout if request.timeout is not None else self.agent_timeout
         agent = self.agents[request.agent]
+        policy = self.hedging
+        delay = policy.delay_for(request.agent) if policy is not None else None
         admitted: float | None = None
         outcome = _Outcome()
         borrower = object()
         with anyio.move_on_after(timeout) as scope:
-            await limiter.acquire_on_behalf_of(borrower)
+            if not _try_acquire(limiter, borrower):  # fast path: a free token, nobody waiting
+                await limiter.acquire_on_behalf_of(borrower)
             admitted = anyio.current_time()
-            outcome = await self._attempts_of(agent, request, inputs, limiter, borrower)
+            if policy is not None:
+                policy.on_call()
+            if delay is None:  # the common path: one attempt, no task group
+                outcome.attempts = 1
+                self._attempts += 1
+                try:
+                    outcome.output = await agent.run(request, inputs)
+                except Exception as exc:
+                    outcome.error = exc
+                finally:
+                    limiter.release_on_behalf_of(borrower)
+            else:
+                await self._hedged(agent, request, inputs, delay, limiter, borrower, outcome)
         end = anyio.current_time()
+        if policy is not None and outcome.error is None and not scope.cancelled_caught:
+            assert admitted is not None
+            policy.observe(request.agent, end - admitted)
         queued = (admitted if admitted is not None else end) - ready_at
         duration = end - admitted if admitted is not None else 0.0
         response = AgentResponse(
@@ -272,74 +292,66 @@ class ParallelAgentExecutor:
             return attrs.evolve(response, status=Status.ERROR, output=None, error=error)
         return response
 
-    async def _attempts_of(
+    async def _hedged(
         self,
         agent: Agent,
         request: AgentRequest,
         inputs: Mapping[str, Any],
+        delay: float,
         limiter: anyio.CapacityLimiter,
         borrower: object,
-    ) -> _Outcome:
-        """Run the first attempt (token already held) and maybe one hedge.
+        outcome: _Outcome,
+    ) -> None:
+        """Run the first attempt (its token already held) and, after ``delay``, a hedge.
 
-        Every attempt releases its own token when it ends, however it ends.
+        The first successful answer wins and the other attempt is cancelled; every
+        attempt releases its own token when it ends, however it ends.
         """
         policy = self.hedging
-        delay = policy.delay_for(request.agent) if policy is not None else None
-        if policy is not None:
-            policy.on_call()
-        outcome = _Outcome()
-        started = 0
+        assert policy is not None
         failed = 0
         done = anyio.Event()
 
         async def attempt(number: int, req: AgentRequest, token_holder: object) -> None:
             nonlocal failed
             try:
-                t0 = anyio.current_time()
                 try:
                     output = await agent.run(req, inputs)
                 except Exception as exc:
                     failed += 1
                     if outcome.error is None:
                         outcome.error = exc
-                    if failed == started:
+                    if failed == outcome.attempts:
                         done.set()
                     return
                 if done.is_set():
                     return  # lost a photo finish; the winner is already decided
                 outcome.output, outcome.error = output, None
                 outcome.hedge_won = number > 1
-                if policy is not None:
-                    policy.observe(request.agent, anyio.current_time() - t0)
                 done.set()
             finally:
                 limiter.release_on_behalf_of(token_holder)
 
         async with anyio.create_task_group() as tg:
-            started = 1
+            outcome.attempts = 1
             self._attempts += 1
             tg.start_soon(attempt, 1, request, borrower)
-            if delay is not None:
-                with anyio.move_on_after(delay):
-                    await done.wait()
-                if not done.is_set() and policy is not None:
-                    hedge_holder = object()
-                    if _try_acquire(limiter, hedge_holder):
-                        if policy.try_spend():
-                            started = 2
-                            self._attempts += 1
-                            outcome.hedged = True
-                            hedge = attrs.evolve(request, context={**request.context, "attempt": 2})
-                            tg.start_soon(attempt, 2, hedge, hedge_holder)
-                        else:
-                            limiter.release_on_behalf_of(hedge_holder)
+            with anyio.move_on_after(delay):
+                await done.wait()
+            hedge_holder = object()
+            if not done.is_set() and _try_acquire(limiter, hedge_holder):
+                if policy.try_spend():
+                    outcome.attempts = 2
+                    self._attempts += 1
+                    outcome.hedged = True
+                    hedge = attrs.evolve(request, context={**request.context, "attempt": 2})
+                    tg.start_soon(attempt, 2, hedge, hedge_holder)
+                else:
+                    limiter.release_on_behalf_of(hedge_holder)
             await done.wait()
             tg.cancel_scope.cancel()
-        outcome.attempts = started
-        if outcome.hedge_won and policy is not None:
+        if outcome.hedge_won:
             policy.record_hedge_win()
-        return outcome
 
 
 def _try_acquire(limiter: anyio.CapacityLimiter, borrower: object) -> bool:

@@ -1,0 +1,1 @@
+"""Benchmarks: scheduling strategies on seeded draws, engine overhead, the suite."""

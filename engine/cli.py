@@ -1,0 +1,68 @@
+"""The ``dm-engine`` command: ``bench`` and ``config check``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import Config, load_config
+from .errors import ConfigError
+
+__all__ = ["main"]
+
+
+def _config(path: str | None) -> Config:
+    """``--config PATH``; else ./config.toml when present; else the built-in defaults."""
+    if path is not None:
+        return load_config(path)
+    local = Path("config.toml")
+    return load_config(local) if local.is_file() else Config()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dm-engine", description=__doc__)
+    parser.add_argument("--config", help="configuration file (default: ./config.toml if present)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="run the benchmark suite and check the targets")
+    bench.add_argument("--scenario", choices=("targets", "hosted"), default=None)
+    bench.add_argument("--iterations", type=int, default=2000, help="actions per strategy")
+    bench.add_argument("--sessions", type=int, default=None, help="concurrent sessions")
+    bench.add_argument("--seed", type=int, default=None)
+    bench.add_argument("--out", default="out", help="folder for results.json and report.html")
+    bench.add_argument("--real-time", action="store_true", help="agent latencies in real time")
+    bench.add_argument("--load", action="store_true", help="run the concurrent-sessions load test")
+    bench.add_argument("--backend", choices=("trio", "asyncio"), default="trio")
+    bench.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a configuration file")
+    check.add_argument("path", nargs="?", default="config.toml")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "config":
+        try:
+            load_config(args.path)
+        except ConfigError as exc:
+            print(f"{args.path}: {exc}", file=sys.stderr)
+            return 1
+        print("ok")
+        return 0
+    try:
+        config = _config(args.config)
+    except ConfigError as exc:
+        print(f"config: {exc}", file=sys.stderr)
+        return 1
+    from .benchmark.command import run_bench_command
+
+    return run_bench_command(config, args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
