@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import sqlite3
 import tempfile
@@ -154,7 +155,7 @@ def fts_query(text: str) -> str:
                 terms[w] = None
     words = list(terms)
     # adjacent pairs as phrases too: a chunk saying "hold person" beats one saying "hold"
-    phrases = [f"{a} {b}" for a, b in zip(words, words[1:])]
+    phrases = [f"{a} {b}" for a, b in itertools.pairwise(words)]
     return " OR ".join(f'"{t}"' for t in words + phrases)
 
 
