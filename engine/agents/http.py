@@ -350,17 +350,25 @@ class _HTTPAgent:
         async with self.client.stream(
             "POST", self.url, json=body, headers=headers, timeout=_NO_HTTPX_TIMEOUT
         ) as response:
+            too_large = HTTPAgentError(
+                f"{self._who}: response larger than {self.max_response_bytes} bytes",
+                status=response.status_code,
+                attempts=attempt,
+            )
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_response_bytes:
+                raise too_large
+            # Never break out of httpx's async generators (trio warns about unfinished
+            # ones): an undeclared oversized body is drained, not kept; the deadline
+            # bounds the time that takes.
             chunks: list[bytes] = []
             size = 0
             async for chunk in response.aiter_bytes():
                 size += len(chunk)
-                if size > self.max_response_bytes:
-                    raise HTTPAgentError(
-                        f"{self._who}: response larger than {self.max_response_bytes} bytes",
-                        status=response.status_code,
-                        attempts=attempt,
-                    )
-                chunks.append(chunk)
+                if size <= self.max_response_bytes:
+                    chunks.append(chunk)
+            if size > self.max_response_bytes:
+                raise too_large
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             return response.status_code, retry_after, b"".join(chunks)
 

@@ -53,7 +53,8 @@ class Reply:
 
     kind: ``ok`` (answer in the path's API shape), ``raw`` (status/headers/body as
     given), ``drop`` (promise a body, send part of it, close), ``hold`` (send nothing
-    until the client disconnects), ``stall`` (send headers and half a body, then wait).
+    until the client disconnects), ``stall`` (send headers and half a body, then wait),
+    ``chunked`` (200 with ``body`` in chunked encoding).
     """
 
     kind: str = "ok"
@@ -93,6 +94,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, (), json.dumps(answer).encode())
         elif reply.kind == "raw":
             self._send(reply.status, reply.headers, reply.body)
+        elif reply.kind == "chunked":  # no content-length; the body in 50-byte chunks
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(reply.body), 50):
+                part = reply.body[i : i + 50]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
         elif reply.kind == "drop":
             self._head(200, (("content-type", "application/json"),), 1000)
             self.wfile.write(b'{"choices": [')

@@ -503,3 +503,22 @@ def test_docs_example_config_is_valid_and_builds_agents(monkeypatch: pytest.Monk
     assert isinstance(narrator, AnthropicAgent)
     assert narrator.url == "https://api.anthropic.com/v1/messages"
     assert config.agents["narrator"].hedge_after == 4.0
+
+
+@pytest.mark.anyio
+async def test_oversized_response_is_refused(
+    server: FakeLLMServer, client: httpx.AsyncClient
+) -> None:
+    with pytest.raises(HTTPAgentError, match="larger than 100 bytes"):
+        await openai(server, client, max_response_bytes=100).run(request(), {})
+    assert server.attempts == 1
+
+
+@pytest.mark.anyio
+async def test_oversized_chunked_response_is_refused(
+    server: FakeLLMServer, client: httpx.AsyncClient
+) -> None:
+    server.push(Reply("chunked", body=b"x" * 300))
+    with pytest.raises(HTTPAgentError, match="larger than 100 bytes"):
+        await openai(server, client, max_response_bytes=100).run(request(), {})
+    assert server.attempts == 1
