@@ -12,7 +12,7 @@ pooled) and one retry loop. Guarantees:
 - **Retries stay inside the deadline.** 408/429/5xx and transport errors are retried
   with jittered exponential backoff, honouring ``Retry-After`` (seconds form). When the
   next wait would end at or past ``anyio.current_effective_deadline()`` the loop stops
-  and raises :class:`HTTPAgentError` at once rather than sleeping into the timeout.
+  and raises :class:`RetryDeadlineError` at once rather than sleeping into the timeout.
 - **The API key stays secret.** It is read once from the environment variable named by
   ``api_key_env``, held in a wrapper whose ``repr`` is ``<secret>``, sent only in the
   auth header and scrubbed from any server text quoted in an error. It never appears in
@@ -51,6 +51,7 @@ __all__ = [
     "AnthropicAgent",
     "HTTPAgentError",
     "OpenAIChatAgent",
+    "RetryDeadlineError",
     "RetryPolicy",
     "make_http_agent",
     "parse_retry_after",
@@ -106,6 +107,13 @@ class HTTPAgentError(AgentError):
         self.status = status
         self.attempts = attempts
         super().__init__(message)
+
+
+class RetryDeadlineError(HTTPAgentError, TimeoutError):
+    """The next retry would end past the deadline, so the agent stopped before it.
+
+    A ``TimeoutError`` too, so a caller may report it as a timeout rather than a failure.
+    """
 
 
 @final
@@ -254,7 +262,8 @@ class _HTTPAgent:
         not report them).
 
         Raises:
-            HTTPAgentError: an error status, retries exhausted or no time left to retry.
+            RetryDeadlineError: the next retry would end past the deadline.
+            HTTPAgentError: an error status, or retries exhausted.
             AgentError: the answer is not JSON or lacks a required field.
             TimeoutError: only when the caller set no deadline and ``timeout`` passed.
         """
@@ -330,7 +339,7 @@ class _HTTPAgent:
             wait = self.retry.wait(attempt, retry_after, self.rng)
             left = anyio.current_effective_deadline() - anyio.current_time()
             if wait >= left:
-                raise HTTPAgentError(
+                raise RetryDeadlineError(
                     f"{self._who}: stopped after {attempt} attempts: the next retry in "
                     f"{wait:.2f} s would pass the deadline ({max(left, 0.0):.2f} s left); "
                     f"last: {failure}",

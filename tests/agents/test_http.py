@@ -22,6 +22,7 @@ from engine.agents.http import (
     AnthropicAgent,
     HTTPAgentError,
     OpenAIChatAgent,
+    RetryDeadlineError,
     RetryPolicy,
     make_http_agent,
     parse_retry_after,
@@ -274,7 +275,7 @@ async def test_retry_after_longer_than_the_deadline_stops_at_once(
     # backoff alone (<= 0.05 s) would retry; the server's Retry-After: 1 does not fit in 0.5 s
     server.push(Reply("raw", 429, (("retry-after", "1"),), b""))
     with anyio.fail_after(0.5):
-        with pytest.raises(HTTPAgentError, match="would pass the deadline") as info:
+        with pytest.raises(RetryDeadlineError, match="would pass the deadline") as info:
             await openai(server, client).run(request(), {})
     assert (info.value.status, info.value.attempts) == (429, 1)
     assert server.attempts == 1
@@ -302,8 +303,9 @@ async def test_retries_stop_before_the_deadline_instead_of_sleeping_into_it(
     policy = RetryPolicy(max_attempts=20, initial_backoff=0.2, max_backoff=10)
     agent = openai(server, client, retry=policy, rng=MaxRandom())
     with anyio.fail_after(1.0):
-        with pytest.raises(HTTPAgentError, match=r"stopped after 3 attempts.*deadline") as info:
+        with pytest.raises(RetryDeadlineError, match=r"stopped after 3 attempts.*deadline") as info:
             await agent.run(request(), {})
+    assert isinstance(info.value, TimeoutError)  # callers may report it as a timeout
     assert info.value.attempts == 3
     assert server.attempts == 3
 
