@@ -156,6 +156,8 @@ class LazyLoadManager:
             return await tg.__aexit__(exc_type, exc, tb)
         finally:
             self._tg = None
+            # A task cancelled before it first ran (asyncio) never reaches its finally.
+            self._pending.clear()
 
     # ------------------------------------------------------------------ queries
 

@@ -273,20 +273,25 @@ class Model:
             self.outcomes[j] = result
             del self.active[j]
 
-    def cancel(self, j: int, now: float) -> None:
-        flight = self.active.pop(j, None)
-        if flight is None:
-            return  # already finished (or a hit)
-        self.outcomes[j] = ("cancelled",)
-        if j in flight.waiters:
-            flight.waiters.remove(j)
-            return
-        if flight.waiters:
-            self.start_loader(flight, flight.waiters.pop(0), now)
-        else:
-            flight.done = True
-            if self.flights.get(flight.key) is flight:
-                del self.flights[flight.key]
+    def cancel(self, targets: tuple[int, ...], now: float) -> None:
+        """Cancel several loads at one instant: all of them leave before any take-over."""
+        orphaned: list[MFlight] = []
+        for j in targets:
+            flight = self.active.pop(j, None)
+            if flight is None:
+                continue  # already finished (or a hit)
+            self.outcomes[j] = ("cancelled",)
+            if j in flight.waiters:
+                flight.waiters.remove(j)
+            else:
+                orphaned.append(flight)
+        for flight in orphaned:
+            if flight.waiters:
+                self.start_loader(flight, flight.waiters.pop(0), now)
+            else:
+                flight.done = True
+                if self.flights.get(flight.key) is flight:
+                    del self.flights[flight.key]
 
     def apply(self, i: int, op: Op) -> None:
         now = op.t
@@ -317,8 +322,7 @@ class Model:
                 self.supersede(key)
             self.entries.clear()
         elif op.kind == "cancel":
-            for j in op.targets:
-                self.cancel(j, now)
+            self.cancel(op.targets, now)
         elif op.kind == "load":
             if op.key in self.entries:
                 self.entries.move_to_end(op.key)

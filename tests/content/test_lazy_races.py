@@ -68,7 +68,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         else:
             ops.append(LOp(kind, t, (draw(st.sampled_from(SECTIONS)),)))
     latency = {s: draw(st.sampled_from([0.25, 1.0, 3.0])) for s in SECTIONS}
-    exit_at = draw(st.sampled_from([t / 2, t + 0.25, t + 10.0]))
+    exit_at = draw(st.sampled_from([t / 2 + 0.125, t + 0.25, t + 10.0]))  # never an op time
     return Scenario(tuple(ops), latency, draw(st.integers(1, 3)), exit_at)
 
 
