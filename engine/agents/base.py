@@ -48,7 +48,8 @@ class AgentResponse:
 
     ``queued`` is the time from readiness to admission by the limiter and ``duration``
     the time the agent ran (of the winning attempt when hedged), both in seconds of
-    the event loop's clock.
+    the event loop's clock. ``hedged``: a second attempt was sent; ``hedge_won``: it
+    answered first.
     """
 
     request_id: str
@@ -60,6 +61,7 @@ class AgentResponse:
     duration: float = 0.0
     attempts: int = 0
     hedged: bool = False
+    hedge_won: bool = False
 
     @property
     def ok(self) -> bool:

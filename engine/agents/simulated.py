@@ -87,11 +87,30 @@ class SimulatedAgent:
         return _answer(self.name, request, inputs, rng)
 
 
-def _first_sentence(text: str, limit: int = 160) -> str:
-    text = " ".join(text.split())
-    cut = text.find(". ")
-    sentence = text if cut < 0 else text[: cut + 1]
+def _gist(text: str, title: str, limit: int = 160) -> str:
+    """The first sentence of a chunk's text, without the title line it starts with."""
+    lines = text.strip().splitlines()
+    if lines and title and lines[0].strip().startswith((title, title.split(" > ")[-1])):
+        lines = lines[1:]
+    flat = " ".join(" ".join(lines).split())
+    cut = flat.find(". ")
+    sentence = flat if cut < 0 else flat[: cut + 1]
     return sentence if len(sentence) <= limit else sentence[: limit - 1].rstrip() + "…"
+
+
+def _second_person(action: str) -> str:
+    """ "I search the altar" -> "You search the altar." """
+    words = action.strip().rstrip(".!").split()
+    if not words:
+        return ""
+    if words[0].lower() in ("i", "we"):
+        words[0] = "You"
+        words = [{"my": "your", "me": "you", "our": "your", "us": "you"}.get(w, w) for w in words]
+    elif action.strip().endswith("?"):
+        return f"You ask: {action.strip()}"
+    else:
+        words[0] = words[0][0].upper() + words[0][1:]
+    return " ".join(words) + "."
 
 
 def _sources(request: AgentRequest) -> list[str]:
@@ -105,22 +124,25 @@ def _answer(
     action = str(request.context.get("action", ""))
     context_text = str(request.context.get("text", ""))
     sources = _sources(request)
+    sections = [str(x) for x in request.context.get("sections") or ()]
     lead = sources[0] if sources else "the adventure notes"
-    gist = _first_sentence(context_text) if context_text else ""
+    gist = _gist(context_text, lead) if context_text else ""
     given = {k: v.get("text", "") for k, v in inputs.items() if isinstance(v, Mapping)}
 
     if role == "archivist":
         text = f"From {lead}: {gist}" if gist else f"Nothing in {lead} bears on this."
         return {"role": role, "text": text, "sources": sources}
     if role == "module_keeper":
-        location = str(request.context.get("location", "")) or lead
-        text = f"The scene is {location}." + (f" {gist}" if gist else "")
+        places = [t for t, sec in zip(sources, sections, strict=False) if sec == "locations"]
+        scene = str(request.context.get("location", "")) or (places[0] if places else "")
+        text = f"The scene: {scene}." if scene else "The scene is unchanged."
+        changes = {"scene": scene} if scene else {}
         return {
             "role": role,
             "text": text,
-            "location": location,
+            "scene": scene,
             "sources": sources,
-            "state_changes": {"location": location},
+            "state_changes": changes,
         }
     if role == "arbiter":
         dc = 10 + 5 * rng.randint(0, 2)
@@ -139,11 +161,11 @@ def _answer(
             "sources": sources,
         }
     # narrator, or any other role: weave the inputs into a narrative
-    ruling = next((t for k, t in given.items() if t.startswith("Ruling:")), "")
-    parts = [f"You {action.strip().rstrip('.').lower() or 'pause'}."] if action else []
+    ruling = next((t for t in given.values() if t.startswith("Ruling:")), "")
+    parts = [_second_person(action)] if action else []
+    parts.extend(t for t in given.values() if t and not t.startswith("Ruling:"))
     if gist:
-        parts.append(f"Around you, {lead}: {gist}")
+        parts.append(f"{lead}: {gist}")
     if ruling:
         parts.append(ruling.replace("Ruling: ", "The rules say: "))
-    parts.extend(t for k, t in given.items() if t and not t.startswith("Ruling:"))
     return {"role": role, "text": " ".join(parts), "sources": sources, "used_inputs": sorted(given)}

@@ -10,7 +10,10 @@ Threads: one ``sqlite3`` connection per store, ``check_same_thread=False``, ever
 under a ``threading.Lock``, every query in ``anyio.to_thread.run_sync``. anyio's worker
 threads are pooled and anonymous, so per-thread connections could not be closed
 deterministically; the queries are sub-millisecond, so serializing them costs nothing
-measurable (see ``bench/bench_context.py``).
+measurable (see ``bench/bench_context.py``). With ``query_in_thread=False`` the
+queries run on the event loop instead: a thread round trip costs about as much as
+the query, and a thread wait would let a mock clock's autojump advance virtual time
+in the middle of a context build (the virtual-time benchmark uses this mode).
 """
 
 from __future__ import annotations
@@ -288,6 +291,7 @@ class ModuleStore:
     counter_name: str
     _conn: sqlite3.Connection | None
     catalogue: Mapping[str, CatalogueEntry]
+    query_in_thread: bool = True
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _rowid_to_id: dict[int, str] = attrs.field(factory=dict, init=False)
     _by_section: dict[str, list[str]] = attrs.field(factory=dict, init=False)
@@ -346,6 +350,12 @@ class ModuleStore:
             except sqlite3.Error as e:
                 raise ModuleError(f"{self.path}: query failed: {e}") from e
 
+    async def _query(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
+        if self.query_in_thread:
+            return await anyio.to_thread.run_sync(self._run, sql, params)
+        await anyio.lowlevel.checkpoint()
+        return self._run(sql, params)
+
     async def search(
         self, query: str, limit: int = 40, *, weights: tuple[float, float, float] = (4.0, 3.0, 1.0)
     ) -> list[tuple[str, float]]:
@@ -362,7 +372,7 @@ class ModuleStore:
             "SELECT rowid, -bm25(chunks_fts, ?, ?, ?) AS s FROM chunks_fts "
             "WHERE chunks_fts MATCH ? ORDER BY s DESC, rowid LIMIT ?"
         )
-        rows = await anyio.to_thread.run_sync(self._run, sql, (*weights, expr, limit))
+        rows = await self._query(sql, (*weights, expr, limit))
         return [(self._rowid_to_id[int(r)], float(s)) for r, s in rows]  # type: ignore[call-overload, arg-type]
 
     async def fetch_chunks(self, ids: Iterable[str]) -> dict[str, Chunk]:
@@ -378,7 +388,7 @@ class ModuleStore:
                 "SELECT id, section, title, text, tokens, source, keys FROM chunks "
                 f"WHERE rowid IN ({','.join('?' * len(batch))})"
             )
-            rows = await anyio.to_thread.run_sync(self._run, sql, batch)
+            rows = await self._query(sql, batch)
             for r in rows:
                 cid, section, title, text, tokens, source, keys = r
                 out[str(cid)] = Chunk(
@@ -491,7 +501,7 @@ def _valid_cache(path: Path, fp: str) -> bool:
         return False
 
 
-def _open(path: Path) -> ModuleStore:
+def _open(path: Path, query_in_thread: bool = True) -> ModuleStore:
     try:
         conn = _connect_ro(path)
     except sqlite3.Error as e:
@@ -509,6 +519,7 @@ def _open(path: Path) -> ModuleStore:
         counter_name=meta.get("counter", ""),
         conn=conn,
         catalogue={e.id: e for e in entries},
+        query_in_thread=query_in_thread,
     )
 
 
@@ -517,6 +528,7 @@ async def open_module(
     *,
     include_srd: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
+    query_in_thread: bool = True,
 ) -> ModuleStore:
     """Open a module, compiling it first when its sources changed (or on first use).
 
@@ -526,6 +538,7 @@ async def open_module(
             Markdown, or a compiled ``.sqlite`` module file.
         include_srd: add the SRD 5.1 sections to an adventure.
         cache_dir: where compiled modules live; ``None`` or ``""``: ``~/.cache/dm-engine``.
+        query_in_thread: run queries in a worker thread (False: on the event loop).
 
     Raises:
         ModuleError: a source is missing or malformed, or the file is not a module;
@@ -537,7 +550,7 @@ async def open_module(
     opened: list[ModuleStore] = []
 
     def open_into() -> None:
-        opened.append(_open(path))
+        opened.append(_open(path, query_in_thread))
 
     try:
         await anyio.to_thread.run_sync(open_into)
@@ -551,5 +564,8 @@ async def open_module(
 async def from_config(config: ModuleConfig) -> ModuleStore:
     """``open_module`` with the ``[module]`` section of the configuration."""
     return await open_module(
-        config.name, include_srd=config.include_srd, cache_dir=config.cache_dir or None
+        config.name,
+        include_srd=config.include_srd,
+        cache_dir=config.cache_dir or None,
+        query_in_thread=config.query_in_thread,
     )

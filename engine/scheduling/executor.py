@@ -282,6 +282,7 @@ class ParallelAgentExecutor:
             duration=duration,
             attempts=outcome.attempts,
             hedged=outcome.hedged,
+            hedge_won=outcome.hedge_won,
         )
         if scope.cancelled_caught:
             where = "running" if admitted is not None else "queued for capacity"
@@ -289,7 +290,10 @@ class ParallelAgentExecutor:
             return attrs.evolve(response, status=Status.TIMEOUT, output=None, error=error)
         if outcome.error is not None:
             error = f"{type(outcome.error).__name__}: {outcome.error}"
-            return attrs.evolve(response, status=Status.ERROR, output=None, error=error)
+            # an agent that gave up because its deadline was near (a TimeoutError,
+            # e.g. retries that would outlive it) timed out rather than failed
+            status = Status.TIMEOUT if isinstance(outcome.error, TimeoutError) else Status.ERROR
+            return attrs.evolve(response, status=status, output=None, error=error)
         return response
 
     async def _hedged(

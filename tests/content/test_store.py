@@ -181,8 +181,8 @@ async def test_cancelled_open_leaves_no_open_store(
 
     with anyio.CancelScope() as scope:
 
-        def spy(path: Path) -> ModuleStore:
-            s = real_open(path)
+        def spy(path: Path, query_in_thread: bool = True) -> ModuleStore:
+            s = real_open(path, query_in_thread)
             opened.append(s)
             anyio.from_thread.run_sync(scope.cancel)  # cancelled while the thread runs
             return s

@@ -1,0 +1,314 @@
+"""The player action: classify → prefetch → contexts → agent DAG → state update.
+
+:class:`DungeonMaster` is what ``open_engine`` yields. ``player_action`` is the hot
+path; every step is traced under one ``player_action`` root span, so the result
+carries the action's span tree. Guarantees:
+
+* actions of one session run one at a time (a per-session lock, FIFO); different
+  sessions run concurrently and share the agents, the cache and the limiter;
+* the action returns within ``action_deadline_seconds`` (plus the state update):
+  an agent that times out or fails costs its own part only, and the result says in
+  one plain line per missing part what the player is not getting;
+* the state update is one transaction; an action whose text is rejected writes
+  nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, final
+
+import anyio
+import attrs
+
+from .agents.base import Agent, AgentRequest, AgentResponse, Status
+from .classify import classify_action
+from .config import Config
+from .content.cache import ModuleCache
+from .content.context import ContextResult, OptimizedContextBuilder
+from .content.lazy import LazyLoadManager
+from .errors import SessionError
+from .observability.metrics import MetricsExporter
+from .observability.profiler import PerformanceProfiler, Span
+from .scheduling.executor import ParallelAgentExecutor
+from .state import SessionStore
+
+__all__ = ["ActionResult", "DungeonMaster", "TracedAgent"]
+
+#: What the player is told when an agent's part is missing, by agent.
+_MISSING = {
+    "narrator": "The narrator could not finish this turn; here is what the others found.",
+    "arbiter": "No rules ruling this turn: the rules arbiter {why}.",
+    "archivist": "No lore lookup this turn: the archivist {why}.",
+    "module_keeper": "The scene was not updated this turn: the module keeper {why}.",
+}
+_WHY = {
+    Status.TIMEOUT: "did not answer in time",
+    Status.ERROR: "ran into an error",
+    Status.SKIPPED: "was waiting on an agent that did not answer",
+    Status.CANCELLED: "ran out of time",
+}
+# Time kept back from the agents for the state update (the state_update p95 target).
+_STATE_RESERVE = 0.3
+
+
+@attrs.frozen
+class ActionResult:
+    """The outcome of one player action.
+
+    ``responses`` maps agent name → response (every agent of the action type);
+    ``missing`` holds one user-facing line per agent whose part is missing; ``span``
+    is the action's root span (its tree: context building, agent queries, state
+    update); ``contexts`` maps agent name → the context it was given.
+    """
+
+    session_id: str
+    turn: int
+    text: str
+    action_type: str
+    narrative: str
+    responses: Mapping[str, AgentResponse]
+    missing: tuple[str, ...]
+    contexts: Mapping[str, ContextResult]
+    span: Span
+    elapsed: float
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.missing)
+
+
+@final
+@attrs.define(eq=False)
+class TracedAgent:
+    """Wraps an agent so every call is an ``agent_query`` span (hedges included)."""
+
+    name: str
+    inner: Agent
+    profiler: PerformanceProfiler
+
+    async def run(self, request: AgentRequest, inputs: Mapping[str, Any]) -> Any:
+        attempt = request.context.get("attempt", 1)
+        with self.profiler.trace("agent_query", agent=self.name, attempt=attempt) as span:
+            output = await self.inner.run(request, inputs)
+            usage = output.get("usage") if isinstance(output, Mapping) else None
+            if isinstance(usage, Mapping):
+                span.attributes["usage"] = dict(usage)
+            return output
+
+
+@final
+@attrs.define(eq=False)
+class _SessionLocks:
+    """One FIFO lock per session, dropped when nobody holds or waits for it."""
+
+    _locks: dict[str, tuple[anyio.Lock, int]] = attrs.field(factory=dict)
+
+    def acquire_ref(self, session_id: str) -> anyio.Lock:
+        lock, refs = self._locks.get(session_id, (None, 0))
+        if lock is None:
+            lock = anyio.Lock()
+        self._locks[session_id] = (lock, refs + 1)
+        return lock
+
+    def release_ref(self, session_id: str) -> None:
+        lock, refs = self._locks[session_id]
+        if refs == 1:
+            del self._locks[session_id]
+        else:
+            self._locks[session_id] = (lock, refs - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+@final
+@attrs.define(eq=False)
+class DungeonMaster:
+    """The running engine; get one from :func:`engine.open_engine`."""
+
+    config: Config
+    profiler: PerformanceProfiler
+    builder: OptimizedContextBuilder
+    lazy: LazyLoadManager
+    executor: ParallelAgentExecutor
+    store: SessionStore
+    cache: ModuleCache
+    metrics: MetricsExporter | None = None
+    _locks: _SessionLocks = attrs.field(factory=_SessionLocks, init=False)
+
+    async def player_action(self, session_id: str, text: str) -> ActionResult:
+        """Run one player action to the end (see the module docstring).
+
+        Raises:
+            SessionError: empty or oversized text, or a bad session id (nothing is
+                written).
+        """
+        self._check_text(text)
+        lock = self._locks.acquire_ref(session_id)
+        try:
+            async with lock:
+                return await self._run(session_id, text)
+        finally:
+            self._locks.release_ref(session_id)
+
+    def _check_text(self, text: str) -> None:
+        limit = self.config.state.max_action_chars
+        if not isinstance(text, str) or not text.strip():
+            raise SessionError("the action text is empty: say what your character does")
+        if len(text) > limit:
+            raise SessionError(
+                f"the action text has {len(text)} characters; the limit is {limit} "
+                "([state] max_action_chars)"
+            )
+
+    async def _run(self, session_id: str, text: str) -> ActionResult:
+        config = self.config
+        deadline = config.performance.parallelization.action_deadline_seconds
+        started = anyio.current_time()
+        with self.profiler.trace("player_action", session=session_id) as root:
+            with self.profiler.trace("classify"):
+                action_type = classify_action(text)
+            root.attributes["action_type"] = action_type
+            state = await self.store.ensure_session(session_id)
+            root.attributes["turn"] = state.turn + 1
+            with self.profiler.trace("prefetch", action_type=action_type):
+                sections = self.lazy.get_load_priority(action_type)
+                if config.performance.lazy_loading.background_load:
+                    for section in sections:
+                        self.lazy.load_background(section)
+            names = config.agents_for(action_type)
+            scene = {
+                "action": text,
+                "action_type": action_type,
+                "location": state.state.get("scene", ""),
+            }
+            contexts = await self._contexts(names, scene, started + deadline)
+            requests = self._requests(names, scene, contexts, f"{session_id}:{state.turn + 1}")
+            remaining = started + deadline - _STATE_RESERVE - anyio.current_time()
+            responses = await self.executor.execute_parallel(
+                requests, deadline=max(remaining, 0.001)
+            )
+            by_agent = {r.agent: r for r in responses}
+            narrative, missing = _narrate(names, by_agent)
+            root.attributes["degraded"] = bool(missing)
+            changes: dict[str, Any] = {}
+            for r in responses:
+                if r.ok and isinstance(r.output, Mapping):
+                    changes.update(r.output.get("state_changes") or {})
+            with self.profiler.trace("state_update", session=session_id):
+                turn = await self.store.record_action(
+                    session_id,
+                    turn_expected=state.turn,
+                    action_text=text,
+                    action_type=action_type,
+                    narrative=narrative,
+                    state_changes=changes,
+                    responses={r.agent: _summary(r) for r in responses},
+                )
+        return ActionResult(
+            session_id=session_id,
+            turn=turn,
+            text=text,
+            action_type=action_type,
+            narrative=narrative,
+            responses=by_agent,
+            missing=missing,
+            contexts=contexts,
+            span=root,
+            elapsed=anyio.current_time() - started,
+        )
+
+    async def _contexts(
+        self, names: Sequence[str], scene: Mapping[str, Any], deadline_at: float
+    ) -> dict[str, ContextResult]:
+        """One context per agent, built concurrently; an agent whose context is not
+        ready by the deadline gets none (its request still runs)."""
+        contexts: dict[str, ContextResult] = {}
+
+        async def build(name: str) -> None:
+            budget = self.config.agents[name].budget_tokens
+            request = AgentRequest(id=name, agent=name, context=scene)
+            with self.profiler.trace("context_building", agent=name, budget=budget) as span:
+                result = await self.builder.build_context(request, budget)
+                span.attributes.update(tokens=result.tokens, chunks=len(result.sources))
+            contexts[name] = result
+
+        with anyio.move_on_after(max(deadline_at - anyio.current_time(), 0.0)):
+            async with anyio.create_task_group() as tg:
+                for name in names:
+                    tg.start_soon(build, name)
+        return contexts
+
+    def _requests(
+        self,
+        names: Sequence[str],
+        scene: Mapping[str, Any],
+        contexts: Mapping[str, ContextResult],
+        draw_key: str,
+    ) -> list[AgentRequest]:
+        chosen = set(names)
+        catalogue = self.builder.module.catalogue
+        requests = []
+        for name in names:
+            agent = self.config.agents[name]
+            ctx = contexts.get(name)
+            ids = [cid for cid, _ in ctx.sources] if ctx else []
+            requests.append(
+                AgentRequest(
+                    id=name,
+                    agent=name,
+                    context={
+                        **scene,
+                        "text": ctx.text if ctx else "",
+                        "sources": ids,
+                        "titles": [catalogue[cid].title for cid in ids],
+                        "sections": [catalogue[cid].section for cid in ids],
+                        "draw_key": draw_key,
+                    },
+                    depends_on=tuple(d for d in agent.depends_on if d in chosen),
+                    timeout=agent.timeout_seconds,
+                )
+            )
+        return requests
+
+
+def _narrate(
+    names: Sequence[str], responses: Mapping[str, AgentResponse]
+) -> tuple[str, tuple[str, ...]]:
+    """The narrative (the last agent's text, else what the others said) and the
+    user-facing lines for every missing part."""
+    missing: list[str] = []
+    for name in names:
+        r = responses[name]
+        if not r.ok:
+            template = _MISSING.get(name, f"The {name} {{why}}; its part is missing.")
+            missing.append(template.format(why=_WHY.get(r.status, "failed")))
+    final_agent = names[-1] if names else None
+    final = responses.get(final_agent) if final_agent else None
+    if final is not None and final.ok:
+        narrative = _text(final.output)
+    else:
+        parts = [_text(responses[n].output) for n in names if responses[n].ok]
+        narrative = " ".join(p for p in parts if p)
+    if missing:
+        narrative = (narrative + "\n\n" if narrative else "") + " ".join(f"({m})" for m in missing)
+    return narrative, tuple(missing)
+
+
+def _text(output: Any) -> str:
+    if isinstance(output, Mapping):
+        return str(output.get("text", ""))
+    return "" if output is None else str(output)
+
+
+def _summary(response: AgentResponse) -> dict[str, Any]:
+    return {
+        "status": response.status.value,
+        "text": _text(response.output) if response.ok else None,
+        "error": response.error,
+        "queued": response.queued,
+        "duration": response.duration,
+        "attempts": response.attempts,
+        "hedged": response.hedged,
+    }

@@ -1,0 +1,140 @@
+"""``open_engine``: build every part from the configuration and own their lifetimes.
+
+Everything with a lifetime — the module store, the lazy loader's nursery, the
+session store, the shared HTTP client, the span log's writer, the metrics endpoint —
+is entered on one ``AsyncExitStack`` and closed in reverse order when the ``async
+with`` ends, also when it ends by cancellation or an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import anyio
+import httpx
+
+from .agents.base import Agent
+from .agents.http import make_http_agent
+from .agents.simulated import SimulatedAgent
+from .config import Config
+from .content.cache import ModuleCache
+from .content.context import OptimizedContextBuilder
+from .content.lazy import LazyLoadManager
+from .content.store import from_config as open_configured_module
+from .observability.metrics import MetricsExporter
+from .observability.profiler import PerformanceProfiler
+from .observability.spanlog import SpanLog
+from .pipeline import DungeonMaster, TracedAgent
+from .scheduling.executor import ParallelAgentExecutor
+from .state import SessionStore
+
+__all__ = ["open_engine"]
+
+
+@contextlib.asynccontextmanager
+async def open_engine(
+    config: Config | None = None,
+    *,
+    agents: Mapping[str, Agent] | None = None,
+    module: Any = None,
+    state_path: str | os.PathLike[str] | None = None,
+    profiler: PerformanceProfiler | None = None,
+    time_scale: float = 1.0,
+) -> AsyncIterator[DungeonMaster]:
+    """Open the whole engine; ``async with open_engine(config) as dm: ...``.
+
+    Args:
+        config: the configuration (default: the built-in defaults).
+        agents: agent objects by name, replacing those built from ``[agents.*]``
+            (each still traced and scheduled); names must match the config.
+        module: an already-open module to use instead of ``[module]`` (not closed
+            by the engine): the module protocol of DESIGN.md plus the context
+            builder's search API (``ContextSource``), as ``ModuleStore`` has.
+        state_path: the session store file, instead of ``[state] path``.
+        profiler: a profiler to record into (default: one from the config, on the
+            event loop's clock, so virtual-time runs record virtual latencies).
+        time_scale: multiplies the simulated agents' latencies (the load test).
+    """
+    config = config or Config()
+    async with contextlib.AsyncExitStack() as stack:
+        if profiler is None:
+            profiler = PerformanceProfiler.from_config(config, clock=anyio.current_time)
+        if module is None:
+            store = await open_configured_module(config.module)
+            stack.push_async_callback(store.aclose)
+            module = store
+        cache = ModuleCache.from_config(config.performance.cache)
+        lazy = LazyLoadManager.from_config(module, config.performance.lazy_loading, cache)
+        await stack.enter_async_context(lazy)
+        builder = OptimizedContextBuilder(
+            module, cache=cache, lazy=lazy, priorities=config.performance.lazy_loading.priorities
+        )
+        if agents is None:
+            agents = await _build_agents(config, stack, time_scale)
+        traced = {name: TracedAgent(name, agent, profiler) for name, agent in agents.items()}
+
+        metrics = MetricsExporter.from_config(config, profiler)
+        executor = ParallelAgentExecutor.from_config(
+            traced, config, on_response=_failure_counter(metrics)
+        )
+        if metrics is not None:
+            await stack.enter_async_context(metrics)
+            metrics.watch_cache("module", cache.get_stats)
+            metrics.watch_limiter("agents", _occupancy(executor))
+        span_log = SpanLog.from_config(config, profiler)
+        if span_log is not None:
+            await stack.enter_async_context(span_log)
+
+        sessions: contextlib.AbstractAsyncContextManager[SessionStore]
+        if state_path is not None:
+            sessions = SessionStore.open(state_path, max_action_chars=config.state.max_action_chars)
+        else:
+            sessions = SessionStore.from_config(config.state, config.module.cache_dir)
+        session_store = await stack.enter_async_context(sessions)
+        yield DungeonMaster(
+            config, profiler, builder, lazy, executor, session_store, cache, metrics
+        )
+
+
+async def _build_agents(
+    config: Config, stack: contextlib.AsyncExitStack, time_scale: float
+) -> dict[str, Agent]:
+    agents: dict[str, Agent] = {}
+    client: httpx.AsyncClient | None = None
+    for name, agent_config in config.agents.items():
+        if agent_config.backend == "simulated":
+            agents[name] = SimulatedAgent.from_config(name, config, time_scale)
+            continue
+        if client is None:
+            # enough connections for every agent call plus its hedge
+            slots = 2 * config.performance.parallelization.max_concurrent_agents
+            limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
+            client = await stack.enter_async_context(httpx.AsyncClient(limits=limits))
+        agents[name] = make_http_agent(name, agent_config, client)
+    return agents
+
+
+def _occupancy(executor: ParallelAgentExecutor) -> Any:
+    def read() -> tuple[float, float]:
+        stats = executor.statistics()
+        return float(stats.borrowed_tokens), float(stats.total_tokens)
+
+    return read
+
+
+def _failure_counter(metrics: MetricsExporter | None) -> Any:
+    if metrics is None:
+        return None
+
+    def count(response: Any) -> None:
+        if not response.ok:
+            metrics.agent_failed(response.agent, response.status)
+        if response.hedged:
+            metrics.hedge_sent(response.agent)
+            if response.hedge_won:
+                metrics.hedge_won(response.agent)
+
+    return count
