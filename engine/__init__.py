@@ -14,6 +14,7 @@ from .agents.http import OpenAIChatAgent as OpenAIChatAgent
 from .agents.http import RetryPolicy as RetryPolicy
 from .agents.http import make_http_agent as make_http_agent
 from .agents.simulated import SimulatedAgent as SimulatedAgent
+from .benchmark.suite import PerformanceBenchmark as PerformanceBenchmark
 from .classify import classify_action as classify_action
 from .config import Config as Config
 from .config import LatencyTarget as LatencyTarget

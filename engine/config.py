@@ -302,6 +302,8 @@ class ModuleConfig:
 class StateConfig:
     path: str = ""  # SQLite session store; empty: in <cache_dir>/sessions.sqlite
     max_action_chars: int = attrs.field(default=2000, validator=_positive)
+    synchronous: str = attrs.field(default="FULL", validator=_one_of("FULL", "NORMAL"))
+    write_in_thread: bool = True  # SQLite writes in a worker thread (false: on the loop)
 
 
 @attrs.frozen

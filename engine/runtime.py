@@ -90,7 +90,12 @@ async def open_engine(
 
         sessions: contextlib.AbstractAsyncContextManager[SessionStore]
         if state_path is not None:
-            sessions = SessionStore.open(state_path, max_action_chars=config.state.max_action_chars)
+            sessions = SessionStore.open(
+                state_path,
+                max_action_chars=config.state.max_action_chars,
+                synchronous="FULL" if config.state.synchronous == "FULL" else "NORMAL",
+                in_thread=config.state.write_in_thread,
+            )
         else:
             sessions = SessionStore.from_config(config.state, config.module.cache_dir)
         session_store = await stack.enter_async_context(sessions)

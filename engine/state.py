@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, final
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import attrs
 
@@ -149,6 +150,7 @@ class SessionStore:
     _conn: sqlite3.Connection
     _limiter: anyio.CapacityLimiter
     _clock: Callable[[], float]
+    in_thread: bool = True
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _closed: bool = attrs.field(default=False, init=False)
 
@@ -166,6 +168,7 @@ class SessionStore:
         max_action_chars: int = DEFAULT_MAX_ACTION_CHARS,
         synchronous: Literal["NORMAL", "FULL"] = "FULL",
         clock: Callable[[], float] = time.time,
+        in_thread: bool = True,
     ) -> AsyncIterator[SessionStore]:
         """Open (creating if missing or empty) the store at ``path``; close it on exit.
 
@@ -176,6 +179,9 @@ class SessionStore:
                 power loss); ``"NORMAL"`` does not (durable against a crash of the
                 process only, which is all SIGKILL can do).
             clock: wall-clock source of the persisted ``created``/``updated`` times.
+            in_thread: run SQLite work in a worker thread (False: on the event loop,
+                for mock-clock runs, where a thread wait lets autojump advance
+                virtual time in the middle of a write).
 
         Raises:
             SessionError: the file is not SQLite, is corrupt, or is an SQLite file
@@ -190,7 +196,7 @@ class SessionStore:
             raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
         file = Path(path)
         conn = await anyio.to_thread.run_sync(_connect, file, synchronous)
-        store = cls(file, max_action_chars, conn, anyio.CapacityLimiter(1), clock)
+        store = cls(file, max_action_chars, conn, anyio.CapacityLimiter(1), clock, in_thread)
         try:
             yield store
         finally:
@@ -209,7 +215,12 @@ class SessionStore:
             base = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache/dm-engine"
             base.mkdir(parents=True, exist_ok=True)
             path = base / "sessions.sqlite"
-        return cls.open(path, max_action_chars=config.max_action_chars)
+        return cls.open(
+            path,
+            max_action_chars=config.max_action_chars,
+            synchronous="NORMAL" if config.synchronous == "NORMAL" else "FULL",
+            in_thread=config.write_in_thread,
+        )
 
     async def aclose(self) -> None:
         """Close the connection (after calls in flight); idempotent, shielded from cancellation."""
@@ -451,6 +462,9 @@ class SessionStore:
                             conn.rollback()
                     raise SessionError(f"{op} on {str(self.path)!r} failed: {exc}") from exc
 
+        if not self.in_thread:
+            await anyio.lowlevel.checkpoint()
+            return in_thread()
         return await anyio.to_thread.run_sync(in_thread, limiter=self._limiter)
 
 

@@ -132,6 +132,7 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
         "between",
     ),
     ({"state": {"max_action_chars": 0}}, "state.max_action_chars", "> 0"),
+    ({"state": {"synchronous": "OFF"}}, "state.synchronous", "one of"),
 ]
 
 

@@ -1,8 +1,9 @@
-"""``dm-engine bench``: run the suite, print the tables, write results.json."""
+"""``dm-engine bench``: run the suite, print the tables, write results.json and report.html."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -10,14 +11,16 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import anyio
 import attrs
-import trio
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..config import Config
-from .strategies import STRATEGIES, compare_strategies, measure_overhead, run_virtual
+from ..observability.report import bar_chart_svg, write_report
+from .strategies import STRATEGIES, compare_strategies, run_virtual
+from .suite import PerformanceBenchmark
 
 __all__ = ["environment", "run_bench_command", "with_overrides"]
 
@@ -61,45 +64,89 @@ def _strategy_table(results: dict[str, Any], title: str) -> Table:
     return table
 
 
+def _targets_table(bench: PerformanceBenchmark, document: dict[str, Any]) -> Table:
+    table = Table(
+        title="targets (player_action and agent_query: event-loop clock; others: real time)"
+    )
+    for col in ("operation", "pct", "measured", "target", ""):
+        table.add_column(col)
+    for line in bench.compare_to_targets(document):
+        name, pct, rest = line.split(maxsplit=2)
+        measured, target = (part.strip() for part in rest.rsplit("  ", 1)[0].split("<="))
+        verdict = line.rsplit(maxsplit=1)[-1]
+        style = "green" if verdict == "met" else "bold red"
+        table.add_row(name, pct, measured, target, f"[{style}]{verdict}[/{style}]")
+    return table
+
+
+def _strategy_chart(strategies: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        (
+            "Scheduling strategies on the same seeded draws",
+            "".join(
+                bar_chart_svg(
+                    f"player_action {p} by strategy",
+                    {name: r[p] for name, r in strategies.items()},
+                )
+                for p in ("p50", "p95", "p99")
+            ),
+        )
+    ]
+
+
 def run_bench_command(config: Config, args: argparse.Namespace) -> int:
     console = Console()
     if args.iterations < 1:
         console.print(f"[red]--iterations must be >= 1, got {args.iterations}[/red]")
         return 2
     config = with_overrides(config, args.scenario, args.seed)
+    if args.load:
+        from .load_command import run_load_command
+
+        return run_load_command(config, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"environment": environment(config, args.backend)}
+    bench = PerformanceBenchmark(config, sessions=args.sessions or 1)
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console
     ) as progress:
-        total = args.iterations * (len(STRATEGIES) - 1)
-        task = progress.add_task("strategies (virtual time)", total=total)
+        task = progress.add_task("player actions", total=args.iterations)
 
-        def step(_name: str, n: int) -> None:
-            progress.advance(task, n)
+        def step(name: str, n: int) -> None:
+            if name == "player_action":
+                progress.advance(task, n)
+            else:
+                progress.update(task, description=name)
 
-        strategies = run_virtual(compare_strategies, config, args.iterations, progress=step)
-        progress.update(task, completed=total)
-        task2 = progress.add_task("engine overhead (real time)", total=1)
-        overhead = trio.run(measure_overhead, config)
-        progress.update(task2, completed=1)
-
-    results["strategies"] = {name: r.as_dict() for name, r in strategies.items()}
-    results["overhead"] = overhead
-    s = results["strategies"]
-    ratios = {
+        if args.real_time:
+            document = anyio.run(
+                functools.partial(
+                    bench.run_benchmarks, args.iterations, strategies=False, progress=step
+                ),
+                backend=args.backend,
+            )
+            compared = run_virtual(compare_strategies, config, args.iterations)
+            document["strategies"] = {name: r.as_dict() for name, r in compared.items()}
+        else:
+            document = run_virtual(bench.run_benchmarks, args.iterations, progress=step)
+    document["environment"] = environment(config, args.backend if args.real_time else "trio")
+    document["environment"]["clock"] = "real" if args.real_time else "virtual (trio MockClock)"
+    s = document["strategies"]
+    document["ratios"] = {
         "eager_vs_critical_path_p95": s["eager"]["p95"] / s["critical_path"]["p95"],
         "level_barrier_vs_eager_p95": s["level_barrier"]["p95"] / s["eager"]["p95"],
         "hedged_vs_eager_p99": s["eager_hedged"]["p99"] / s["eager"]["p99"],
         "hedge_extra_calls": s["eager_hedged"]["agent_calls"] / s["eager"]["agent_calls"] - 1,
+        "engine_vs_bare_nursery": document["overhead"]["ratio"],
     }
-    results["ratios"] = ratios
+    ratios = document["ratios"]
+    overhead = document["overhead"]
 
+    console.print(_targets_table(bench, document))
     console.print(
         _strategy_table(
-            results["strategies"],
+            s,
             f"player-action latency by strategy — {args.iterations} seeded actions, "
             f"scenario {config.simulation.scenario!r}, virtual time",
         )
@@ -115,7 +162,18 @@ def run_bench_command(config: Config, args: argparse.Namespace) -> int:
         f"engine {overhead['engine_us_per_action']:.1f} µs vs bare nursery "
         f"{overhead['bare_nursery_us_per_action']:.1f} µs = [bold]{overhead['ratio']:.2f}x[/bold]"
     )
-    path = out / "results.json"
-    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    console.print(f"wrote {path}")
-    return 0
+    results_path = out / "results.json"
+    results_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    report_path = write_report(
+        out / "report.html",
+        bench.report_profiler,
+        title=f"dm-engine benchmark — scenario {config.simulation.scenario}",
+        slowest=bench.slowest,
+        extra_sections=_strategy_chart(s),
+    )
+    met = document["targets_met"]
+    console.print(
+        f"targets {'[green]met[/green]' if met else '[bold red]missed[/bold red]'}; "
+        f"wrote {results_path} and {report_path}"
+    )
+    return 1 if args.fail_on_miss and not met else 0
