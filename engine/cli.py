@@ -1,4 +1,4 @@
-"""The ``dm-engine`` command: ``bench`` and ``config check``."""
+"""The ``dm-engine`` command: ``bench``, ``play`` and ``config check``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", choices=("trio", "asyncio"), default="trio")
     bench.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
 
+    play = sub.add_parser("play", help="play the default adventure with simulated agents")
+    play.add_argument("text", nargs="?", help="one action (default: an interactive prompt)")
+    play.add_argument("--session", default="player", help="session id")
+    play.add_argument(
+        "--time-scale", type=float, default=1.0, help="multiply simulated latencies (e.g. 0.1)"
+    )
+
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate a configuration file")
@@ -59,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config: {exc}", file=sys.stderr)
         return 1
+    if args.command == "play":
+        from .play import run_play_command
+
+        return run_play_command(config, args)
     from .benchmark.command import run_bench_command
 
     return run_bench_command(config, args)

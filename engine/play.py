@@ -1,0 +1,95 @@
+"""``dm-engine play``: the default adventure with simulated agents, in the terminal.
+
+Each action prints the narrative and a compact waterfall of the action's spans, so
+the player sees where the time went (the agents, not the engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import anyio
+import trio
+from rich.console import Console
+from rich.text import Text
+
+from .config import Config
+from .errors import EngineError
+from .observability.profiler import Span, critical_path
+from .pipeline import ActionResult
+from .runtime import open_engine
+
+__all__ = ["render_waterfall", "run_play_command"]
+
+_LABEL = 30
+_FIGURES = 14
+
+
+def render_waterfall(root: Span, width: int = 40) -> Text:
+    """One line per span: indented name, a bar placed on the action's timeline, duration.
+
+    Spans on the critical path are drawn in red.
+    """
+    total = root.duration or 0.0
+    on_path = {id(s) for s in critical_path(root)}
+    text = Text()
+
+    def line(span: Span, depth: int) -> None:
+        start = (span.start - root.start) / total if total else 0.0
+        length = (span.duration or 0.0) / total if total else 0.0
+        lead = int(start * width)
+        bar = max(1, round(length * width))
+        label = span.name + (f" {span.attributes['agent']}" if "agent" in span.attributes else "")
+        text.append(f"{'  ' * depth}{label:<{_LABEL - 2 * depth}.{_LABEL - 2 * depth}} ")
+        text.append(" " * lead)
+        text.append("█" * bar, style="red" if id(span) in on_path else "blue")
+        text.append(" " * max(0, width - lead - bar))
+        status = "" if span.status == "ok" else f" {span.status}"
+        text.append(f"{(span.duration or 0.0) * 1e3:9.1f} ms{status}\n")
+        for child in span.children:
+            line(child, depth + 1)
+
+    line(root, 0)
+    return text
+
+
+def _show(console: Console, result: ActionResult) -> None:
+    console.print(f"[bold]({result.action_type}, turn {result.turn})[/bold] {result.narrative}")
+    console.print(render_waterfall(result.span, max(10, console.width - _LABEL - _FIGURES - 12)))
+
+
+async def _play(config: Config, args: argparse.Namespace, console: Console) -> int:
+    async with open_engine(config, time_scale=args.time_scale) as dm:
+        if args.text:
+            _show(console, await dm.player_action(args.session, args.text))
+            return 0
+        console.print("The Sunken Chapel of Emberfall. Type an action; an empty line quits.")
+        while True:
+            text = await anyio.to_thread.run_sync(_read_line)
+            if not text.strip():
+                return 0
+            try:
+                _show(console, await dm.player_action(args.session, text))
+            except EngineError as exc:
+                console.print(f"[red]{exc}[/red]")
+
+
+def _read_line() -> str:
+    try:
+        return input("> ")
+    except EOFError:
+        return ""
+
+
+def run_play_command(config: Config, args: argparse.Namespace) -> int:
+    console = Console()
+    try:
+        code: int = trio.run(_play, config, args, console)
+    except EngineError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    sys.stdout.flush()
+    return code
