@@ -193,26 +193,60 @@ class OptimizedContextBuilder:
             return _BOOST_SECTION
         return 0.0
 
-    async def rank(self, request: AgentRequest) -> list[tuple[str, float]]:
-        """Candidate chunk ids with their relevance (0..1), best first, ties by id."""
+    async def _rank(
+        self, request: AgentRequest, with_text: bool
+    ) -> tuple[list[tuple[str, float]], dict[str, CatalogueEntry], dict[str, str]]:
+        """(candidates best first, their catalogue entries, text the search returned).
+
+        A ``ModuleStore`` answers in one query (ranking, entries and, ``with_text``,
+        text); any other source through ``search`` and its catalogue."""
         action, location, npcs, action_type = self._request_parts(request)
         query = " ".join([action, location, *npcs])
-        hits = await self.module.search(query, self.candidates)
-        top = max((s for _, s in hits), default=0.0)
-        bm25 = {cid: (s / top if top > 0 else 0.0) for cid, s in hits}
-        for key in [location, *npcs]:
-            if key:
-                for cid in self.module.ids_for_key(key):
-                    bm25.setdefault(cid, 0.0)
+        module = self.module
+        entries: dict[str, CatalogueEntry] = {}
+        texts: dict[str, str] = {}
+        bm25: dict[str, float] = {}
+        search_chunks = getattr(module, "search_chunks", None)
+        if search_chunks is not None:
+            found, texts = await search_chunks(query, self.candidates, with_text=with_text)
+            top = found[0][1] if found else 0.0  # best first
+            for e, s in found:
+                entries[e.id] = e
+                bm25[e.id] = s / top if top > 0 else 0.0
+        else:
+            hits = await module.search(query, self.candidates)
+            top = max((s for _, s in hits), default=0.0)
+            bm25 = {cid: (s / top if top > 0 else 0.0) for cid, s in hits}
+        keyed = [k.lower() for k in (location, *npcs) if k]
+        for key in keyed:
+            for cid in module.ids_for_key(key):
+                bm25.setdefault(cid, 0.0)
+        if len(entries) < len(bm25):
+            catalogue = module.catalogue  # a property on some sources: read it once
+            for cid in bm25:
+                if cid not in entries:
+                    entries[cid] = catalogue[cid]
+        loc = location.lower()
+        npc_keys = set(keyed[1:] if location else keyed)
         sections = self.priorities.get(action_type, ()) if action_type else ()
-        catalogue = self.module.catalogue
         ranked = []
         for cid, b in bm25.items():
-            e = catalogue[cid]
-            boost = self._boost(e.keys, e.section, location, npcs, sections)
+            e = entries[cid]
+            if e.keys and loc and loc in e.keys:
+                boost = _BOOST_LOCATION
+            elif e.keys and not npc_keys.isdisjoint(e.keys):
+                boost = _BOOST_NPC
+            elif e.section in sections:
+                boost = _BOOST_SECTION
+            else:
+                boost = 0.0
             ranked.append((cid, min(1.0, _BM25_WEIGHT * b + _BOOST_WEIGHT * boost)))
         ranked.sort(key=lambda x: (-x[1], x[0]))
-        return ranked
+        return ranked, entries, texts
+
+    async def rank(self, request: AgentRequest) -> list[tuple[str, float]]:
+        """Candidate chunk ids with their relevance (0..1), best first, ties by id."""
+        return (await self._rank(request, with_text=False))[0]
 
     def estimate_relevance(self, content: object, request: AgentRequest) -> float:
         """A cheap 0..1 relevance of ``content`` (a Chunk, CatalogueEntry, SectionContent
@@ -263,18 +297,26 @@ class OptimizedContextBuilder:
                 remaining -= t
         return chosen
 
-    async def _texts(self, ids: Sequence[str]) -> tuple[dict[str, str], int, int]:
-        """Text of each chunk through the cache; (texts, cache hits, cache misses)."""
-        catalogue = self.module.catalogue
+    async def _texts(
+        self, ids: Sequence[str], entries: Mapping[str, CatalogueEntry], found: Mapping[str, str]
+    ) -> tuple[dict[str, str], int, int]:
+        """Text of each chunk through the cache; (texts, cache hits, cache misses).
+
+        Without a cache every chunk is a miss, its text taken from ``found`` (what the
+        search returned) or fetched."""
         texts: dict[str, str] = {}
         hits = 0
         missing: list[str] = []
         cache, lazy, name = self.cache, self.lazy, self.module.name
         for cid in ids:
             if cache is None:
-                missing.append(cid)
+                text = found.get(cid)
+                if text is None:
+                    missing.append(cid)
+                else:
+                    texts[cid] = text
                 continue
-            e = catalogue[cid]
+            e = entries[cid]
             value = cache.get(chunk_key(name, e))
             if isinstance(value, str):
                 texts[cid] = value
@@ -299,11 +341,9 @@ class OptimizedContextBuilder:
                         return text
 
                     # single flight: a concurrent builder loading the same key shares it
-                    text = await cache.get_or_load(chunk_key(name, catalogue[cid]), loaded)
+                    text = await cache.get_or_load(chunk_key(name, entries[cid]), loaded)
                 texts[cid] = text
-        else:
-            await anyio.lowlevel.checkpoint()
-        return texts, hits, len(missing)
+        return texts, hits, len(ids) - hits
 
     async def build_context(self, request: AgentRequest, budget: int) -> ContextResult:
         """The most relevant chunks that fit ``budget`` tokens, joined by blank lines.
@@ -317,29 +357,45 @@ class OptimizedContextBuilder:
         if budget < 0:
             raise ValueError(f"budget must be >= 0, got {budget!r}")
         t0 = anyio.current_time()
-        ranked = await self.rank(request)
+        precounted = self._precounted
+        # without a cache the hits' text comes with the search (one query in all)
+        ranked, entries, found = await self._rank(request, with_text=self.cache is None)
         hits = misses = 0
         texts: dict[str, str] = {}
-        if self._precounted:
-            tokens = {cid: self.module.catalogue[cid].tokens for cid, _ in ranked}
+        if precounted:
+            tokens = {cid: entries[cid].tokens for cid, _ in ranked}
         else:  # a user's counter: count the candidates' text with it
             texts, hits, misses = await self._texts(
-                [c for c, r in ranked if r >= self.min_relevance]
+                [c for c, r in ranked if r >= self.min_relevance], entries, found
             )
             tokens = {cid: self.counter.count(texts.get(cid, "")) for cid, _ in ranked}
         chosen = self._select(ranked, tokens, budget)
         need = [cid for cid, _ in chosen if cid not in texts]
         if need:
-            more, h, m = await self._texts(need)
+            more, h, m = await self._texts(need, entries, found)
             texts.update(more)
             hits += h
             misses += m
         text = _SEPARATOR.join(texts[cid] for cid, _ in chosen)
-        count = self.counter.count(text)
-        while count > budget and chosen:  # counters need not be additive: verify, trim
-            chosen.pop()
-            text = _SEPARATOR.join(texts[cid] for cid, _ in chosen)
+        units = [entries[cid].units for cid, _ in chosen] if precounted else None
+        if units is not None and None not in units:
+            # the default counter is additive in units over blank-line joins (tokens.py):
+            # the exact count of ``text`` without scanning it again
+            unit_list = [u for u in units if u is not None]
+            total = sum(unit_list)
+            count = DEFAULT_COUNTER.tokens_for(total)
+            while count > budget and chosen:  # rounding: trim like the general case
+                chosen.pop()
+                total -= unit_list.pop()
+                count = DEFAULT_COUNTER.tokens_for(total)
+            if len(chosen) < len(units):
+                text = _SEPARATOR.join(texts[cid] for cid, _ in chosen)
+        else:
             count = self.counter.count(text)
+            while count > budget and chosen:  # counters need not be additive: verify, trim
+                chosen.pop()
+                text = _SEPARATOR.join(texts[cid] for cid, _ in chosen)
+                count = self.counter.count(text)
         return ContextResult(
             text=text,
             tokens=count,

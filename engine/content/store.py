@@ -1,7 +1,10 @@
 """The module store: a module compiled into SQLite (chunk table + FTS5 index), read lazily.
 
-Opening a module reads only its catalogue (id, section, title, tokens, keys, digest
-of every chunk); chunk text is fetched on demand. A compiled file is named after the
+Opening a module reads only its ``meta`` table and the catalogue entries of the few
+chunks with keys (adventure locations and NPCs, for the builder's boosts). Other
+catalogue entries (id, section, title, tokens, keys, digest) come with the search
+hits that name them, and chunk text is fetched on demand; the whole catalogue is
+read only when something iterates it or looks up an id no query has returned yet. A compiled file is named after the
 module and a fingerprint of its sources, so an unchanged module is opened at once and
 a changed one is recompiled; compilation writes a temporary file in the same folder
 and renames it into place, so a half-compiled file is never opened.
@@ -19,16 +22,18 @@ in the middle of a context build (the virtual-time benchmark uses this mode).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import os
 import sqlite3
+import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Any, Final, final
 
 import anyio
 import anyio.to_thread
@@ -53,9 +58,16 @@ from .tokens import DEFAULT_COUNTER
 if TYPE_CHECKING:
     from ..config import ModuleConfig
 
-__all__ = ["CatalogueEntry", "ModuleStore", "SectionContent", "compile_module", "open_module"]
+__all__ = [
+    "Catalogue",
+    "CatalogueEntry",
+    "ModuleStore",
+    "SectionContent",
+    "compile_module",
+    "open_module",
+]
 
-SCHEMA_VERSION: Final = "dm-engine-module-1"
+SCHEMA_VERSION: Final = "dm-engine-module-2"
 _STOPWORDS: Final = frozenset(
     [
         "a",
@@ -122,6 +134,7 @@ class CatalogueEntry:
     keys: tuple[str, ...]
     digest: str
     rowid: int
+    units: int | None = None  # the default counter's unscaled count (see tokens.py)
 
 
 @attrs.frozen
@@ -143,6 +156,7 @@ class SectionContent:
         return iter(self.chunks)
 
 
+@functools.lru_cache(maxsize=1024)
 def fts_query(text: str) -> str:
     """An FTS5 MATCH expression from free text: its terms (stop words dropped) and each
     pair of adjacent terms as a phrase, OR-ed and quoted; '' when there are no terms."""
@@ -166,8 +180,11 @@ _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE chunks(
     rowid INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, section TEXT NOT NULL,
-    title TEXT NOT NULL, keys TEXT NOT NULL, tokens INTEGER NOT NULL,
+    title TEXT NOT NULL, keys TEXT NOT NULL, tokens INTEGER NOT NULL, units INTEGER NOT NULL,
     source TEXT NOT NULL, digest TEXT NOT NULL, text TEXT NOT NULL);
+CREATE INDEX chunks_section ON chunks(section);
+CREATE TABLE chunk_keys(key TEXT NOT NULL, chunk INTEGER NOT NULL, PRIMARY KEY (key, chunk))
+    WITHOUT ROWID;
 CREATE VIRTUAL TABLE chunks_fts USING fts5(
     title, keys, text, content='chunks', content_rowid='rowid',
     tokenize='porter unicode61');
@@ -180,14 +197,16 @@ def _write(path: Path, name: str, fingerprint: str, chunks: Iterable[Chunk]) -> 
         conn.executescript(_SCHEMA)
         n = 0
         seen: set[str] = set()
+        sections: dict[str, None] = {}
         with conn:
             for c in chunks:
                 if c.id in seen:
                     raise ModuleError(f"module {name!r}: duplicate chunk id {c.id!r} ({c.source})")
                 seen.add(c.id)
+                sections[c.section] = None
                 n += 1
                 conn.execute(
-                    "INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (
                         n,
                         c.id,
@@ -195,10 +214,14 @@ def _write(path: Path, name: str, fingerprint: str, chunks: Iterable[Chunk]) -> 
                         c.title,
                         "\n".join(c.keys),
                         c.tokens,
+                        DEFAULT_COUNTER.units(c.text),
                         c.source,
                         c.digest,
                         c.text,
                     ),
+                )
+                conn.executemany(
+                    "INSERT OR IGNORE INTO chunk_keys VALUES (?, ?)", [(k, n) for k in c.keys]
                 )
             conn.execute(
                 "INSERT INTO chunks_fts(rowid, title, keys, text) "
@@ -213,6 +236,7 @@ def _write(path: Path, name: str, fingerprint: str, chunks: Iterable[Chunk]) -> 
                     ("fingerprint", fingerprint),
                     ("counter", DEFAULT_COUNTER.name),
                     ("chunks", str(n)),
+                    ("sections", "\n".join(sections)),
                 ],
             )
         conn.execute("VACUUM")
@@ -265,17 +289,100 @@ def _read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str]:
     return meta
 
 
-def _read_catalogue(conn: sqlite3.Connection, path: Path) -> list[CatalogueEntry]:
-    try:
-        rows = conn.execute(
-            "SELECT id, section, title, tokens, keys, digest, rowid FROM chunks ORDER BY rowid"
-        ).fetchall()
-    except sqlite3.Error as e:
-        raise ModuleError(f"{path}: unreadable module catalogue ({e})") from e
-    return [
-        CatalogueEntry(r[0], r[1], r[2], r[3], tuple(k for k in r[4].split("\n") if k), r[5], r[6])
-        for r in rows
-    ]
+_COLUMNS: Final = "c.id, c.section, c.title, c.tokens, c.keys, c.digest, c.rowid, c.units"
+_RANKED: Final = (
+    "SELECT rowid, -bm25(chunks_fts, ?, ?, ?) AS s FROM chunks_fts "
+    "WHERE chunks_fts MATCH ? ORDER BY s DESC, rowid LIMIT ?"
+)
+# one query for the ranking and the hits' catalogue entries (and text): the FTS5 part
+# is materialized first, so only the LIMIT rows are joined to the chunk table
+_SEARCH: Final = (
+    f"SELECT {_COLUMNS}, f.s FROM ({_RANKED}) AS f JOIN chunks AS c ON c.rowid = f.rowid "
+    "ORDER BY f.s DESC, f.rowid"
+)
+_SEARCH_TEXT: Final = (
+    f"SELECT {_COLUMNS}, f.s, c.text FROM ({_RANKED}) AS f JOIN chunks AS c "
+    "ON c.rowid = f.rowid ORDER BY f.s DESC, f.rowid"
+)
+
+
+def _entry(row: Sequence[Any]) -> CatalogueEntry:
+    """A catalogue entry from the first 8 columns of a row selecting ``_COLUMNS``."""
+    keys = row[4]
+    return CatalogueEntry(
+        row[0],
+        sys.intern(row[1]),  # a handful of section names, shared by every entry
+        row[2],
+        row[3],
+        tuple(k for k in keys.split("\n") if k) if keys else (),
+        row[5],
+        row[6],
+        row[7],
+    )
+
+
+@final
+class Catalogue(Mapping[str, CatalogueEntry]):
+    """A module's catalogue (chunk id -> entry, in module order), read on demand.
+
+    Entries returned by a query (search hits, fetched chunks, loaded sections, the
+    keyed chunks read at open) are known at once. Iterating, ``len`` or looking up an
+    id no query has returned reads the whole catalogue once, synchronously (about
+    3 ms for the SRD's 1 411 chunks); ``await store.load_catalogue()`` does that read
+    as a store query instead. An entry never changes once known: the file is read-only.
+    """
+
+    __slots__ = ("_complete", "_known", "_load_all")
+
+    def __init__(
+        self, known: Iterable[CatalogueEntry], load_all: Callable[[], list[CatalogueEntry]]
+    ) -> None:
+        self._known: dict[str, CatalogueEntry] = {e.id: e for e in known}
+        self._complete = False
+        self._load_all = load_all
+
+    @property
+    def complete(self) -> bool:
+        """Every entry has been read."""
+        return self._complete
+
+    def _remember(self, row: Sequence[Any]) -> CatalogueEntry:
+        e = self._known.get(row[0])
+        if e is None:
+            e = self._known[row[0]] = _entry(row)
+        return e
+
+    def _fill(self, entries: list[CatalogueEntry]) -> None:
+        if not self._complete:
+            known = self._known
+            self._known = {e.id: known.get(e.id, e) for e in entries}  # module order
+            self._complete = True
+
+    def _all(self) -> dict[str, CatalogueEntry]:
+        if not self._complete:
+            self._fill(self._load_all())
+        return self._known
+
+    def __getitem__(self, chunk_id: str) -> CatalogueEntry:
+        e = self._known.get(chunk_id)
+        if e is not None:
+            return e
+        if self._complete:
+            raise KeyError(chunk_id)
+        return self._all()[chunk_id]
+
+    def __contains__(self, chunk_id: object) -> bool:
+        return chunk_id in self._known or (not self._complete and chunk_id in self._all())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __repr__(self) -> str:
+        state = "complete" if self._complete else f"{len(self._known)} known"
+        return f"<Catalogue {state}>"
 
 
 @final
@@ -290,58 +397,78 @@ class ModuleStore:
     fingerprint: str
     counter_name: str
     _conn: sqlite3.Connection | None
-    catalogue: Mapping[str, CatalogueEntry]
+    _sections: tuple[str, ...]
+    _keyed: Sequence[tuple[str, CatalogueEntry]] = ()  # (key, entry) of chunks with keys
     query_in_thread: bool = True
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
-    _rowid_to_id: dict[int, str] = attrs.field(factory=dict, init=False)
-    _by_section: dict[str, list[str]] = attrs.field(factory=dict, init=False)
+    _catalogue: Catalogue = attrs.field(init=False)
     _by_key: dict[str, list[str]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
-        for e in self.catalogue.values():
-            self._rowid_to_id[e.rowid] = e.id
-            self._by_section.setdefault(e.section, []).append(e.id)
-            for k in e.keys:
-                self._by_key.setdefault(k, []).append(e.id)
+        self._catalogue = Catalogue((e for _, e in self._keyed), self._read_catalogue)
+        for key, e in self._keyed:
+            self._by_key.setdefault(key, []).append(e.id)
 
     def __repr__(self) -> str:
-        return f"<ModuleStore {self.name!r} {len(self.catalogue)} chunks at {str(self.path)!r}>"
+        return f"<ModuleStore {self.name!r} at {str(self.path)!r}>"
+
+    @property
+    def catalogue(self) -> Catalogue:
+        """Chunk id -> ``CatalogueEntry``, read on demand (see ``Catalogue``)."""
+        return self._catalogue
+
+    async def load_catalogue(self) -> Catalogue:
+        """Read the whole catalogue now (as a query: in a worker thread by default)."""
+        if not self._catalogue.complete:
+            rows = await self._query(f"SELECT {_COLUMNS} FROM chunks AS c ORDER BY c.rowid", ())
+            self._catalogue._fill([_entry(r) for r in rows])
+        else:
+            await anyio.lowlevel.checkpoint()
+        return self._catalogue
+
+    def _read_catalogue(self) -> list[CatalogueEntry]:
+        rows = self._run(f"SELECT {_COLUMNS} FROM chunks AS c ORDER BY c.rowid", ())
+        return [_entry(r) for r in rows]
 
     # ----- module protocol
 
     def section_names(self) -> list[str]:
         """Sections in a stable order: adventure sections first, then the SRD's."""
         order = {s: i for i, s in enumerate(ADVENTURE_SECTIONS + SRD_SECTIONS)}
-        return sorted(self._by_section, key=lambda s: (order.get(s, len(order)), s))
+        return sorted(self._sections, key=lambda s: (order.get(s, len(order)), s))
 
     async def load_section(self, name: str) -> SectionContent:
-        """Every chunk of a section, text included.
+        """Every chunk of a section, text included, in module order.
 
         Raises:
             LoadError: the module has no section ``name``.
         """
-        ids = self._by_section.get(name)
-        if ids is None:
+        if name not in self._sections:
             await anyio.lowlevel.checkpoint()
             raise LoadError(name, f"module {self.name!r} has no section {name!r}")
-        chunks = await self.fetch_chunks(ids)
-        return SectionContent(self.name, name, tuple(chunks[i] for i in ids))
+        rows = await self._query(
+            f"SELECT {_COLUMNS}, c.source, c.text FROM chunks AS c WHERE c.section = ? "
+            "ORDER BY c.rowid",
+            (name,),
+        )
+        return SectionContent(self.name, name, tuple(self._chunk(r) for r in rows))
 
-    # ----- catalogue (in memory, sync)
+    # ----- catalogue
 
     def entry(self, chunk_id: str) -> CatalogueEntry:
-        return self.catalogue[chunk_id]
+        return self._catalogue[chunk_id]
 
     def chunk_ids(self, section: str) -> Sequence[str]:
-        return tuple(self._by_section.get(section, ()))
+        """Ids of a section's chunks in module order (reads the whole catalogue)."""
+        return tuple(cid for cid, e in self._catalogue.items() if e.section == section)
 
     def ids_for_key(self, key: str) -> Sequence[str]:
         """Chunks whose front matter names ``key`` (a location or an NPC), lower-cased."""
         return tuple(self._by_key.get(key.lower(), ()))
 
-    # ----- queries (worker thread)
+    # ----- queries (worker thread, or the event loop with query_in_thread=False)
 
-    def _run(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
+    def _run(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
         with self._lock:
             if self._conn is None:
                 raise ModuleError(f"module {self.name!r} is closed")
@@ -350,11 +477,16 @@ class ModuleStore:
             except sqlite3.Error as e:
                 raise ModuleError(f"{self.path}: query failed: {e}") from e
 
-    async def _query(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
+    async def _query(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
         if self.query_in_thread:
             return await anyio.to_thread.run_sync(self._run, sql, params)
         await anyio.lowlevel.checkpoint()
         return self._run(sql, params)
+
+    def _chunk(self, row: Sequence[Any]) -> Chunk:
+        """A chunk from a row of ``_COLUMNS, c.source, c.text``; remembers its entry."""
+        e = self._catalogue._remember(row)
+        return Chunk(e.id, e.section, e.title, row[9], e.tokens, row[8], e.keys)
 
     async def search(
         self, query: str, limit: int = 40, *, weights: tuple[float, float, float] = (4.0, 3.0, 1.0)
@@ -364,43 +496,50 @@ class ModuleStore:
         Scores are ``-bm25()`` (larger is better, > 0 for any match); ties are broken
         by id so equal inputs give equal outputs. ``[]`` when the query has no terms.
         """
+        hits, _ = await self.search_chunks(query, limit, weights=weights)
+        return [(e.id, s) for e, s in hits]
+
+    async def search_chunks(
+        self,
+        query: str,
+        limit: int = 40,
+        *,
+        weights: tuple[float, float, float] = (4.0, 3.0, 1.0),
+        with_text: bool = False,
+    ) -> tuple[list[tuple[CatalogueEntry, float]], dict[str, str]]:
+        """``search`` in one query that also returns the hits' catalogue entries and,
+        ``with_text``, their text: ``(hits, {chunk id: text})``."""
         expr = fts_query(query)
         if not expr or limit <= 0:
             await anyio.lowlevel.checkpoint()
-            return []
-        sql = (
-            "SELECT rowid, -bm25(chunks_fts, ?, ?, ?) AS s FROM chunks_fts "
-            "WHERE chunks_fts MATCH ? ORDER BY s DESC, rowid LIMIT ?"
-        )
-        rows = await self._query(sql, (*weights, expr, limit))
-        return [(self._rowid_to_id[int(r)], float(s)) for r, s in rows]  # type: ignore[call-overload, arg-type]
+            return [], {}
+        rows = await self._query(_SEARCH_TEXT if with_text else _SEARCH, (*weights, expr, limit))
+        remember = self._catalogue._remember
+        hits = [(remember(r), r[8]) for r in rows]
+        texts = {r[0]: r[9] for r in rows} if with_text else {}
+        return hits, texts
 
     async def fetch_chunks(self, ids: Iterable[str]) -> dict[str, Chunk]:
-        """The chunks named by ``ids`` (unknown ids raise ``KeyError``), one query."""
-        rowids = [self.catalogue[i].rowid for i in ids]
-        if not rowids:
+        """The chunks named by ``ids`` (unknown ids raise ``KeyError``), one query per
+        500 ids."""
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
             await anyio.lowlevel.checkpoint()
             return {}
         out: dict[str, Chunk] = {}
-        for start in range(0, len(rowids), 500):  # stay under SQLite's variable limit
-            batch = rowids[start : start + 500]
-            sql = (
-                "SELECT id, section, title, text, tokens, source, keys FROM chunks "
-                f"WHERE rowid IN ({','.join('?' * len(batch))})"
+        for start in range(0, len(wanted), 500):  # stay under SQLite's variable limit
+            batch = wanted[start : start + 500]
+            rows = await self._query(
+                f"SELECT {_COLUMNS}, c.source, c.text FROM chunks AS c "
+                f"WHERE c.id IN ({','.join('?' * len(batch))})",
+                batch,
             )
-            rows = await self._query(sql, batch)
             for r in rows:
-                cid, section, title, text, tokens, source, keys = r
-                out[str(cid)] = Chunk(
-                    str(cid),
-                    str(section),
-                    str(title),
-                    str(text),
-                    int(tokens),  # type: ignore[call-overload]
-                    str(source),
-                    tuple(k for k in str(keys).split("\n") if k),
-                )
-        return out
+                out[r[0]] = self._chunk(r)
+        for cid in wanted:
+            if cid not in out:
+                raise KeyError(cid)
+        return {cid: out[cid] for cid in wanted}
 
     # ----- lifetime
 
@@ -508,17 +647,26 @@ def _open(path: Path, query_in_thread: bool = True) -> ModuleStore:
         raise ModuleError(f"{path}: cannot open module file: {e}") from e
     try:
         meta = _read_meta(conn, path)
-        entries = _read_catalogue(conn, path)
+        try:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS}, k.key FROM chunk_keys AS k JOIN chunks AS c "
+                "ON c.rowid = k.chunk ORDER BY k.key, c.rowid"
+            ).fetchall()
+        except sqlite3.Error as e:
+            raise ModuleError(f"{path}: unreadable module catalogue ({e})") from e
     except BaseException:
         conn.close()
         raise
+    entries: dict[str, CatalogueEntry] = {}
+    keyed = [(r[8], entries.setdefault(r[0], _entry(r))) for r in rows]
     return ModuleStore(
         name=meta["name"],
         path=path,
         fingerprint=meta["fingerprint"],
         counter_name=meta.get("counter", ""),
         conn=conn,
-        catalogue={e.id: e for e in entries},
+        sections=tuple(s for s in meta.get("sections", "").split("\n") if s),
+        keyed=keyed,
         query_in_thread=query_in_thread,
     )
 
@@ -544,12 +692,12 @@ async def open_module(
         ModuleError: a source is missing or malformed, or the file is not a module;
             the message names the file and the problem.
     """
-    path, _ = await anyio.to_thread.run_sync(_prepare, name_or_path, include_srd, cache_dir)
     # anyio returns a finished thread's result and delivers a cancellation at the next
     # checkpoint; should a backend raise instead, the store opened meanwhile is closed
     opened: list[ModuleStore] = []
 
-    def open_into() -> None:
+    def open_into() -> None:  # one worker-thread trip: locate (or compile), then open
+        path, _ = _prepare(name_or_path, include_srd, cache_dir)
         opened.append(_open(path, query_in_thread))
 
     try:

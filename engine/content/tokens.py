@@ -50,6 +50,13 @@ class ApproxTokenCounter:
     name: str = "approx-v1"
 
     def count(self, text: str) -> int:
+        return self.tokens_for(self.units(text))
+
+    def units(self, text: str) -> int:
+        """The unscaled count (pieces plus long-word extras). Additive over texts joined
+        by whitespace, ``units(a + "\\n\\n" + b) == units(a) + units(b)``, since no piece
+        spans whitespace: the store keeps each chunk's units, so the context builder
+        counts a joined context exactly without scanning its text again."""
         if not text:
             return 0
         pieces = _PIECE.findall(text)
@@ -58,7 +65,11 @@ class ApproxTokenCounter:
         for p in pieces:
             if len(p) > lw:
                 extra += (len(p) - 1) // lw
-        return math.ceil((len(pieces) + extra) * self.scale)
+        return len(pieces) + extra
+
+    def tokens_for(self, units: int) -> int:
+        """Tokens of a text of ``units`` units: ``count(t) == tokens_for(units(t))``."""
+        return math.ceil(units * self.scale)
 
 
 DEFAULT_COUNTER = ApproxTokenCounter()
