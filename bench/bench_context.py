@@ -1,24 +1,42 @@
 """Context building over the full SRD module: speed, naive baseline, cold start, compile.
 
-Run: ``.venv/bin/python -m bench.bench_context`` (add ``--rounds N`` for more samples).
+Run: ``.venv/bin/python -m bench.bench_context`` (``--rounds N`` for more samples,
+``--no-rss`` to skip the fresh-process memory runs).
 
-Reports, with a 2 000-token budget:
+Reports, with a 2 000-token budget, for both store modes (``query_in_thread`` True:
+queries in a worker thread, the default; False: on the event loop):
 
 * SRD compile time and file size (a cold compile into a temporary cache folder);
 * p50/p95 of ``OptimizedContextBuilder.build_context`` (without and with a warm
-  ``ModuleCache``) against a naive baseline in the same process: every chunk held in
-  memory and scored by counting the query's keywords in it (the previous design's
-  full scan), then the same greedy selection;
-* cold start to the first built context: lazy (open the module's catalogue, build)
-  against eager (open, load every section into memory, build), time and
-  ``tracemalloc`` peak.
+  ``ModuleCache``) and of ``ModuleStore.search`` alone, against the naive baseline
+  in the same process: the previous design's full scan, every chunk held in memory
+  and scored by counting the query's keywords (3+ letters) in it, then the same
+  greedy selection. Two variants of the baseline: lower-casing every chunk per query
+  (as issue 5 measured it) and lower-cased once when loaded (the stronger one; the
+  ratios that count are against it);
+* cold start to the first built context, time (median) and ``tracemalloc`` peak:
+
+  - lazy (by name): ``open_module("srd", cache_dir=...)``, which checks the SRD
+    files' fingerprint (a stat of each of ~1 200 files) before opening the compiled
+    file, then one ``build_context``;
+  - lazy (file): ``open_module(<compiled .sqlite>)``, opened as is, then one build;
+  - eager (JSON): the previous design, no compiled store: parse every SRD JSON file
+    into chunks, lower-case them, naive build;
+  - eager (store): open the compiled module, read every section's chunks into
+    memory, lower-case them, naive build.
+
+  ``tracemalloc`` sees Python objects only, not SQLite's own page cache, so each start
+  is also run in a fresh interpreter reporting its peak RSS growth after imports.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -55,6 +73,7 @@ QUERIES = [
 ]
 _WORD = re.compile(r"[a-z0-9]+")
 T = TypeVar("T")
+Lowered = list[tuple[str, Chunk]]
 
 
 def request(text: str, action_type: str) -> AgentRequest:
@@ -63,15 +82,7 @@ def request(text: str, action_type: str) -> AgentRequest:
     )
 
 
-def naive_context(chunks: list[Chunk], text: str, budget: int) -> list[str]:
-    """Full scan: score every chunk by keyword occurrences, then greedy selection."""
-    terms = [w for w in _WORD.findall(text.lower()) if len(w) > 2]
-    scored = []
-    for c in chunks:
-        body = c.text.lower()
-        score = sum(body.count(t) for t in terms)
-        if score:
-            scored.append((score, c.id, c))
+def _greedy(scored: list[tuple[int, str, Chunk]], budget: int) -> list[str]:
     scored.sort(key=lambda s: (-s[0], s[1]))
     left, out = budget, []
     for _, _, c in scored:
@@ -79,6 +90,34 @@ def naive_context(chunks: list[Chunk], text: str, budget: int) -> list[str]:
             out.append(c.text)
             left -= c.tokens
     return out
+
+
+def naive_context(chunks: list[Chunk], text: str, budget: int) -> list[str]:
+    """Full scan as issue 5 measured it: lower-case and count keywords in every chunk."""
+    terms = [w for w in _WORD.findall(text.lower()) if len(w) > 2]
+    scored = []
+    for c in chunks:
+        body = c.text.lower()
+        score = sum(body.count(t) for t in terms)
+        if score:
+            scored.append((score, c.id, c))
+    return _greedy(scored, budget)
+
+
+def lower_all(chunks: list[Chunk]) -> Lowered:
+    """The load step of the stronger baseline: each chunk's text lower-cased once."""
+    return [(c.text.lower(), c) for c in chunks]
+
+
+def naive_lowered(lowered: Lowered, text: str, budget: int) -> list[str]:
+    """The same full scan over text lower-cased at load (same result, less work)."""
+    terms = [w for w in _WORD.findall(text.lower()) if len(w) > 2]
+    scored = []
+    for body, c in lowered:
+        score = sum(body.count(t) for t in terms)
+        if score:
+            scored.append((score, c.id, c))
+    return _greedy(scored, budget)
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -99,102 +138,182 @@ async def load_all(m: ModuleStore) -> list[Chunk]:
     return out
 
 
-async def main(rounds: int) -> None:
+def cold_starts(cache_dir: Path, compiled: Path) -> dict[str, Callable[[], Awaitable[None]]]:
+    """The cold starts compared, each from nothing in memory to one built context."""
+    text, action_type = QUERIES[2]
+
+    async def lazy_by_name() -> None:
+        async with await open_module("srd", cache_dir=cache_dir) as m:
+            await OptimizedContextBuilder(m).build_context(request(text, action_type), BUDGET)
+
+    async def lazy_file() -> None:
+        async with await open_module(compiled) as m:
+            await OptimizedContextBuilder(m).build_context(request(text, action_type), BUDGET)
+
+    async def eager_json() -> None:  # no compiled store at all: parse the JSON
+        naive_lowered(lower_all(list(srd_chunks(find_srd_dir()))), text, BUDGET)
+
+    async def eager_store() -> None:
+        async with await open_module(compiled) as m:
+            naive_lowered(lower_all(await load_all(m)), text, BUDGET)
+
+    return {
+        "lazy (by name)": lazy_by_name,
+        "lazy (file)": lazy_file,
+        "eager (JSON)": eager_json,
+        "eager (store)": eager_store,
+    }
+
+
+def _rss_child(cache_dir: str, compiled: str, name: str) -> None:
+    """In a fresh interpreter: peak RSS growth of one cold start (Linux only), after
+    imports and a first worker-thread trip, with the peak reset just before."""
+    import sqlite3
+
+    import anyio.to_thread
+
+    async def warm_up() -> None:  # the lazy imports of a first run, without its data
+        await anyio.to_thread.run_sync(lambda: sqlite3.connect(":memory:").close())
+
+    trio.run(warm_up)
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to now
+
+    def status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise LookupError(field)
+
+    before = status("VmRSS")
+    trio.run(cold_starts(Path(cache_dir), Path(compiled))[name])
+    print(json.dumps({"rss": status("VmHWM") - before}))
+
+
+def rss_growth(cache_dir: Path, compiled: Path, name: str) -> int:
+    code = (
+        "import sys; from bench.bench_context import _rss_child; "
+        "_rss_child(sys.argv[1], sys.argv[2], sys.argv[3])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(cache_dir), str(compiled), name],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return int(json.loads(out.strip().splitlines()[-1])["rss"])
+
+
+async def steady_state(
+    cache_dir: Path, in_thread: bool, rounds: int, everything: list[Chunk], lowered: Lowered
+) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {
+        "builder": [],
+        "builder+cache": [],
+        "search": [],
+        "naive": [],
+        "naive (lowered)": [],
+    }
+    async with await open_module("srd", cache_dir=cache_dir, query_in_thread=in_thread) as store:
+        plain = OptimizedContextBuilder(store)
+        cached = OptimizedContextBuilder(store, ModuleCache())
+        reqs = [request(*q) for q in QUERIES]
+        for r in reqs:  # warm-up: first calls, cache fill
+            await plain.build_context(r, BUDGET)
+            await cached.build_context(r, BUDGET)
+        # each round runs every method over all queries in turn: methods alternate
+        # across rounds (machine noise is shared) without one's memory traffic (the
+        # naive scan reads 1.2 MB) landing right before each call of another
+        for _ in range(rounds):
+            for r in reqs:
+                samples["builder"].append(
+                    (await timed(lambda r=r: plain.build_context(r, BUDGET)))[1]
+                )
+            for r in reqs:
+                samples["builder+cache"].append(
+                    (await timed(lambda r=r: cached.build_context(r, BUDGET)))[1]
+                )
+            for r in reqs:
+                action = r.context["action"]
+                samples["search"].append((await timed(lambda a=action: store.search(a, 40)))[1])
+            for r in reqs:
+                t0 = time.perf_counter()
+                naive_context(everything, r.context["action"], BUDGET)
+                samples["naive"].append(time.perf_counter() - t0)
+            for r in reqs:
+                t0 = time.perf_counter()
+                naive_lowered(lowered, r.context["action"], BUDGET)
+                samples["naive (lowered)"].append(time.perf_counter() - t0)
+    return samples
+
+
+async def main(rounds: int, rss: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = Path(tmp)
         t0 = time.perf_counter()
         m = await open_module("srd", cache_dir=cache_dir)
         compile_s = time.perf_counter() - t0
-        size = m.path.stat().st_size
+        compiled = m.path
+        catalogue = await m.load_catalogue()
         await m.aclose()
-        print(f"SRD compile: {compile_s:.2f} s, {size / 1e6:.2f} MB, file {m.path.name}")
         print(
-            f"  chunks: {len(m.catalogue)}; tokens: {sum(e.tokens for e in m.catalogue.values())}"
+            f"SRD compile: {compile_s:.2f} s, {compiled.stat().st_size / 1e6:.2f} MB, "
+            f"file {compiled.name}"
         )
+        tokens = sum(e.tokens for e in catalogue.values())
+        print(f"  chunks: {len(catalogue)}; tokens: {tokens}")
 
         # ---- cold start (file compiled): time without tracemalloc, memory with it
-        async def lazy_start() -> None:
-            async with await open_module("srd", cache_dir=cache_dir) as lm:
-                await OptimizedContextBuilder(lm).build_context(request(*QUERIES[2]), BUDGET)
-
-        async def eager_start() -> None:
-            async with await open_module("srd", cache_dir=cache_dir) as em:
-                naive_context(await load_all(em), QUERIES[2][0], BUDGET)
-
-        async def eager_json_start() -> None:  # no compiled store at all: parse the JSON
-            naive_context(list(srd_chunks(find_srd_dir())), QUERIES[2][0], BUDGET)
-
-        starts = {
-            "lazy": lazy_start,
-            "eager (store)": eager_start,
-            "eager (JSON)": eager_json_start,
-        }
+        starts = cold_starts(cache_dir, compiled)
         cold: dict[str, tuple[float, int]] = {}
         for name, fn in starts.items():
-            t = statistics.median([(await timed(fn))[1] for _ in range(5)])
+            await fn()  # first run: imports and OS file cache, not measured
+            t = statistics.median([(await timed(fn))[1] for _ in range(7)])
             tracemalloc.start()
             await fn()
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
             cold[name] = (t, peak)
-        print("cold start to first context (median of 5; tracemalloc peak):")
-        lazy_t, lazy_p = cold["lazy"]
+        rss_of = {name: rss_growth(cache_dir, compiled, name) for name in starts} if rss else {}
+        print("cold start to first context (median of 7; tracemalloc peak; fresh-process RSS):")
         for name, (t, peak) in cold.items():
-            print(
-                f"  {name:14s} {t * 1e3:7.1f} ms  {peak / 1e6:6.2f} MB"
-                + (
-                    f"   vs lazy: {t / lazy_t:.1f}x time, {peak / lazy_p:.1f}x memory"
-                    if name != "lazy"
-                    else ""
-                )
-            )
-        async with await open_module("srd", cache_dir=cache_dir) as em:
-            everything = await load_all(em)
+            line = f"  {name:15s} {t * 1e3:7.1f} ms  {peak / 1e6:6.2f} MB"
+            if rss:
+                line += f"  RSS +{rss_of[name] / 1e6:5.1f} MB"
+            if name.startswith("eager"):
+                for lazy in ("lazy (by name)", "lazy (file)"):
+                    lt, lp = cold[lazy]
+                    line += f"\n      vs {lazy}: {t / lt:.1f}x time, {peak / lp:.1f}x memory"
+                    if rss and rss_of[lazy] > 0:
+                        line += f", {rss_of[name] / rss_of[lazy]:.1f}x RSS"
+            print(line)
 
-        # ---- steady state
-        async with await open_module("srd", cache_dir=cache_dir) as store:
-            plain = OptimizedContextBuilder(store)
-            cached = OptimizedContextBuilder(store, ModuleCache())
-            reqs = [request(*q) for q in QUERIES]
-            for r in reqs:  # warm-up: first calls, cache fill
-                await plain.build_context(r, BUDGET)
-                await cached.build_context(r, BUDGET)
-            samples: dict[str, list[float]] = {
-                "builder": [],
-                "builder+cache": [],
-                "naive": [],
-                "search": [],
-            }
-            for _ in range(rounds):
-                for r in reqs:
-                    samples["builder"].append(
-                        (await timed(lambda r=r: plain.build_context(r, BUDGET)))[1]
+        async with await open_module(compiled) as em:
+            everything = await load_all(em)
+        lowered = lower_all(everything)
+
+        # ---- steady state, both store modes
+        for in_thread in (True, False):
+            samples = await steady_state(cache_dir, in_thread, rounds, everything, lowered)
+            n = len(samples["naive"])
+            print(f"build_context, budget {BUDGET}, query_in_thread={in_thread}, {n} samples each:")
+            for name, s in samples.items():
+                print(
+                    f"  {name:16s} p50 {pct(s, 50) * 1e3:7.3f} ms  p95 {pct(s, 95) * 1e3:7.3f} ms"
+                    f"  mean {statistics.fmean(s) * 1e3:7.3f} ms"
+                )
+            for base in ("naive", "naive (lowered)"):
+                for name in ("builder", "builder+cache"):
+                    b, s = samples[base], samples[name]
+                    print(
+                        f"  {base} / {name}: p50 {pct(b, 50) / pct(s, 50):.1f}x, "
+                        f"p95 {pct(b, 95) / pct(s, 95):.1f}x, "
+                        f"mean {statistics.fmean(b) / statistics.fmean(s):.1f}x"
                     )
-                    samples["builder+cache"].append(
-                        (await timed(lambda r=r: cached.build_context(r, BUDGET)))[1]
-                    )
-                    samples["search"].append(
-                        (await timed(lambda r=r: store.search(r.context["action"], 40)))[1]
-                    )
-                    t0 = time.perf_counter()
-                    naive_context(everything, r.context["action"], BUDGET)
-                    samples["naive"].append(time.perf_counter() - t0)
-        n = len(samples["naive"])
-        print(f"build_context, budget {BUDGET}, {n} samples each:")
-        for name, s in samples.items():
-            print(
-                f"  {name:14s} p50 {pct(s, 50) * 1e3:7.2f} ms  p95 {pct(s, 95) * 1e3:7.2f} ms  "
-                f"mean {statistics.fmean(s) * 1e3:7.2f} ms"
-            )
-        for name in ("builder", "builder+cache"):
-            print(
-                f"  naive / {name}: p50 {pct(samples['naive'], 50) / pct(samples[name], 50):.0f}x, "
-                f"p95 {pct(samples['naive'], 95) / pct(samples[name], 95):.0f}x"
-            )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--no-rss", action="store_true", help="skip the fresh-process runs")
     args = parser.parse_args()
-    trio.run(main, args.rounds)
+    trio.run(main, args.rounds, not args.no_rss)

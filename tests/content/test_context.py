@@ -268,3 +268,29 @@ async def test_zero_budget_and_no_match(compiled: Path) -> None:
         assert (empty.text, empty.tokens, empty.sources) == ("", 0, ())
         nothing = await builder.build_context(req("zzqx qqzx"), 500)
         assert nothing.sources == ()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=80), max_size=6), st.sampled_from(["\n\n", " ", "\n \t"]))
+def test_counter_units_add_up_over_whitespace_joins(parts: list[str], sep: str) -> None:
+    """What lets the builder count a joined context from the chunks' stored units."""
+    joined = sep.join(parts)
+    assert DEFAULT_COUNTER.units(joined) == sum(DEFAULT_COUNTER.units(p) for p in parts)
+    assert DEFAULT_COUNTER.count(joined) == DEFAULT_COUNTER.tokens_for(
+        DEFAULT_COUNTER.units(joined)
+    )
+
+
+@pytest.mark.anyio
+async def test_counts_from_units_are_exact_on_the_real_module(compiled: Path) -> None:
+    requests = [NAVE, req("cast fireball at the goblins"), req("we take a short rest")]
+    async with await open_module("default", cache_dir=compiled) as m:
+        for cache in (None, ModuleCache()):
+            builder = OptimizedContextBuilder(m, cache)
+            for request in requests:
+                for budget in (0, 37, 300, 1000, 2000):
+                    result = await builder.build_context(request, budget)
+                    assert result.tokens == DEFAULT_COUNTER.count(result.text) <= budget
+                    ids = [cid for cid, _ in result.sources]
+                    chunks = await m.fetch_chunks(ids)
+                    assert result.text == "\n\n".join(chunks[cid].text for cid in ids)

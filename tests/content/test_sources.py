@@ -195,3 +195,28 @@ _text = st.text(alphabet=st.sampled_from("ab Zé1.,!\n\t-"), max_size=60)
 def test_counter_is_subadditive_over_blank_line_joins(parts: list[str], scale: float) -> None:
     counter = ApproxTokenCounter(scale=scale)
     assert counter.count("\n\n".join(parts)) <= sum(counter.count(p) for p in parts)
+
+
+def test_srd_fingerprint_follows_names_sizes_and_mtimes(tmp_path: Path) -> None:
+    import os
+
+    for folders in sources._SRD_DIRS.values():
+        for folder in folders:
+            (tmp_path / folder).mkdir(parents=True)
+            (tmp_path / folder / "a.json").write_text("{}")
+            (tmp_path / folder / "notes.txt").write_text("not hashed")
+    first = sources.srd_fingerprint(tmp_path)
+    assert sources.srd_fingerprint(tmp_path) == first
+    (tmp_path / "spells" / "notes.txt").write_text("still not hashed")
+    assert sources.srd_fingerprint(tmp_path) == first
+    spell = tmp_path / "spells" / "a.json"
+    st = spell.stat()
+    os.utime(spell, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # same size, new mtime
+    second = sources.srd_fingerprint(tmp_path)
+    assert second != first
+    (tmp_path / "conditions" / "b.json").write_text("{}")
+    assert sources.srd_fingerprint(tmp_path) not in (first, second)
+    (tmp_path / "equipment" / "a.json").unlink()
+    (tmp_path / "equipment").rmdir()
+    with pytest.raises(ModuleError, match="SRD folder missing"):
+        sources.srd_fingerprint(tmp_path)

@@ -194,3 +194,37 @@ async def test_cancelled_open_leaves_no_open_store(
             pytest.fail("not cancelled")
     assert scope.cancelled_caught
     assert len(opened) == 1 and opened[0]._conn is None
+
+
+async def test_catalogue_is_read_on_demand(compiled: Path) -> None:
+    async with await open_module("default", cache_dir=compiled, query_in_thread=False) as m:
+        catalogue = m.catalogue
+        assert not catalogue.complete
+        # the keyed adventure chunks are known from the open, for the builder's boosts
+        nave = m.ids_for_key("the sunken nave")
+        assert nave and all(cid in catalogue for cid in nave) and not catalogue.complete
+        hits, texts = await m.search_chunks("cast fireball at the goblins", 10, with_text=True)
+        assert [(e.id, s) for e, s in hits] == await m.search("cast fireball at the goblins", 10)
+        fetched = await m.fetch_chunks([e.id for e, _ in hits])
+        assert texts == {cid: c.text for cid, c in fetched.items()}
+        fireball = next(e for e, _ in hits if e.id == "srd/spells/fireball")
+        assert catalogue["srd/spells/fireball"] is fireball
+        assert not catalogue.complete  # hits and fetches did not read the whole catalogue
+        known = {e.id: e for e, _ in hits}
+        assert len(catalogue) == sum(len(m.chunk_ids(s)) for s in m.section_names())
+        assert catalogue.complete
+        assert all(catalogue[cid] is e for cid, e in known.items())  # entries kept
+        assert list(catalogue) == sorted(catalogue, key=lambda cid: catalogue[cid].rowid)
+        with pytest.raises(KeyError):
+            catalogue["no/such/chunk"]
+        with pytest.raises(KeyError):
+            await m.fetch_chunks(["srd/spells/fireball", "no/such/chunk"])
+
+
+async def test_load_catalogue_matches_the_sync_read(compiled: Path) -> None:
+    async with await open_module("default", cache_dir=compiled) as a:
+        loaded = await a.load_catalogue()
+        assert loaded.complete and loaded is a.catalogue
+    async with await open_module("default", cache_dir=compiled) as b:
+        assert dict(b.catalogue) == dict(loaded)  # the sync read on first iteration
+        assert all(e.units is not None and e.tokens > 0 for e in loaded.values())
