@@ -216,7 +216,8 @@ def test_srd_fingerprint_follows_names_sizes_and_mtimes(tmp_path: Path) -> None:
     assert second != first
     (tmp_path / "conditions" / "b.json").write_text("{}")
     assert sources.srd_fingerprint(tmp_path) not in (first, second)
-    (tmp_path / "equipment" / "a.json").unlink()
-    (tmp_path / "equipment").rmdir()
+    import shutil
+
+    shutil.rmtree(tmp_path / "equipment")
     with pytest.raises(ModuleError, match="SRD folder missing"):
         sources.srd_fingerprint(tmp_path)
