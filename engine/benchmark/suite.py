@@ -105,6 +105,7 @@ class PerformanceBenchmark:
     warmup: int = 20
     state_dir: str | None = None
     slowest: Span | None = attrs.field(default=None, init=False)
+    degraded: int = attrs.field(default=0, init=False)  # actions with a missing part
     report_profiler: PerformanceProfiler = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -160,6 +161,7 @@ class PerformanceBenchmark:
             self.report_profiler.record("player_action", seconds)
         for seconds in queries:
             self.report_profiler.record("agent_query", seconds)
+        self.degraded = sum(1 for r in results if r.degraded)
         if results:
             self.slowest = max(results, key=lambda r: r.span.duration or 0.0).span
         return {
@@ -298,6 +300,7 @@ class PerformanceBenchmark:
                 "target": target.as_dict() if target else None,
                 "met": result.met(target),
             }
+        operations["player_action"]["degraded"] = self.degraded
         document: dict[str, Any] = {
             "operations": operations,
             "targets_met": all(op["met"] is not False for op in operations.values()),
