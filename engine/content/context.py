@@ -16,7 +16,13 @@ fits the remaining budget and skipped otherwise (smaller ones after it are still
 tried); it stops when the budget is full, no remaining candidate is small enough, or
 relevance drops below ``min_relevance``. The final text is counted again with the
 builder's counter and trimmed from the least relevant end until it fits, so
-``result.tokens <= budget`` holds for any counter.
+``result.tokens <= budget`` holds for any counter. With the default counter over a
+``ModuleStore`` that count is computed exactly from the chunks' stored units (the
+counter is additive in units over blank-line joins) instead of rescanning the text.
+
+Queries: a ``ModuleStore`` ranks and returns the hits' catalogue entries (and, with
+no cache, their text) in one query (``search_chunks``); other sources are used
+through ``search``, ``catalogue`` and ``fetch_chunks``.
 """
 
 from __future__ import annotations
