@@ -106,7 +106,7 @@ def schedules(draw: st.DrawFn) -> list[Op]:
         kind = draw(st.sampled_from(kinds))
         key = draw(st.sampled_from(KEYS))
         if kind == "put":
-            size = draw(st.sampled_from([0, 40, 90, 150, BUDGET + 1]))
+            size = draw(st.sampled_from([0, 40, 50, 90, 100, 150, BUDGET, BUDGET + 1]))
             ops.append(Op("put", t, key, value=f"P{i}", size=size))
         elif kind == "load":
             k = draw(st.integers(0, 4))
