@@ -15,6 +15,7 @@ carries the action's span tree. Guarantees:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, final
 
@@ -135,7 +136,12 @@ class DungeonMaster:
     store: SessionStore
     cache: ModuleCache
     metrics: MetricsExporter | None = None
+    session_cache_size: int = 10_000
     _locks: _SessionLocks = attrs.field(factory=_SessionLocks, init=False)
+    # turn and state of recently active sessions, so an action needs one store write
+    _sessions: OrderedDict[str, tuple[int, dict[str, Any]]] = attrs.field(
+        factory=OrderedDict, init=False
+    )
 
     async def player_action(self, session_id: str, text: str) -> ActionResult:
         """Run one player action to the end (see the module docstring).
@@ -148,9 +154,34 @@ class DungeonMaster:
         lock = self._locks.acquire_ref(session_id)
         try:
             async with lock:
-                return await self._run(session_id, text)
+                try:
+                    return await self._run(session_id, text)
+                except BaseException:
+                    # whatever happened, the next action rereads the store
+                    self._sessions.pop(session_id, None)
+                    raise
         finally:
             self._locks.release_ref(session_id)
+
+    async def _session(self, session_id: str) -> tuple[int, dict[str, Any]]:
+        """The session's turn and state: from memory when recently active (this
+        engine serializes a session's actions, so its copy is current), else read
+        (or created) in the store."""
+        cached = self._sessions.get(session_id)
+        if cached is not None:
+            self._sessions.move_to_end(session_id)
+            return cached
+        state = await self.store.ensure_session(session_id)
+        return self._remember(session_id, state.turn, dict(state.state))
+
+    def _remember(
+        self, session_id: str, turn: int, state: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        self._sessions[session_id] = entry = (turn, state)
+        self._sessions.move_to_end(session_id)
+        while len(self._sessions) > self.session_cache_size:
+            self._sessions.popitem(last=False)
+        return entry
 
     def _check_text(self, text: str) -> None:
         limit = self.config.state.max_action_chars
@@ -170,8 +201,8 @@ class DungeonMaster:
             with self.profiler.trace("classify"):
                 action_type = classify_action(text)
             root.attributes["action_type"] = action_type
-            state = await self.store.ensure_session(session_id)
-            root.attributes["turn"] = state.turn + 1
+            turn_before, state = await self._session(session_id)
+            root.attributes["turn"] = turn_before + 1
             with self.profiler.trace("prefetch", action_type=action_type):
                 sections = self.lazy.get_load_priority(action_type)
                 if config.performance.lazy_loading.background_load:
@@ -181,10 +212,10 @@ class DungeonMaster:
             scene = {
                 "action": text,
                 "action_type": action_type,
-                "location": state.state.get("scene", ""),
+                "location": state.get("scene", ""),
             }
             contexts = await self._contexts(names, scene, started + deadline)
-            requests = self._requests(names, scene, contexts, f"{session_id}:{state.turn + 1}")
+            requests = self._requests(names, scene, contexts, f"{session_id}:{turn_before + 1}")
             remaining = started + deadline - _STATE_RESERVE - anyio.current_time()
             responses = await self.executor.execute_parallel(
                 requests, deadline=max(remaining, 0.001)
@@ -199,13 +230,15 @@ class DungeonMaster:
             with self.profiler.trace("state_update", session=session_id):
                 turn = await self.store.record_action(
                     session_id,
-                    turn_expected=state.turn,
+                    turn_expected=turn_before,
                     action_text=text,
                     action_type=action_type,
                     narrative=narrative,
                     state_changes=changes,
                     responses={r.agent: _summary(r) for r in responses},
                 )
+            new_state = {k: v for k, v in {**state, **changes}.items() if v is not None}
+            self._remember(session_id, turn, new_state)
         return ActionResult(
             session_id=session_id,
             turn=turn,
@@ -222,22 +255,16 @@ class DungeonMaster:
     async def _contexts(
         self, names: Sequence[str], scene: Mapping[str, Any], deadline_at: float
     ) -> dict[str, ContextResult]:
-        """One context per agent, built concurrently; an agent whose context is not
-        ready by the deadline gets none (its request still runs)."""
+        """One context per agent, within its token budget; the candidates are ranked
+        once for all of them. Contexts not ready by the deadline are left out (the
+        agents still run, without module context)."""
+        budgets = {name: self.config.agents[name].budget_tokens for name in names}
+        request = AgentRequest(id="context", agent="context", context=scene)
         contexts: dict[str, ContextResult] = {}
-
-        async def build(name: str) -> None:
-            budget = self.config.agents[name].budget_tokens
-            request = AgentRequest(id=name, agent=name, context=scene)
-            with self.profiler.trace("context_building", agent=name, budget=budget) as span:
-                result = await self.builder.build_context(request, budget)
-                span.attributes.update(tokens=result.tokens, chunks=len(result.sources))
-            contexts[name] = result
-
-        with anyio.move_on_after(max(deadline_at - anyio.current_time(), 0.0)):
-            async with anyio.create_task_group() as tg:
-                for name in names:
-                    tg.start_soon(build, name)
+        with self.profiler.trace("context_building", agents=len(budgets)) as span:
+            with anyio.move_on_after(max(deadline_at - anyio.current_time(), 0.0)):
+                contexts = await self.builder.build_contexts(request, budgets)
+            span.attributes["tokens"] = {n: c.tokens for n, c in contexts.items()}
         return contexts
 
     def _requests(

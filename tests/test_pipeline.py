@@ -90,7 +90,7 @@ async def test_action_end_to_end_with_simulated_agents(module_dir: Path, tmp_pat
     assert names[0] == "player_action"
     for op in ("classify", "prefetch", "context_building", "agent_query", "state_update"):
         assert op in names
-    assert names.count("agent_query") >= 4 and names.count("context_building") == 4
+    assert names.count("agent_query") >= 4 and names.count("context_building") == 1
     assert [e.narrative for e in transcript] == [result.narrative, second.narrative]
 
 
@@ -262,3 +262,41 @@ def test_sessions_serialize_and_run_concurrently(schedule: list[tuple[int, int]]
         by_turn = {r.turn: r.text for r in rs}
         assert [e.action_text for e in stored[session]] == [by_turn[t] for t in sorted(by_turn)]
     assert len(results) == len(schedule)
+
+
+async def test_session_state_carries_over_and_survives_cache_eviction(
+    module_dir: Path, tmp_path: Path
+) -> None:
+    config = make_config(module_dir)
+
+    @attrs.define(eq=False)
+    class SceneKeeper(Recorder):
+        async def run(self, request: AgentRequest, inputs: Mapping[str, Any]) -> Any:
+            out = await super().run(request, inputs)
+            return {**out, "state_changes": {"scene": f"scene after {request.context['action']}"}}
+
+    agents = recorders(config, module_keeper=SceneKeeper("module_keeper"))
+    async with engine.open_engine(config, agents=agents, state_path=tmp_path / "s.sqlite") as dm:
+        dm.session_cache_size = 1  # every other action rereads the store
+        turns = []
+        for session, text in [
+            ("a", "I look"),
+            ("b", "I listen"),
+            ("a", "I climb"),
+            ("a", "I jump"),
+        ]:
+            turns.append((await dm.player_action(session, text)).turn)
+        assert turns == [1, 1, 2, 3]
+        seen = [(action, inputs) for action, inputs in agents["module_keeper"].calls]
+        assert [a for a, _ in seen] == ["I look", "I listen", "I climb", "I jump"]
+        state = await dm.store.get_session("a")
+        assert state.turn == 3 and state.state["scene"] == "scene after I jump"
+
+
+async def test_the_scene_reaches_the_next_actions_context(module_dir: Path, tmp_path: Path) -> None:
+    config = make_config(module_dir)
+    async with engine.open_engine(config, state_path=tmp_path / "s.sqlite", time_scale=0.02) as dm:
+        first = await dm.player_action("s", "I search the altar for traps")
+        scene = first.responses["module_keeper"].output["scene"]
+        second = await dm.player_action("s", "I look around")
+    assert scene and second.responses["module_keeper"].output["scene"] == scene

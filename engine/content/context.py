@@ -360,12 +360,40 @@ class OptimizedContextBuilder:
         Raises:
             ValueError: ``budget`` is negative.
         """
-        if budget < 0:
-            raise ValueError(f"budget must be >= 0, got {budget!r}")
+        return (await self.build_contexts(request, {"": budget}))[""]
+
+    async def build_contexts(
+        self, request: AgentRequest, budgets: Mapping[str, int]
+    ) -> dict[str, ContextResult]:
+        """One context per named budget for the same request, ranking only once.
+
+        Each result is exactly what ``build_context(request, budget)`` returns (the
+        agents of one player action share the action, location and action type, so
+        their candidates are the same; only the budgets differ).
+
+        Raises:
+            ValueError: a budget is negative.
+        """
+        for budget in budgets.values():
+            if budget < 0:
+                raise ValueError(f"budget must be >= 0, got {budget!r}")
         t0 = anyio.current_time()
-        precounted = self._precounted
         # without a cache the hits' text comes with the search (one query in all)
         ranked, entries, found = await self._rank(request, with_text=self.cache is None)
+        results: dict[str, ContextResult] = {}
+        for name, budget in budgets.items():
+            results[name] = await self._assemble(ranked, entries, found, budget, t0)
+        return results
+
+    async def _assemble(
+        self,
+        ranked: list[tuple[str, float]],
+        entries: Mapping[str, CatalogueEntry],
+        found: Mapping[str, str],
+        budget: int,
+        t0: float,
+    ) -> ContextResult:
+        precounted = self._precounted
         hits = misses = 0
         texts: dict[str, str] = {}
         if precounted:
@@ -382,6 +410,8 @@ class OptimizedContextBuilder:
             texts.update(more)
             hits += h
             misses += m
+        else:
+            await anyio.lowlevel.checkpoint()
         text = _SEPARATOR.join(texts[cid] for cid, _ in chosen)
         units = [entries[cid].units for cid, _ in chosen] if precounted else None
         if units is not None and None not in units:

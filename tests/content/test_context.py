@@ -197,6 +197,20 @@ async def test_deterministic_and_boosted(compiled: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_build_contexts_equals_one_build_per_budget(compiled: Path) -> None:
+    budgets = {"narrator": 2000, "arbiter": 1500, "tiny": 40, "none": 0}
+    async with await open_module("default", cache_dir=compiled) as m:
+        together = await OptimizedContextBuilder(m, ModuleCache()).build_contexts(NAVE, budgets)
+        for name, budget in budgets.items():
+            alone = await OptimizedContextBuilder(m).build_context(NAVE, budget)
+            got = together[name]
+            assert (got.text, got.sources, got.tokens) == (alone.text, alone.sources, alone.tokens)
+            assert got.tokens <= budget
+        with pytest.raises(ValueError):
+            await OptimizedContextBuilder(m).build_contexts(NAVE, {"bad": -1})
+
+
+@pytest.mark.anyio
 async def test_cache_hits_on_repeat_and_keys_carry_the_digest(compiled: Path) -> None:
     async with await open_module("default", cache_dir=compiled) as m:
         cache = ModuleCache()
