@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="out", help="folder for results.json and report.html")
     bench.add_argument("--real-time", action="store_true", help="agent latencies in real time")
     bench.add_argument("--load", action="store_true", help="run the concurrent-sessions load test")
+    bench.add_argument("--actions", type=int, default=5, help="--load: actions per session")
+    bench.add_argument(
+        "--time-scale", type=float, default=0.02, help="--load: multiply simulated latencies"
+    )
+    bench.add_argument(
+        "--think-time", type=float, default=10.0, help="--load: seconds between a player's actions"
+    )
     bench.add_argument("--backend", choices=("trio", "asyncio"), default="trio")
     bench.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
 

@@ -335,6 +335,8 @@ class OptimizedContextBuilder:
                     if chunk is not None and chunk.digest == e.digest:
                         texts[cid] = chunk.text
                         hits += 1
+                        # next time a direct hit, not a scan of the section
+                        cache.put(chunk_key(name, e), chunk.text)
                         continue
             missing.append(cid)
         if missing:
