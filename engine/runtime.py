@@ -70,7 +70,11 @@ async def open_engine(
         lazy = LazyLoadManager.from_config(module, config.performance.lazy_loading, cache)
         await stack.enter_async_context(lazy)
         builder = OptimizedContextBuilder(
-            module, cache=cache, lazy=lazy, priorities=config.performance.lazy_loading.priorities
+            module,
+            cache=cache,
+            lazy=lazy,
+            priorities=config.performance.lazy_loading.priorities,
+            on_lookup=lambda seconds: profiler.record("cache_lookup", seconds),
         )
         if agents is None:
             agents = await _build_agents(config, stack, time_scale)

@@ -74,6 +74,9 @@ async def test_action_end_to_end_with_simulated_agents(module_dir: Path, tmp_pat
         result = await dm.player_action("s1", "I search the altar for traps")
         second = await dm.player_action("s1", "I attack the skeleton")
         transcript = await dm.store.transcript("s1")
+        lookups = dm.profiler.count("cache_lookup")
+    # every chunk lookup of the second action's contexts went through the cache
+    assert lookups > 0
     assert result.action_type == "exploration" and second.action_type == "combat"
     assert (result.turn, second.turn) == (1, 2)
     assert set(result.responses) == set(config.actions["exploration"])

@@ -28,7 +28,8 @@ through ``search``, ``catalogue`` and ``fetch_chunks``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, final
 
 import anyio
@@ -129,6 +130,8 @@ class OptimizedContextBuilder:
             section's cache entry (after checking the chunk's digest).
         counter: the token counter of the budget; default: the store's counter,
             whose per-chunk counts are precomputed in the catalogue.
+        on_lookup: called with the seconds of every chunk lookup in the cache (the
+            engine records them as the ``cache_lookup`` operation).
     """
 
     module: ContextSource
@@ -138,6 +141,7 @@ class OptimizedContextBuilder:
     candidates: int = attrs.field(default=40, kw_only=True)
     min_relevance: float = attrs.field(default=0.1, kw_only=True)
     priorities: Mapping[str, Sequence[str]] = attrs.field(factory=_default_priorities, kw_only=True)
+    on_lookup: Callable[[float], object] | None = attrs.field(default=None, kw_only=True)
 
     def __init__(
         self,
@@ -149,6 +153,7 @@ class OptimizedContextBuilder:
         candidates: int = 40,
         min_relevance: float = 0.1,
         priorities: Mapping[str, Sequence[str]] | None = None,
+        on_lookup: Callable[[float], object] | None = None,
     ) -> None:
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates!r}")
@@ -162,6 +167,7 @@ class OptimizedContextBuilder:
             candidates=candidates,
             min_relevance=min_relevance,
             priorities=_default_priorities() if priorities is None else priorities,
+            on_lookup=on_lookup,
         )
 
     def __repr__(self) -> str:
@@ -313,7 +319,7 @@ class OptimizedContextBuilder:
         texts: dict[str, str] = {}
         hits = 0
         missing: list[str] = []
-        cache, lazy, name = self.cache, self.lazy, self.module.name
+        cache, lazy, name, on_lookup = self.cache, self.lazy, self.module.name, self.on_lookup
         for cid in ids:
             if cache is None:
                 text = found.get(cid)
@@ -323,7 +329,12 @@ class OptimizedContextBuilder:
                     texts[cid] = text
                 continue
             e = entries[cid]
-            value = cache.get(chunk_key(name, e))
+            if on_lookup is None:
+                value = cache.get(chunk_key(name, e))
+            else:
+                t0 = time.perf_counter()
+                value = cache.get(chunk_key(name, e))
+                on_lookup(time.perf_counter() - t0)
             if isinstance(value, str):
                 texts[cid] = value
                 hits += 1
