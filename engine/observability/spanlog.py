@@ -13,8 +13,8 @@ tree is dropped and counted, never waited for.
 
 Crash safety: a line is written whole and ends with a newline, so a crash can only
 tear the last line. :func:`read_span_log` skips a torn or malformed line and keeps
-every complete one; reopening a torn log first ends the torn fragment with a
-newline, so new lines are never glued to it.
+every complete one; reopening a torn log first cuts the torn fragment off, so new
+lines are never glued to it and a record that was not readable never becomes so.
 """
 
 from __future__ import annotations
@@ -54,8 +54,7 @@ def span_record(span: Span, logged_at: float | None = None) -> dict[str, Any]:
 def read_span_log(path: str | os.PathLike[str], *, include_backups: bool = False) -> list[Any]:
     """Every complete, well-formed record of the log, oldest first.
 
-    A torn last line (no final newline) and malformed lines (tears repaired by a
-    later writer) are skipped. ``include_backups`` also reads the rotated files
+    A torn last line (no final newline) and malformed lines are skipped. ``include_backups`` also reads the rotated files
     ``path.N .. path.1`` before ``path``. A missing file reads as empty.
     """
     base = Path(path)
@@ -226,11 +225,14 @@ class SpanLog:
         fh = open(self.path, "ab")  # noqa: SIM115 - kept open across batches
         self._size = fh.seek(0, os.SEEK_END)
         if self._size:
-            with open(self.path, "rb") as check:
+            with open(self.path, "rb+") as check:
                 check.seek(-1, os.SEEK_END)
-                if check.read(1) != b"\n":  # a torn line from a crash: end it
-                    fh.write(b"\n")
-                    self._size += 1
+                if check.read(1) != b"\n":
+                    # a torn last line from a crash: it was never complete, so drop it
+                    # (terminating it could turn a cut that fell just before the
+                    # newline into a record that was not there before)
+                    check.truncate(_end_of_last_line(check, self._size))
+                    self._size = fh.seek(0, os.SEEK_END)
         return fh
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
@@ -267,3 +269,16 @@ class SpanLog:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def _end_of_last_line(fh: BinaryIO, size: int, block: int = 1 << 16) -> int:
+    """The offset just past the last newline of ``fh`` (0 when there is none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - block)
+        fh.seek(start)
+        at = fh.read(end - start).rfind(b"\n")
+        if at >= 0:
+            return start + at + 1
+        end = start
+    return 0
