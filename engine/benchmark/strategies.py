@@ -38,6 +38,7 @@ __all__ = [
     "compare_strategies",
     "measure_overhead",
     "percentile",
+    "summarize",
 ]
 
 STRATEGIES = ("sequential", "level_barrier", "eager", "eager_hedged", "critical_path")
@@ -49,6 +50,13 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
         return 0.0
     rank = max(1, min(len(sorted_values), int(-(-p * len(sorted_values) // 100))))
     return sorted_values[rank - 1]
+
+
+def summarize(samples: Sequence[float]) -> tuple[float, float, float, float]:
+    """(p50, p95, p99, mean) of ``samples`` (zeros for none)."""
+    ordered = sorted(samples)
+    mean = sum(ordered) / len(ordered) if ordered else 0.0
+    return percentile(ordered, 50), percentile(ordered, 95), percentile(ordered, 99), mean
 
 
 @attrs.frozen
@@ -65,17 +73,7 @@ class StrategyResult:
 
     @classmethod
     def of(cls, name: str, latencies: Sequence[float], calls: int) -> StrategyResult:
-        ordered = sorted(latencies)
-        mean = sum(ordered) / len(ordered) if ordered else 0.0
-        return cls(
-            name,
-            percentile(ordered, 50),
-            percentile(ordered, 95),
-            percentile(ordered, 99),
-            mean,
-            calls,
-            len(ordered),
-        )
+        return cls(name, *summarize(latencies), calls, len(latencies))
 
     def as_dict(self) -> dict[str, float | int]:
         return {

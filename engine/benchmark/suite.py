@@ -30,7 +30,7 @@ from ..config import Config, LatencyTarget
 from ..observability.profiler import PerformanceProfiler, Span
 from ..pipeline import ActionResult, DungeonMaster
 from ..runtime import open_engine
-from .strategies import StrategyResult, compare_strategies, measure_overhead, percentile
+from .strategies import compare_strategies, measure_overhead, summarize
 
 __all__ = ["SCRIPT", "OperationResult", "PerformanceBenchmark"]
 
@@ -65,17 +65,7 @@ class OperationResult:
 
     @classmethod
     def of(cls, operation: str, samples: Sequence[float], clock: str) -> OperationResult:
-        ordered = sorted(samples)
-        mean = sum(ordered) / len(ordered) if ordered else 0.0
-        return cls(
-            operation,
-            len(ordered),
-            percentile(ordered, 50),
-            percentile(ordered, 95),
-            percentile(ordered, 99),
-            mean,
-            clock,
-        )
+        return cls(operation, len(samples), *summarize(samples), clock)
 
     def met(self, target: LatencyTarget | None) -> bool | None:
         if target is None:
@@ -334,11 +324,3 @@ def _fmt(seconds: float) -> str:
     if seconds >= 1e-3:
         return f"{seconds * 1e3:.3f} ms"
     return f"{seconds * 1e6:.1f} µs"
-
-
-def strategy_results(document: dict[str, Any]) -> dict[str, StrategyResult]:
-    """The strategies section of a results document as objects (for the report)."""
-    return {
-        name: StrategyResult(name, r["p50"], r["p95"], r["p99"], r["mean"], r["agent_calls"], 0)
-        for name, r in document.get("strategies", {}).items()
-    }
