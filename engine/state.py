@@ -21,6 +21,7 @@ See ``docs/state.md`` for the schema and the durability guarantees.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import os
 import sqlite3
@@ -38,7 +39,14 @@ import attrs
 from .config import StateConfig
 from .errors import SessionError
 
-__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "SessionState", "SessionStore", "TranscriptEntry"]
+__all__ = [
+    "APPLICATION_ID",
+    "SCHEMA_VERSION",
+    "SessionState",
+    "SessionStore",
+    "SessionStoreStatistics",
+    "TranscriptEntry",
+]
 
 #: ``PRAGMA application_id`` of a session store ("dmS1"); other SQLite files are foreign.
 APPLICATION_ID = 0x646D5331
@@ -102,6 +110,61 @@ class TranscriptEntry:
     created: float
 
 
+@attrs.frozen
+class SessionStoreStatistics:
+    """A snapshot of a store's group commit (``SessionStore.statistics()``).
+
+    Attributes:
+        batches: write transactions run by ``record_action`` flushes so far.
+        actions_written: actions committed by them (failed actions excluded).
+        largest_batch: most actions taken into one transaction (failed ones included).
+        pending: actions queued now, not yet taken into a transaction.
+        withdrawn: actions removed from the queue unwritten because their caller
+            was cancelled.
+        flushing: whether a caller holds the flusher role now.
+    """
+
+    batches: int
+    actions_written: int
+    largest_batch: int
+    pending: int
+    withdrawn: int
+    flushing: bool
+
+
+@attrs.frozen
+class _Action:
+    """A validated ``record_action`` call, serialized so the thread only does SQL."""
+
+    session_id: str
+    turn_expected: int | None
+    action_text: str
+    action_type: str
+    narrative: str
+    changes_json: str
+    responses_json: str
+    values: tuple[tuple[str, str | None], ...]  # state key -> JSON value, None deletes
+
+
+class _Phase(enum.Enum):
+    QUEUED = "queued"  # in the queue, nobody will write it unless it is taken
+    PROMOTED = "promoted"  # still queued, and its caller holds the flusher role
+    TAKEN = "taken"  # in a batch being written; the write will finish
+    DONE = "done"  # written or failed: ``result`` or ``error`` is set
+    WITHDRAWN = "withdrawn"  # its caller was cancelled while it was queued
+
+
+@attrs.define(eq=False)
+class _Pending:
+    """One queued action and its caller's wake-up (set once: promoted, or done)."""
+
+    action: _Action
+    phase: _Phase = _Phase.QUEUED
+    result: int | None = None
+    error: BaseException | None = None
+    wakeup: anyio.Event = attrs.field(factory=anyio.Event)
+
+
 def _check_session_id(session_id: object) -> str:
     if not isinstance(session_id, str):
         raise SessionError(f"session id must be a str, got {type(session_id).__name__}")
@@ -153,6 +216,17 @@ class SessionStore:
     in_thread: bool = True
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _closed: bool = attrs.field(default=False, init=False)
+    # group commit: queued actions in submission order (a dict: O(1) withdrawal)
+    _queue: dict[_Pending, None] = attrs.field(factory=dict, init=False)
+    _flushing: bool = attrs.field(default=False, init=False)
+    # the flusher already holds ``_limiter``; this one only carries its thread job
+    _flush_limiter: anyio.CapacityLimiter = attrs.field(
+        factory=lambda: anyio.CapacityLimiter(1), init=False
+    )
+    _batches: int = attrs.field(default=0, init=False)
+    _written: int = attrs.field(default=0, init=False)
+    _largest: int = attrs.field(default=0, init=False)
+    _withdrawn: int = attrs.field(default=0, init=False)
 
     def __repr__(self) -> str:
         return f"<SessionStore {str(self.path)!r}{' closed' if self._closed else ''}>"
@@ -353,56 +427,21 @@ class SessionStore:
             raise SessionError(f"action type must be a non-empty str, got {action_type!r}")
         if not isinstance(narrative, str):
             raise SessionError(f"narrative must be a str, got {type(narrative).__name__}")
-        changes_json = _to_json("state_changes", state_changes)
-        responses_json = _to_json("responses", responses)
-        # serialize each value once, here, so the thread only does SQL
-        values = {
-            key: None if value is None else json.dumps(value, sort_keys=True)
-            for key, value in state_changes.items()
-        }
-
-        def work(conn: sqlite3.Connection) -> int:
-            row = _require_session(conn, session_id)
-            turn = int(row[0])
-            if turn_expected is not None and turn != turn_expected:
-                raise SessionError(
-                    f"session {session_id!r} is at turn {turn}, not {turn_expected}: "
-                    "another action was recorded in between"
-                )
-            new_turn = turn + 1
-            now = self._clock()
-            conn.execute(
-                "INSERT INTO transcript (session_id, turn, action_text, action_type, narrative,"
-                " state_changes, responses, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    session_id,
-                    new_turn,
-                    action_text,
-                    action_type,
-                    narrative,
-                    changes_json,
-                    responses_json,
-                    now,
-                ),
-            )
-            for key, value in values.items():
-                if value is None:
-                    conn.execute(
-                        "DELETE FROM state WHERE session_id = ? AND key = ?", (session_id, key)
-                    )
-                else:
-                    conn.execute(
-                        "INSERT INTO state (session_id, key, value) VALUES (?, ?, ?)"
-                        " ON CONFLICT (session_id, key) DO UPDATE SET value = excluded.value",
-                        (session_id, key, value),
-                    )
-            conn.execute(
-                "UPDATE sessions SET turn = ?, updated = ? WHERE session_id = ?",
-                (new_turn, now, session_id),
-            )
-            return new_turn
-
-        return await self._run("record_action", work, write=True)
+        action = _Action(
+            session_id=session_id,
+            turn_expected=turn_expected,
+            action_text=action_text,
+            action_type=action_type,
+            narrative=narrative,
+            changes_json=_to_json("state_changes", state_changes),
+            responses_json=_to_json("responses", responses),
+            # serialize each value once, here, so the thread only does SQL
+            values=tuple(
+                (key, None if value is None else json.dumps(value, sort_keys=True))
+                for key, value in state_changes.items()
+            ),
+        )
+        return await self._submit(_Pending(action))
 
     async def transcript(self, session_id: str, limit: int | None = None) -> list[TranscriptEntry]:
         """The session's actions in turn order; with ``limit``, only the last ``limit``.
@@ -437,6 +476,156 @@ class SessionStore:
 
         return await self._run("transcript", work, write=False)
 
+    # ------------------------------------------------------------------ group commit
+
+    def statistics(self) -> SessionStoreStatistics:
+        """A snapshot of the group commit's counters (see ``SessionStoreStatistics``)."""
+        return SessionStoreStatistics(
+            batches=self._batches,
+            actions_written=self._written,
+            largest_batch=self._largest,
+            pending=len(self._queue),
+            withdrawn=self._withdrawn,
+            flushing=self._flushing,
+        )
+
+    async def _submit(self, pending: _Pending) -> int:
+        """Queue ``pending``; flush it (as the flusher) or wait until a flusher has.
+
+        Bookkeeping is synchronous and all-or-nothing; every await undoes it when
+        cancelled: a queued (or promoted) action is withdrawn unwritten, handing the
+        flusher role on; a taken action is waited for (shielded), since its
+        transaction will commit or roll back whatever the caller does.
+        """
+        self._queue[pending] = None
+        if not self._flushing:
+            self._flushing = True
+            pending.phase = _Phase.PROMOTED
+        try:
+            if pending.phase is _Phase.QUEUED:
+                await pending.wakeup.wait()  # set when promoted or done
+            if pending.phase is _Phase.PROMOTED:
+                await self._flush()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                if pending.phase in (_Phase.QUEUED, _Phase.PROMOTED):
+                    self._withdraw(pending)
+                elif pending.phase is _Phase.TAKEN:  # in another flusher's transaction
+                    await pending.wakeup.wait()
+            raise
+        assert pending.phase is _Phase.DONE
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    async def _flush(self) -> None:
+        """Write every queued action in ONE transaction; the caller is the flusher.
+
+        Waiting for the connection (``_limiter``) is the batching window: actions
+        queued meanwhile join the batch. Cancellation before the batch is taken
+        leaves everything queued (the caller withdraws); after it, the write runs
+        shielded to the end and ``Cancelled`` is raised afterwards.
+        """
+        if self.in_thread:
+            await self._limiter.acquire()
+        else:
+            await anyio.lowlevel.checkpoint()  # let callers of this loop pass join
+        batch = list(self._queue)
+        self._queue.clear()
+        for pending in batch:
+            pending.phase = _Phase.TAKEN
+        self._batches += 1
+        self._largest = max(self._largest, len(batch))
+        try:
+            with anyio.CancelScope(shield=True):
+                if self.in_thread:
+                    await anyio.to_thread.run_sync(
+                        self._write_batch, batch, limiter=self._flush_limiter
+                    )
+                else:
+                    self._write_batch(batch)
+        finally:
+            if self.in_thread:
+                self._limiter.release()
+            for pending in batch:
+                if pending.result is None and pending.error is None:  # the thread raised
+                    pending.error = SessionError(
+                        f"record_action on {str(self.path)!r} failed: the write was interrupted"
+                    )
+                self._written += pending.error is None
+                pending.phase = _Phase.DONE
+                pending.wakeup.set()
+            self._handoff()
+        await anyio.lowlevel.checkpoint_if_cancelled()
+
+    def _withdraw(self, pending: _Pending) -> None:
+        """Remove a cancelled caller's queued action; pass on its flusher role."""
+        del self._queue[pending]
+        promoted = pending.phase is _Phase.PROMOTED
+        pending.phase = _Phase.WITHDRAWN
+        self._withdrawn += 1
+        if promoted:
+            self._handoff()
+
+    def _handoff(self) -> None:
+        """The flusher role is free: give it to the oldest queued caller, if any."""
+        for first in self._queue:
+            first.phase = _Phase.PROMOTED
+            first.wakeup.set()
+            return
+        self._flushing = False
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        """One transaction; each action in its own SAVEPOINT (runs in the thread).
+
+        Sets each action's ``result`` or ``error``. An action's own failure rolls back
+        that action only; a failure of the transaction itself (BEGIN, COMMIT, or an
+        error that makes SQLite roll everything back, such as a full disk) fails every
+        action of the batch and writes none.
+        """
+        where = str(self.path)
+        with self._lock:
+            if self._closed:
+                for pending in batch:
+                    pending.error = SessionError(
+                        f"record_action: the session store {where!r} is closed"
+                    )
+                return
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for pending in batch:
+                    conn.execute("SAVEPOINT action")
+                    try:
+                        pending.result = _apply_action(conn, pending.action, self._clock())
+                    except Exception as exc:
+                        if not conn.in_transaction:
+                            raise  # SQLite rolled the whole transaction back
+                        conn.execute("ROLLBACK TO action")
+                        pending.error = exc
+                        if isinstance(exc, sqlite3.Error):
+                            pending.error = SessionError(
+                                f"record_action on {where!r} failed: {exc}"
+                            )
+                            pending.error.__cause__ = exc
+                    conn.execute("RELEASE action")
+                conn.commit()
+            except BaseException as exc:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.rollback()
+                for pending in batch:
+                    if pending.error is None:  # written in the transaction rolled back
+                        pending.result = None
+                        pending.error = SessionError(
+                            f"record_action on {where!r} failed: {exc} "
+                            f"(the whole batch of {len(batch)} actions was rolled back)"
+                        )
+                        pending.error.__cause__ = exc
+                if not isinstance(exc, Exception):
+                    raise
+
     # ------------------------------------------------------------------ plumbing
 
     async def _run(self, op: str, work: Callable[[sqlite3.Connection], _T], *, write: bool) -> _T:
@@ -466,6 +655,46 @@ class SessionStore:
             await anyio.lowlevel.checkpoint()
             return in_thread()
         return await anyio.to_thread.run_sync(in_thread, limiter=self._limiter)
+
+
+def _apply_action(conn: sqlite3.Connection, action: _Action, now: float) -> int:
+    """Insert the transcript row, apply the state changes, bump the turn; return it."""
+    session_id = action.session_id
+    turn = int(_require_session(conn, session_id)[0])
+    if action.turn_expected is not None and turn != action.turn_expected:
+        raise SessionError(
+            f"session {session_id!r} is at turn {turn}, not {action.turn_expected}: "
+            "another action was recorded in between"
+        )
+    new_turn = turn + 1
+    conn.execute(
+        "INSERT INTO transcript (session_id, turn, action_text, action_type, narrative,"
+        " state_changes, responses, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            session_id,
+            new_turn,
+            action.action_text,
+            action.action_type,
+            action.narrative,
+            action.changes_json,
+            action.responses_json,
+            now,
+        ),
+    )
+    for key, value in action.values:
+        if value is None:
+            conn.execute("DELETE FROM state WHERE session_id = ? AND key = ?", (session_id, key))
+        else:
+            conn.execute(
+                "INSERT INTO state (session_id, key, value) VALUES (?, ?, ?)"
+                " ON CONFLICT (session_id, key) DO UPDATE SET value = excluded.value",
+                (session_id, key, value),
+            )
+    conn.execute(
+        "UPDATE sessions SET turn = ?, updated = ? WHERE session_id = ?",
+        (new_turn, now, session_id),
+    )
+    return new_turn
 
 
 def _session_row(conn: sqlite3.Connection, session_id: str) -> tuple[Any, ...] | None:
