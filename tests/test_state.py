@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import random
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -401,3 +404,383 @@ def test_SessionStore_concurrent_sessions_never_lose_updates(
     options = {"clock": trio.testing.MockClock(autojump_threshold=0)} if backend == "trio" else {}
     with _fresh_db() as path:
         anyio.run(_run_schedule, path, schedule, backend=backend, backend_options=options)
+
+
+# ------------------------------------------------------------------ group commit
+
+
+@attrs.define
+class _Hold:
+    entered: threading.Event = attrs.field(factory=threading.Event)
+    release: threading.Event = attrs.field(factory=threading.Event)
+
+
+@attrs.define
+class _Gate:
+    """A store clock that can hold the next write in the worker thread (mid-transaction).
+
+    The store calls its clock inside the transaction, so ``hold()`` parks the next
+    write (and the store's connection) until ``release`` is set.
+    """
+
+    holds: collections.deque[_Hold] = attrs.field(factory=collections.deque)
+    taken: list[_Hold] = attrs.field(factory=list)
+    now: float = 1000.0
+
+    def hold(self) -> _Hold:
+        hold = _Hold()
+        self.holds.append(hold)
+        return hold
+
+    def __call__(self) -> float:
+        if self.holds:
+            hold = self.holds.popleft()
+            self.taken.append(hold)
+            hold.entered.set()
+            assert hold.release.wait(10), "the test never released the write"
+        self.now += 1
+        return self.now
+
+    def release_all(self) -> None:
+        for hold in [*self.taken, *self.holds]:
+            hold.release.set()
+
+
+async def _entered(hold: _Hold) -> None:
+    """Wait until the held write is in the worker thread."""
+    assert await anyio.to_thread.run_sync(hold.entered.wait, 10)
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    """Let other tasks (and threads) run until ``predicate()`` holds.
+
+    Polls with checkpoints, bounded in real time only so that a hang fails the test
+    (virtual time would jump while a worker thread runs).
+    """
+    give_up = time.monotonic() + 10
+    while not predicate():
+        if time.monotonic() > give_up:
+            pytest.fail("condition never became true")  # pragma: no cover
+        await anyio.lowlevel.checkpoint()
+
+
+@attrs.define
+class _Call:
+    """One ``record_action`` call in its own cancel scope, and what became of it."""
+
+    scope: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
+    outcome: Any = None  # the turn, an exception, or "cancelled"
+    finished: bool = False
+
+
+def _start(
+    tg: Any, store: SessionStore, sid: str, text: str, log: list[str] | None = None, **kw: Any
+) -> _Call:
+    """Start ``record_action(sid, ...)``; ``log`` gets ``text`` as the call queues it."""
+    call = _Call()
+
+    async def run() -> None:
+        with call.scope:
+            try:
+                if log is not None:
+                    log.append(text)  # no checkpoint between this and the queueing
+                call.outcome = await store.record_action(sid, **{**_action(text), **kw})
+            except SessionError as exc:
+                call.outcome = exc
+        if call.scope.cancelled_caught:
+            call.outcome = "cancelled"
+        call.finished = True
+
+    tg.start_soon(run)
+    return call
+
+
+@contextlib.asynccontextmanager
+async def _gated(db: Path, *sessions: str) -> AsyncIterator[tuple[SessionStore, _Gate, Any]]:
+    """A store in thread mode with a gate clock, its sessions, and a task group."""
+    gate = _Gate()
+    async with SessionStore.open(db, clock=gate, synchronous="NORMAL") as store:
+        for sid in sessions:
+            await store.ensure_session(sid)
+        try:
+            async with anyio.create_task_group() as tg:
+                yield store, gate, tg
+        finally:
+            gate.release_all()
+
+
+async def _texts(store: SessionStore, sid: str) -> list[str]:
+    return [e.action_text for e in await store.transcript(sid)]
+
+
+async def test_SessionStore_batches_concurrent_actions_on_the_loop(db: Path) -> None:
+    submitted: dict[str, list[str]] = {f"s{i}": [] for i in range(4)}
+    async with SessionStore.open(db, in_thread=False) as store:
+        for sid in submitted:
+            await store.ensure_session(sid)
+        turns: dict[str, int] = {}
+
+        async def one(sid: str, k: int) -> None:
+            submitted[sid].append(f"{sid} a{k}")  # no checkpoint before the call queues it
+            turns[f"{sid} a{k}"] = await store.record_action(sid, **_action(f"{sid} a{k}", k=k))
+
+        async with anyio.create_task_group() as tg:
+            for k in range(5):
+                for sid in submitted:
+                    tg.start_soon(one, sid, k)
+        stats = store.statistics()
+        # every caller queued during the first flusher's scheduling point: one transaction
+        assert (stats.batches, stats.largest_batch, stats.actions_written) == (1, 20, 20)
+        assert (stats.pending, stats.withdrawn, stats.flushing) == (0, 0, False)
+        for sid, texts in submitted.items():
+            assert await _texts(store, sid) == texts  # submission order per session
+            assert [turns[t] for t in texts] == [1, 2, 3, 4, 5]
+            assert (await store.get_session(sid)).turn == 5
+
+
+async def test_SessionStore_callers_during_a_flush_wait_for_the_next_batch(db: Path) -> None:
+    async with _gated(db, "s0", "s1", "s2") as (store, gate, tg):
+        hold = gate.hold()
+        first = _start(tg, store, "s0", "first")
+        await _entered(hold)
+        assert store.statistics().batches == 1
+        log: list[str] = []
+        calls = [_start(tg, store, f"s{1 + i % 2}", f"later {i}", log) for i in range(10)]
+        await _until(lambda: store.statistics().pending == 10)
+        # they queue behind the flush in the thread instead of starting thread jobs
+        assert store.statistics().batches == 1 and store.statistics().flushing
+        assert not first.finished and not any(c.finished for c in calls)
+        hold.release.set()
+        await _until(lambda: all(c.finished for c in [first, *calls]))
+    stats = store.statistics()
+    assert (stats.batches, stats.largest_batch, stats.actions_written) == (2, 10, 11)
+    assert (stats.pending, stats.flushing) == (0, False)
+    assert first.outcome == 1
+    async with SessionStore.open(db) as store:
+        for sid in ("s1", "s2"):
+            mine = [t for t in log if int(t.split()[1]) % 2 == int(sid[1]) - 1]
+            assert await _texts(store, sid) == mine  # submission order
+            assert [calls[int(t.split()[1])].outcome for t in mine] == [1, 2, 3, 4, 5]
+
+
+async def test_SessionStore_a_failing_action_fails_alone_in_its_batch(db: Path) -> None:
+    async with SessionStore.open(db) as store:
+        for sid in ("s0", "s1", "s2"):
+            await store.ensure_session(sid)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute(  # fails halfway through an action: after its transcript row
+            "CREATE TRIGGER curse BEFORE INSERT ON state WHEN NEW.key = 'cursed'"
+            " BEGIN SELECT RAISE(ABORT, 'cursed key'); END"
+        )
+    async with _gated(db) as (store, gate, tg):
+        hold = gate.hold()
+        _start(tg, store, "s0", "first")
+        await _entered(hold)
+        plan = [
+            ("s1", "a", {"turn_expected": 0}),
+            ("ghost", "b", {}),
+            ("s1", "c", {"turn_expected": 0}),  # a comes first: s1 is at turn 1 then
+            ("s2", "d", {}),
+            ("s1", "e", {"state_changes": {"mark": 1, "cursed": 1}}),
+            ("s1", "f", {"state_changes": {"hp": 3}}),
+        ]
+        calls = []
+        for n, (sid, text, kw) in enumerate(plan, 1):
+            action = {**_action(text), **kw}
+            turn_expected = action.pop("turn_expected", None)
+            call = _Call()
+            calls.append(call)
+
+            async def run(
+                call: _Call = call,
+                sid: str = sid,
+                action: Any = action,
+                te: int | None = turn_expected,
+            ) -> None:
+                try:
+                    call.outcome = await store.record_action(sid, turn_expected=te, **action)
+                except SessionError as exc:
+                    call.outcome = exc
+                call.finished = True
+
+            tg.start_soon(run)
+            await _until(lambda n=n: store.statistics().pending == n)
+        hold.release.set()
+        await _until(lambda: all(c.finished for c in calls))
+        a, b, c, d, e, f = (call.outcome for call in calls)
+        assert (a, d, f) == (1, 1, 2)
+        assert isinstance(b, SessionError) and "unknown session 'ghost'" in str(b)
+        assert isinstance(c, SessionError) and "at turn 1, not 0" in str(c)
+        assert isinstance(e, SessionError) and "cursed key" in str(e)
+        assert isinstance(e.__cause__, sqlite3.IntegrityError)
+        stats = store.statistics()
+        assert (stats.batches, stats.largest_batch, stats.actions_written) == (2, 6, 4)
+        # e's transcript row and its "mark" were written before the failure: rolled back
+        assert await _texts(store, "s1") == ["a", "f"]
+        assert (await store.get_session("s1")).state == {"hp": 3}
+        assert await _texts(store, "s2") == ["d"]
+
+
+async def test_SessionStore_a_transaction_failure_fails_the_whole_batch(db: Path) -> None:
+    async with SessionStore.open(db) as store:
+        for sid in ("s0", "s1"):
+            await store.ensure_session(sid)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute(  # like a full disk: SQLite rolls the whole transaction back
+            "CREATE TRIGGER doom BEFORE INSERT ON state WHEN NEW.key = 'doom'"
+            " BEGIN SELECT RAISE(ROLLBACK, 'doomed'); END"
+        )
+    async with _gated(db) as (store, gate, tg):
+        hold = gate.hold()
+        _start(tg, store, "s0", "first")
+        await _entered(hold)
+        calls = []
+        for n, changes in enumerate([{"hp": 1}, {"doom": 1}, {"hp": 2}], 1):
+            calls.append(_start(tg, store, "s1", f"x{n}", **{"state_changes": changes}))
+            await _until(lambda n=n: store.statistics().pending == n)
+        hold.release.set()
+        await _until(lambda: all(c.finished for c in calls))
+        for call in calls:
+            assert isinstance(call.outcome, SessionError)
+            assert "doomed" in str(call.outcome) and "whole batch of 3" in str(call.outcome)
+        assert await store.count_actions("s1") == 0
+        assert store.statistics().actions_written == 1
+        assert await store.record_action("s1", **_action("after", hp=9)) == 1  # still usable
+        assert (await store.get_session("s1")).state == {"hp": 9}
+
+
+# ------------------------------------------------------------------ group commit: cancellation
+
+
+async def test_SessionStore_cancelled_while_queued_is_never_written(db: Path) -> None:
+    async with _gated(db, "s0", "s1") as (store, gate, tg):
+        hold = gate.hold()
+        first = _start(tg, store, "s0", "first")
+        await _entered(hold)
+        a = _start(tg, store, "s1", "a")
+        await _until(lambda: store.statistics().pending == 1)
+        b = _start(tg, store, "s1", "b")
+        await _until(lambda: store.statistics().pending == 2)
+        a.scope.cancel()
+        # a queued caller leaves at once: it does not wait for the batch in the thread
+        await _until(lambda: a.finished)
+        assert a.outcome == "cancelled" and not first.finished
+        stats = store.statistics()
+        assert (stats.pending, stats.withdrawn, stats.flushing) == (1, 1, True)
+        hold.release.set()
+        await _until(lambda: first.finished and b.finished)
+    assert (first.outcome, b.outcome) == (1, 1)  # b took turn 1: a is absent
+    async with SessionStore.open(db) as store:
+        assert await _texts(store, "s1") == ["b"]
+
+
+@pytest.mark.parametrize("victim", ["flusher", "waiter"])
+async def test_SessionStore_cancelled_in_the_thread_completes_the_write(
+    db: Path, victim: str
+) -> None:
+    async with _gated(db, "s0", "s1") as (store, gate, tg):
+        hold1 = gate.hold()
+        first = _start(tg, store, "s0", "first")
+        await _entered(hold1)
+        a = _start(tg, store, "s1", "a")  # will flush the second batch
+        await _until(lambda: store.statistics().pending == 1)
+        b = _start(tg, store, "s1", "b")  # rides in a's batch
+        await _until(lambda: store.statistics().pending == 2)
+        hold2 = gate.hold()
+        hold1.release.set()
+        await _entered(hold2)
+        await _until(lambda: first.finished)
+        assert store.statistics().batches == 2 and store.statistics().pending == 0
+        cancelled, other = (a, b) if victim == "flusher" else (b, a)
+        cancelled.scope.cancel()
+        for _ in range(50):
+            await anyio.lowlevel.checkpoint()
+        assert not cancelled.finished  # waits for its transaction, shielded
+        hold2.release.set()
+        await _until(lambda: a.finished and b.finished)
+        assert cancelled.outcome == "cancelled"
+        assert other.outcome == (1 if other is a else 2)
+        assert await _texts(store, "s1") == ["a", "b"]  # both written, in order
+        assert store.statistics().actions_written == 3
+
+
+async def test_SessionStore_cancelled_flusher_in_the_thread_hands_over(db: Path) -> None:
+    async with _gated(db, "s0", "s1") as (store, gate, tg):
+        hold = gate.hold()
+        first = _start(tg, store, "s0", "first")
+        await _entered(hold)
+        calls = [_start(tg, store, "s1", f"q{i}") for i in range(3)]
+        await _until(lambda: store.statistics().pending == 3)
+        first.scope.cancel()
+        for _ in range(50):
+            await anyio.lowlevel.checkpoint()
+        assert not first.finished
+        hold.release.set()
+        await _until(lambda: all(c.finished for c in [first, *calls]))
+        assert first.outcome == "cancelled"
+        assert await _texts(store, "s0") == ["first"]  # written all the same
+        assert sorted(c.outcome for c in calls) == [1, 2, 3]  # the queue was flushed
+        stats = store.statistics()
+        assert (stats.batches, stats.largest_batch, stats.flushing) == (2, 3, False)
+
+
+async def test_SessionStore_flusher_cancelled_before_taking_the_batch_hands_over(
+    db: Path,
+) -> None:
+    async with _gated(db, "s1") as (store, gate, tg):
+        hold = gate.hold()
+        busy = _Call()
+
+        async def create() -> None:  # holds the connection in the thread
+            await store.ensure_session("new")
+            busy.finished = True
+
+        tg.start_soon(create)
+        await _entered(hold)
+        a = _start(tg, store, "s1", "a")  # the flusher, waiting for the connection
+        await _until(lambda: store.statistics().pending == 1)
+        assert store.statistics().flushing
+        b = _start(tg, store, "s1", "b")
+        await _until(lambda: store.statistics().pending == 2)
+        c = _start(tg, store, "s1", "c")
+        await _until(lambda: store.statistics().pending == 3)
+        a.scope.cancel()
+        await _until(lambda: a.finished)
+        assert a.outcome == "cancelled"
+        stats = store.statistics()
+        assert (stats.pending, stats.withdrawn, stats.flushing, stats.batches) == (2, 1, True, 0)
+        hold.release.set()
+        await _until(lambda: busy.finished and b.finished and c.finished)
+        assert (b.outcome, c.outcome) == (1, 2)
+        assert await _texts(store, "s1") == ["b", "c"]
+        stats = store.statistics()
+        assert (stats.batches, stats.largest_batch, stats.flushing) == (1, 2, False)
+
+
+async def test_SessionStore_promoted_caller_cancelled_before_it_runs(db: Path) -> None:
+    async with _gated(db, "s0", "s1") as (store, gate, tg):
+        hold = gate.hold()
+        a = _Call()
+        b = _Call()
+
+        async def first() -> None:
+            await store.record_action("s0", **_action("first"))
+            # the flush just promoted a (the oldest queued); cancel it before it runs
+            a.scope.cancel()
+
+        tg.start_soon(first)
+        await _entered(hold)
+        a = _start(tg, store, "s1", "a")
+        await _until(lambda: store.statistics().pending == 1)
+        b = _start(tg, store, "s1", "b")
+        await _until(lambda: store.statistics().pending == 2)
+        hold.release.set()
+        await _until(lambda: a.finished and b.finished)
+        assert a.outcome == "cancelled"
+        texts = await _texts(store, "s1")
+        # a was promoted but its action still only queued when Cancelled arrived:
+        # it withdrew and handed the flusher role to b
+        assert texts == ["b"] and b.outcome == 1
+        stats = store.statistics()
+        assert (stats.withdrawn, stats.batches, stats.largest_batch) == (1, 2, 1)
+        assert store.statistics().flushing is False
