@@ -41,6 +41,8 @@ def render_waterfall(root: Span, width: int = 40) -> Text:
         lead = int(start * width)
         bar = max(1, round(length * width))
         label = span.name + (f" {span.attributes['agent']}" if "agent" in span.attributes else "")
+        if span.attributes.get("attempt", 1) != 1:
+            label += " (hedge)"
         text.append(f"{'  ' * depth}{label:<{_LABEL - 2 * depth}.{_LABEL - 2 * depth}} ")
         text.append(" " * lead)
         text.append("█" * bar, style="red" if id(span) in on_path else "blue")

@@ -172,7 +172,9 @@ def waterfall_svg(root: Span, *, width: int = 900) -> str:
     ]
     for i, (depth, span) in enumerate(spans):
         y0 = top + i * row
-        detail = span.attributes.get("agent", "")
+        detail = str(span.attributes.get("agent", ""))
+        if span.attributes.get("attempt", 1) != 1:
+            detail += " (hedge)"
         label = f"{span.name} {detail}".strip()
         offset = span.start - root.start
         end = span.end if span.end is not None else root.end
