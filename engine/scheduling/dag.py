@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import attrs
@@ -30,60 +31,69 @@ class RequestGraph:
     def build(cls, requests: Sequence[AgentRequest]) -> RequestGraph:
         """Validate ``requests`` in O(nodes + edges).
 
+        The structure depends only on the ids and dependencies, so it is memoized
+        by them: an engine runs the same few DAG shapes over and over.
+
         Raises:
             DependencyError: a duplicate id, a dependency on an unknown id, or a
                 cycle; the message names the offending ids.
         """
-        index: dict[str, int] = {}
-        duplicates: list[str] = []
-        for i, request in enumerate(requests):
-            if request.id in index:
-                duplicates.append(request.id)
-            index[request.id] = i
-        if duplicates:
-            raise DependencyError(f"duplicate request ids: {sorted(set(duplicates))}", duplicates)
+        shape = _shape(tuple((r.id, r.depends_on) for r in requests))
+        return cls(tuple(requests), *shape)
 
-        parents: list[tuple[int, ...]] = []
-        children: list[list[int]] = [[] for _ in requests]
-        unknown: list[str] = []
-        for i, request in enumerate(requests):
-            deps: list[int] = []
-            for dep in dict.fromkeys(request.depends_on):  # ignore repeated names
-                j = index.get(dep)
-                if j is None:
-                    unknown.append(f"{request.id} -> {dep}")
-                    continue
-                deps.append(j)
-                children[j].append(i)
-            parents.append(tuple(deps))
-        if unknown:
-            raise DependencyError(f"unknown dependencies: {', '.join(unknown)}", unknown)
 
-        # Kahn's algorithm, one level at a time.
-        remaining = [len(p) for p in parents]
-        level = [i for i, n in enumerate(remaining) if n == 0]
-        levels: list[tuple[int, ...]] = []
-        seen = 0
-        while level:
-            levels.append(tuple(level))
-            seen += len(level)
-            nxt: list[int] = []
-            for i in level:
-                for child in children[i]:
-                    remaining[child] -= 1
-                    if remaining[child] == 0:
-                        nxt.append(child)
-            level = sorted(nxt)
-        if seen != len(requests):
-            stuck = {requests[i].id: requests[i].depends_on for i, n in enumerate(remaining) if n}
-            cycle = find_cycle(stuck)
-            raise DependencyError(f"dependency cycle: {' -> '.join(cycle)}", cycle[:-1])
-        return cls(
-            requests=tuple(requests),
-            parents=tuple(parents),
-            children=tuple(tuple(c) for c in children),
-            levels=tuple(levels),
-        )
+_Shape = tuple[
+    tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]
+]
+
+
+@functools.lru_cache(maxsize=256)
+def _shape(nodes: tuple[tuple[str, tuple[str, ...]], ...]) -> _Shape:
+    """(parents, children, levels) of the graph of (id, depends_on) pairs."""
+    index: dict[str, int] = {}
+    duplicates: list[str] = []
+    for i, (rid, _) in enumerate(nodes):
+        if rid in index:
+            duplicates.append(rid)
+        index[rid] = i
+    if duplicates:
+        raise DependencyError(f"duplicate request ids: {sorted(set(duplicates))}", duplicates)
+
+    parents: list[tuple[int, ...]] = []
+    children: list[list[int]] = [[] for _ in nodes]
+    unknown: list[str] = []
+    for i, (rid, depends_on) in enumerate(nodes):
+        deps: list[int] = []
+        for dep in dict.fromkeys(depends_on):  # ignore repeated names
+            j = index.get(dep)
+            if j is None:
+                unknown.append(f"{rid} -> {dep}")
+                continue
+            deps.append(j)
+            children[j].append(i)
+        parents.append(tuple(deps))
+    if unknown:
+        raise DependencyError(f"unknown dependencies: {', '.join(unknown)}", unknown)
+
+    # Kahn's algorithm, one level at a time.
+    remaining = [len(p) for p in parents]
+    level = [i for i, n in enumerate(remaining) if n == 0]
+    levels: list[tuple[int, ...]] = []
+    seen = 0
+    while level:
+        levels.append(tuple(level))
+        seen += len(level)
+        nxt: list[int] = []
+        for i in level:
+            for child in children[i]:
+                remaining[child] -= 1
+                if remaining[child] == 0:
+                    nxt.append(child)
+        level = sorted(nxt)
+    if seen != len(nodes):
+        cycle = find_cycle({nodes[i][0]: nodes[i][1] for i, n in enumerate(remaining) if n})
+        raise DependencyError(f"dependency cycle: {' -> '.join(cycle)}", cycle[:-1])
+    return tuple(parents), tuple(tuple(c) for c in children), tuple(levels)
 
 
 def analyze_dependencies(requests: Sequence[AgentRequest]) -> list[list[AgentRequest]]:

@@ -250,7 +250,7 @@ class ParallelAgentExecutor:
         admitted: float | None = None
         outcome = _Outcome()
         borrower = object()
-        with anyio.move_on_after(timeout) as scope:
+        with anyio.CancelScope(deadline=ready_at + timeout) as scope:
             if not _try_acquire(limiter, borrower):  # fast path: a free token, nobody waiting
                 await limiter.acquire_on_behalf_of(borrower)
             admitted = anyio.current_time()
