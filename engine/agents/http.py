@@ -45,6 +45,7 @@ import httpx
 from ..config import AgentConfig
 from ..errors import AgentError, ConfigError
 from .base import Agent, AgentRequest
+from .retry import RetryPolicy, parse_retry_after, retryable
 
 __all__ = [
     "DEFAULT_PROMPTS",
@@ -93,7 +94,6 @@ _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _NO_HTTPX_TIMEOUT = httpx.Timeout(None)  # deadlines are cancel scopes
 # transient transport failures; a misconfigured URL or proxy is not retried
 _TRANSIENT = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.TimeoutException)
-_RETRY_AFTER_SECONDS = re.compile(r"\s*(\d+(?:\.\d+)?)\s*")
 
 
 class HTTPAgentError(AgentError):
@@ -138,49 +138,6 @@ def _to_secret(value: str | _Secret | None) -> _Secret | None:
     if value is None or isinstance(value, _Secret):
         return value
     return _Secret(value)
-
-
-def _at_least(minimum: float) -> Any:
-    def check(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
-        if value < minimum:
-            raise ValueError(f"{attr.name} must be >= {minimum}, got {value!r}")
-
-    return check
-
-
-@attrs.frozen
-class RetryPolicy:
-    """When and how long to wait before retrying a failed request.
-
-    The wait before retry ``n`` (1-based) is drawn uniformly from ``[d/2, d]`` with
-    ``d = min(max_backoff, initial_backoff * multiplier ** (n - 1))`` ("equal jitter");
-    a ``Retry-After`` header raises it to at least the server's figure. A server asking
-    for more than ``max_retry_after`` seconds is not retried.
-    """
-
-    max_attempts: int = attrs.field(default=4, validator=_at_least(1))
-    initial_backoff: float = attrs.field(default=0.25, validator=_at_least(0.0))
-    max_backoff: float = attrs.field(default=4.0, validator=_at_least(0.0))
-    multiplier: float = attrs.field(default=2.0, validator=_at_least(1.0))
-    max_retry_after: float = attrs.field(default=60.0, validator=_at_least(0.0))
-
-    def wait(self, retry: int, retry_after: float | None, rng: random.Random) -> float:
-        """Seconds to wait before retry number ``retry`` (1-based)."""
-        d = min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry - 1))
-        backoff = d / 2 + rng.uniform(0.0, d / 2)
-        return backoff if retry_after is None else max(retry_after, backoff)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """The seconds form of ``Retry-After``; None when absent or an HTTP date (not used)."""
-    if value is None:
-        return None
-    match = _RETRY_AFTER_SECONDS.fullmatch(value)
-    return float(match.group(1)) if match else None
-
-
-def _retryable(status: int) -> bool:
-    return status in (408, 429) or 500 <= status <= 599
 
 
 def _render(template: str, values: Mapping[str, str]) -> str:
@@ -321,7 +278,7 @@ class _HTTPAgent:
                 if 200 <= status <= 299:
                     return self._decode(content), attempt
                 failure = f"HTTP {status}: {self._snippet(content)}"
-                if not _retryable(status):
+                if not retryable(status):
                     raise HTTPAgentError(f"{self._who}: {failure}", status=status, attempts=attempt)
             if attempt >= self.retry.max_attempts:
                 raise HTTPAgentError(
