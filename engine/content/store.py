@@ -4,10 +4,8 @@ Opening a module reads only its ``meta`` table and the catalogue entries of the 
 chunks with keys (adventure locations and NPCs, for the builder's boosts). Other
 catalogue entries (id, section, title, tokens, keys, digest) come with the search
 hits that name them, and chunk text is fetched on demand; the whole catalogue is
-read only when something iterates it or looks up an id no query has returned yet. A compiled file is named after the
-module and a fingerprint of its sources, so an unchanged module is opened at once and
-a changed one is recompiled; compilation writes a temporary file in the same folder
-and renames it into place, so a half-compiled file is never opened.
+read only when something iterates it or looks up an id no query has returned yet.
+Compiling (and recompiling when the sources change) is ``compiler.py``'s part.
 
 Threads: one ``sqlite3`` connection per store, ``check_same_thread=False``, every use
 under a ``threading.Lock``, every query in ``anyio.to_thread.run_sync``. anyio's worker
@@ -21,14 +19,11 @@ in the middle of a context build (the virtual-time benchmark uses this mode).
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import itertools
 import os
 import sqlite3
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -40,20 +35,12 @@ import anyio.to_thread
 import attrs
 
 from ..errors import LoadError, ModuleError
+from .compiler import compile_module, connect_read_only, locate_module, read_meta
 from .sources import (
     ADVENTURE_SECTIONS,
-    FORMAT_VERSION,
     SRD_SECTIONS,
     Chunk,
-    adventure_chunks,
-    adventure_fingerprint,
-    bundled_adventure_dir,
-    find_srd_dir,
-    slug,
-    srd_chunks,
-    srd_fingerprint,
 )
-from .tokens import DEFAULT_COUNTER
 
 if TYPE_CHECKING:
     from ..config import ModuleConfig
@@ -67,7 +54,6 @@ __all__ = [
     "open_module",
 ]
 
-SCHEMA_VERSION: Final = "dm-engine-module-2"
 _STOPWORDS: Final = frozenset(
     [
         "a",
@@ -174,119 +160,6 @@ def fts_query(text: str) -> str:
     # adjacent pairs as phrases too: a chunk saying "hold person" beats one saying "hold"
     phrases = [f"{a} {b}" for a, b in itertools.pairwise(words)]
     return " OR ".join(f'"{t}"' for t in words + phrases)
-
-
-_SCHEMA = """
-CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE chunks(
-    rowid INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, section TEXT NOT NULL,
-    title TEXT NOT NULL, keys TEXT NOT NULL, tokens INTEGER NOT NULL, units INTEGER NOT NULL,
-    source TEXT NOT NULL, digest TEXT NOT NULL, text TEXT NOT NULL);
-CREATE INDEX chunks_section ON chunks(section);
-CREATE TABLE chunk_keys(key TEXT NOT NULL, chunk INTEGER NOT NULL, PRIMARY KEY (key, chunk))
-    WITHOUT ROWID;
-CREATE VIRTUAL TABLE chunks_fts USING fts5(
-    title, keys, text, content='chunks', content_rowid='rowid',
-    tokenize='porter unicode61');
-"""
-
-
-def _write(path: Path, name: str, fingerprint: str, chunks: Iterable[Chunk]) -> int:
-    conn = sqlite3.connect(path)
-    try:
-        conn.executescript(_SCHEMA)
-        n = 0
-        seen: set[str] = set()
-        sections: dict[str, None] = {}
-        with conn:
-            for c in chunks:
-                if c.id in seen:
-                    raise ModuleError(f"module {name!r}: duplicate chunk id {c.id!r} ({c.source})")
-                seen.add(c.id)
-                sections[c.section] = None
-                n += 1
-                conn.execute(
-                    "INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        n,
-                        c.id,
-                        c.section,
-                        c.title,
-                        "\n".join(c.keys),
-                        c.tokens,
-                        DEFAULT_COUNTER.units(c.text),
-                        c.source,
-                        c.digest,
-                        c.text,
-                    ),
-                )
-                conn.executemany(
-                    "INSERT OR IGNORE INTO chunk_keys VALUES (?, ?)", [(k, n) for k in c.keys]
-                )
-            conn.execute(
-                "INSERT INTO chunks_fts(rowid, title, keys, text) "
-                "SELECT rowid, title, keys, text FROM chunks"
-            )
-            conn.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('optimize')")
-            conn.executemany(
-                "INSERT INTO meta VALUES (?, ?)",
-                [
-                    ("schema", SCHEMA_VERSION),
-                    ("name", name),
-                    ("fingerprint", fingerprint),
-                    ("counter", DEFAULT_COUNTER.name),
-                    ("chunks", str(n)),
-                    ("sections", "\n".join(sections)),
-                ],
-            )
-        conn.execute("VACUUM")
-        return n
-    finally:
-        conn.close()
-
-
-def compile_module(path: Path, name: str, fingerprint: str, chunks: Iterable[Chunk]) -> None:
-    """Write ``chunks`` to ``path`` atomically: a temp file in the same folder, then rename.
-
-    Raises:
-        ModuleError: the folder is not writable or a source is malformed (nothing is
-            left behind: the temp file is removed).
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise ModuleError(f"{path.parent}: cannot write compiled modules here: {e}") from e
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        _write(tmp, name, fingerprint, chunks)
-        os.replace(tmp, path)
-    except sqlite3.Error as e:
-        raise ModuleError(f"{path}: compiling module {name!r} failed: {e}") from e
-    except OSError as e:
-        raise ModuleError(f"{path}: cannot write compiled module: {e}") from e
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def _connect_ro(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
-
-
-def _read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str]:
-    """The meta table; ModuleError when the file is not a compiled module."""
-    try:
-        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-    except sqlite3.Error as e:
-        raise ModuleError(f"{path}: not a compiled dm-engine module ({e})") from e
-    if meta.get("schema") != SCHEMA_VERSION:
-        raise ModuleError(
-            f"{path}: not a compiled dm-engine module (schema {meta.get('schema')!r}, "
-            f"expected {SCHEMA_VERSION!r})"
-        )
-    return meta
 
 
 _COLUMNS: Final = "c.id, c.section, c.title, c.tokens, c.keys, c.digest, c.rowid, c.units"
@@ -566,87 +439,13 @@ class ModuleStore:
         await self.aclose()
 
 
-def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dm-engine"
-
-
-def _plan(name_or_path: str | os.PathLike[str], include_srd: bool) -> tuple[str, Path | None, bool]:
-    """(module name, adventure folder or None, include SRD)."""
-    spec = os.fspath(name_or_path)
-    if spec == "default":
-        return "default", bundled_adventure_dir(), include_srd
-    if spec == "srd":
-        return "srd", None, True
-    folder = Path(spec).expanduser()
-    if not folder.is_dir():
-        raise ModuleError(
-            f"{folder}: no such adventure folder (use 'default', 'srd', a folder of "
-            "Markdown files or a compiled .sqlite module)"
-        )
-    return slug(folder.resolve().name), folder, include_srd
-
-
-def _fingerprint(name: str, folder: Path | None, srd: Path | None) -> str:
-    h = hashlib.sha256(f"{SCHEMA_VERSION}|{FORMAT_VERSION}|{DEFAULT_COUNTER!r}|{name}".encode())
-    if folder is not None:
-        h.update(b"|adventure:" + adventure_fingerprint(folder).encode())
-    if srd is not None:
-        h.update(b"|srd:" + srd_fingerprint(srd).encode())
-    return h.hexdigest()
-
-
-def _prepare(
-    name_or_path: str | os.PathLike[str],
-    include_srd: bool,
-    cache_dir_option: str | os.PathLike[str] | None,
-) -> tuple[Path, bool]:
-    """Locate (compiling if needed) the module file; (path, is a user-given file)."""
-    cache_dir = Path(cache_dir_option).expanduser() if cache_dir_option else _default_cache_dir()
-    spec = os.fspath(name_or_path)
-    if spec.endswith((".sqlite", ".db")) and Path(spec).is_file():
-        return Path(spec), True
-    name, folder, with_srd = _plan(spec, include_srd)
-    srd = find_srd_dir() if with_srd else None
-    fp = _fingerprint(name, folder, srd)
-    path = cache_dir / f"{name}-{fp[:24]}.sqlite"
-    if path.is_file() and _valid_cache(path, fp):
-        return path, False
-
-    def chunks() -> Iterator[Chunk]:
-        if folder is not None:
-            yield from adventure_chunks(folder, name)
-        if srd is not None:
-            yield from srd_chunks(srd)
-
-    compile_module(path, name, fp, chunks())
-    for old in cache_dir.glob(f"{name}-*.sqlite"):  # superseded versions of this module
-        if old != path:
-            with contextlib.suppress(OSError):
-                old.unlink()
-    return path, False
-
-
-def _valid_cache(path: Path, fp: str) -> bool:
-    """A cached file is reused only when it is a complete module with our fingerprint;
-    anything else (corrupt, foreign) is recompiled over."""
-    try:
-        conn = _connect_ro(path)
-        try:
-            return _read_meta(conn, path).get("fingerprint") == fp
-        finally:
-            conn.close()
-    except (sqlite3.Error, ModuleError):
-        return False
-
-
 def _open(path: Path, query_in_thread: bool = True) -> ModuleStore:
     try:
-        conn = _connect_ro(path)
+        conn = connect_read_only(path)
     except sqlite3.Error as e:
         raise ModuleError(f"{path}: cannot open module file: {e}") from e
     try:
-        meta = _read_meta(conn, path)
+        meta = read_meta(conn, path)
         try:
             rows = conn.execute(
                 f"SELECT {_COLUMNS}, k.key FROM chunk_keys AS k JOIN chunks AS c "
@@ -697,7 +496,7 @@ async def open_module(
     opened: list[ModuleStore] = []
 
     def open_into() -> None:  # one worker-thread trip: locate (or compile), then open
-        path, _ = _prepare(name_or_path, include_srd, cache_dir)
+        path, _ = locate_module(name_or_path, include_srd, cache_dir)
         opened.append(_open(path, query_in_thread))
 
     try:
