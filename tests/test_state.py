@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 import attrs
 import pytest
@@ -784,3 +785,134 @@ async def test_SessionStore_promoted_caller_cancelled_before_it_runs(db: Path) -
         stats = store.statistics()
         assert (stats.withdrawn, stats.batches, stats.largest_batch) == (1, 2, 1)
         assert store.statistics().flushing is False
+
+
+# ------------------------------------------------------------------ property: group commit
+
+
+@attrs.frozen
+class _Sub:
+    submitter: int  # which of three tasks submits it (each submits its own in order)
+    session: int  # index into the sessions; -1: an unknown session (always fails)
+    yields: int  # checkpoints before submitting
+    cancel_after: int | None  # a canceller cancels the call after this many checkpoints
+
+
+_subs = st.builds(
+    _Sub,
+    submitter=st.integers(0, 2),
+    session=st.integers(-1, 2),
+    yields=st.integers(0, 3),
+    cancel_after=st.none() | st.integers(0, 6),
+).map(lambda s: attrs.evolve(s, cancel_after=None) if s.session < 0 else s)
+
+
+@contextlib.contextmanager
+def _watchdog(seconds: float) -> Iterator[anyio.CancelScope]:
+    """A cancel scope cancelled from a thread after ``seconds`` of REAL time.
+
+    Virtual time cannot catch a hang: with no deadline pending, the mock clock
+    never moves and the loop just sleeps.
+    """
+    token = anyio.lowlevel.current_token()
+    scope = anyio.CancelScope()
+
+    def fire() -> None:
+        with contextlib.suppress(Exception):  # the run may have ended meanwhile
+            anyio.from_thread.run_sync(scope.cancel, token=token)
+
+    timer = threading.Timer(seconds, fire)
+    timer.start()
+    try:
+        with scope:
+            yield scope
+    finally:
+        timer.cancel()
+
+
+async def _run_cancel_schedule(path: Path, subs: list[_Sub], in_thread: bool) -> None:
+    sessions = ["s0", "s1", "s2"]
+    seq = itertools.count()
+    outcome: dict[int, Any] = {}  # sub index -> turn, SessionError or "cancelled"
+    submitted: dict[int, int] = {}  # sub index -> submission sequence number
+
+    async with SessionStore.open(path, synchronous="NORMAL", in_thread=in_thread) as store:
+        for sid in sessions:
+            await store.ensure_session(sid)
+
+        async def canceller(scope: anyio.CancelScope, after: int) -> None:
+            for _ in range(after):
+                await anyio.lowlevel.checkpoint()
+            scope.cancel()
+
+        async def submitter(who: int, tg: Any) -> None:
+            for index, sub in enumerate(subs):
+                if sub.submitter != who:
+                    continue
+                for _ in range(sub.yields):
+                    await anyio.lowlevel.checkpoint()
+                sid = sessions[sub.session] if sub.session >= 0 else "ghost"
+                with anyio.CancelScope() as scope:
+                    if sub.cancel_after is not None:
+                        tg.start_soon(canceller, scope, sub.cancel_after)
+                    submitted[index] = number = next(seq)
+                    try:
+                        outcome[index] = await store.record_action(
+                            sid, **_action(f"{sid} #{number}", last=number)
+                        )
+                    except SessionError as exc:
+                        outcome[index] = exc
+                if scope.cancelled_caught:
+                    outcome[index] = "cancelled"
+
+        with _watchdog(5.0) as watchdog:
+            async with anyio.create_task_group() as tg:
+                for who in range(3):
+                    tg.start_soon(submitter, who, tg)
+        assert not watchdog.cancelled_caught, "the schedule hung"
+        assert len(outcome) == len(subs)  # nobody hung, everybody answered
+        stored: dict[int, tuple[str, int]] = {}  # submission number -> (session, turn)
+        for sid in sessions:
+            entries = await store.transcript(sid)
+            numbers = [int(e.action_text.split("#")[1]) for e in entries]
+            assert numbers == sorted(numbers)  # submission order per session
+            assert [e.turn for e in entries] == list(range(1, len(entries) + 1))
+            for e, number in zip(entries, numbers, strict=True):
+                assert number not in stored  # exactly once
+                stored[number] = (sid, e.turn)
+            state = await store.get_session(sid)
+            assert state.turn == len(entries) == await store.count_actions(sid)
+            assert state.state == ({"last": numbers[-1]} if numbers else {})
+
+        absent_cancelled = 0
+        for index, sub in enumerate(subs):
+            result, number = outcome[index], submitted[index]
+            if sub.session < 0:
+                assert isinstance(result, SessionError) and "unknown session" in str(result)
+                assert number not in stored
+            elif isinstance(result, int):  # returned: stored, at the turn it returned
+                assert stored[number] == (sessions[sub.session], result)
+            else:
+                assert result == "cancelled", result
+                absent_cancelled += number not in stored
+        stats = store.statistics()
+        # a cancelled call is absent exactly when it was withdrawn from the queue
+        assert stats.withdrawn == absent_cancelled
+        assert stats.actions_written == len(stored)
+        assert (stats.pending, stats.flushing) == (0, False)
+        assert stats.batches <= len(subs) - stats.withdrawn  # each takes an action
+
+
+@pytest.mark.parametrize("in_thread", [False, True], ids=["on-loop", "in-thread"])
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_SessionStore_group_commit_with_cancellations_matches_the_model(
+    backend: str, in_thread: bool, data: st.DataObject
+) -> None:
+    subs = data.draw(st.lists(_subs, max_size=14), label="subs")
+    options = {"clock": trio.testing.MockClock(autojump_threshold=0)} if backend == "trio" else {}
+    with _fresh_db() as path:
+        anyio.run(
+            _run_cancel_schedule, path, subs, in_thread, backend=backend, backend_options=options
+        )
