@@ -1,7 +1,8 @@
 """Throughput and latency of ``SessionStore.record_action`` under many concurrent sessions.
 
 Run: ``.venv/bin/python -m bench.bench_state`` (``--sessions N --actions K``,
-``--busy T`` to add T tasks that keep the event loop busy, ``--rounds R``).
+``--busy T`` to add T tasks that keep the event loop busy, ``--rounds R``,
+``--on-loop`` for ``in_thread=False``).
 
 Real time on trio: ``--sessions`` tasks each record ``--actions`` actions one after
 the other (the pipeline serializes a session's actions), all sessions at once,
@@ -34,9 +35,15 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-async def _run(path: Path, sync: str, sessions: int, actions: int, busy: int) -> dict[str, Any]:
+async def _run(
+    path: Path, sync: str, sessions: int, actions: int, busy: int, in_thread: bool
+) -> dict[str, Any]:
     latencies: list[float] = []
-    async with SessionStore.open(path, synchronous=sync) as store:  # type: ignore[arg-type]
+    async with SessionStore.open(
+        path,
+        synchronous=sync,  # type: ignore[arg-type]
+        **({} if in_thread else {"in_thread": False}),
+    ) as store:
         for i in range(sessions):
             await store.ensure_session(f"s{i}")
 
@@ -93,10 +100,13 @@ def main() -> None:
     parser.add_argument("--actions", type=int, default=3)
     parser.add_argument("--busy", type=int, default=0, help="extra CPU-burning tasks")
     parser.add_argument("--rounds", type=int, default=3, help="runs per mode (median shown)")
+    parser.add_argument(
+        "--on-loop", action="store_true", help="in_thread=False: SQLite on the event loop"
+    )
     args = parser.parse_args()
     print(
         f"{args.sessions} sessions x {args.actions} record_action, trio, "
-        f"busy tasks {args.busy}, median of {args.rounds} runs; latency in ms"
+        f"busy tasks {args.busy}, {'on the loop' if args.on_loop else 'in a thread'}, median of {args.rounds} runs; latency in ms"
     )
     for sync in ("FULL", "NORMAL"):
         runs = []
@@ -104,7 +114,13 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 runs.append(
                     trio.run(
-                        _run, Path(tmp) / "s.sqlite", sync, args.sessions, args.actions, args.busy
+                        _run,
+                        Path(tmp) / "s.sqlite",
+                        sync,
+                        args.sessions,
+                        args.actions,
+                        args.busy,
+                        not args.on_loop,
                     )
                 )
         med = {k: statistics.median(r[k] for r in runs) for k in ("wall", "rate", "p50", "p95")}
