@@ -1,9 +1,13 @@
-"""Durable session state: one SQLite file (WAL), one transaction per player action.
+"""Durable session state: one SQLite file (WAL), each player action all-or-nothing.
 
 The store keeps, per session, a turn counter, a transcript row per action and a
 key/value table of game state that agents change. ``record_action`` writes all
-three in ONE transaction, so after any crash a session's turn counter equals its
-number of transcript rows and every recorded action's state changes are applied.
+three atomically, so after any crash a session's turn counter equals its number of
+transcript rows and every recorded action's state changes are applied.
+
+Concurrent ``record_action`` calls are group-committed: one caller (the flusher)
+writes every queued action in ONE transaction, each in its own SAVEPOINT, and each
+caller returns once the transaction holding its action has committed.
 
 All SQLite work runs in a worker thread (``anyio.to_thread.run_sync``) on a single
 connection guarded by a lock; a per-store ``CapacityLimiter(1)`` keeps waiting
@@ -197,15 +201,19 @@ class SessionStore:
     """The durable session store; open it with ``async with SessionStore.open(path)``.
 
     Guarantees:
-        * ``record_action`` is one SQLite transaction: after it returns the action
+        * ``record_action`` is atomic: after it returns the action
           survives a crash of the process (and, with ``synchronous="FULL"``, the
           default, a power loss on honest disks); if it raises or the process dies
           before it returns, either all of the action is stored or none of it.
         * Concurrent calls (many sessions, or one session from several tasks) are
           serialized on one connection; none loses another's update.
-        * A cancelled call never leaves a half-written action: the worker thread is
-          not abandoned, so the transaction commits or rolls back before
-          ``Cancelled`` propagates.
+        * Concurrent ``record_action`` calls share transactions (group commit);
+          one action's failure rolls back that action only and is raised in its
+          caller only; one session's actions are applied in call order.
+        * A cancelled call never leaves a half-written action: an action still
+          queued is withdrawn unwritten; one being written is waited for (the
+          worker thread is not abandoned), so its transaction commits or rolls
+          back before ``Cancelled`` propagates.
     """
 
     path: Path
@@ -397,9 +405,11 @@ class SessionStore:
         state_changes: Mapping[str, Any],
         responses: Mapping[str, Any],
     ) -> int:
-        """Durably record one action in ONE transaction; return its turn number.
+        """Durably record one action, all-or-nothing; return its turn number.
 
-        The transaction inserts the transcript row, applies ``state_changes`` to the
+        Concurrent calls are written together in one transaction (group commit),
+        this action in its own SAVEPOINT; the call returns once that transaction
+        has committed. The action inserts the transcript row, applies ``state_changes`` to the
         session's state (a value of ``None`` deletes the key; any other value is
         stored as JSON) and bumps the turn counter. Nothing is written when it raises.
 
