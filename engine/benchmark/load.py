@@ -46,6 +46,7 @@ No loss:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import sys
@@ -338,7 +339,10 @@ async def run_load_test(
         raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
     if not think_time >= 0 or not math.isfinite(think_time):
         raise ValueError(f"think_time must be a finite number >= 0, got {think_time!r}")
-    if state_path is not None:
+    with contextlib.ExitStack() as stack:
+        if state_path is None:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="dm-load-"))
+            state_path = Path(folder) / "sessions.sqlite"
         return await _run(
             config,
             sessions,
@@ -346,16 +350,6 @@ async def run_load_test(
             time_scale,
             think_time,
             Path(state_path),
-            progress,
-        )
-    with tempfile.TemporaryDirectory(prefix="dm-load-") as tmp:
-        return await _run(
-            config,
-            sessions,
-            actions_per_session,
-            time_scale,
-            think_time,
-            Path(tmp) / "sessions.sqlite",
             progress,
         )
 

@@ -6,7 +6,6 @@ import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import anyio
 import attrs
 import pytest
 import trio
@@ -158,18 +157,6 @@ def test_bad_arguments() -> None:
 
 
 # ------------------------------------------------------------ on the real module
-
-
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("modules")
-
-    async def compile_() -> None:
-        s = await open_module("default", cache_dir=d)
-        await s.aclose()
-
-    anyio.run(compile_)
-    return d
 
 
 NAVE = req(

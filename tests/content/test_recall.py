@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
-import pytest
 
 from engine.agents.base import AgentRequest
 from engine.content.context import OptimizedContextBuilder
@@ -71,19 +70,6 @@ LABELLED: list[tuple[str, str, str | tuple[str, ...]]] = [
     ("what does exhaustion level 3 do", "question", "srd/conditions/exhaustion"),
     ("I hide behind the pillar", "exploration", "srd/rules/using-each-ability#hiding"),
 ]
-
-
-@pytest.fixture(scope="module")
-def srd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The SRD compiled once for this file."""
-    d = tmp_path_factory.mktemp("srd-recall")
-
-    async def compile_() -> None:
-        store = await open_module("srd", cache_dir=d)
-        await store.aclose()
-
-    anyio.run(compile_)
-    return d
 
 
 def test_labels_name_real_chunks(srd_dir: Path) -> None:

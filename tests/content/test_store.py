@@ -18,19 +18,6 @@ from engine.errors import LoadError, ModuleError
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default module (adventure + SRD), compiled once for this file."""
-    d = tmp_path_factory.mktemp("modules")
-
-    async def compile_() -> None:
-        s = await open_module("default", cache_dir=d)
-        await s.aclose()
-
-    anyio.run(compile_)
-    return d
-
-
 def _adventure_copy(tmp_path: Path) -> Path:
     folder = tmp_path / "emberfall"
     shutil.copytree(bundled_adventure_dir(), folder)
