@@ -89,7 +89,9 @@ class SimulatedAgent:
 
 def _gist(text: str, title: str, limit: int = 160) -> str:
     """The first sentence of a chunk's text, without the title line it starts with."""
-    lines = text.strip().splitlines()
+    # the first sentence (at most ``limit`` characters) lies within the first lines:
+    # look no further than needed, the context can be a few thousand tokens
+    lines = text.strip()[: 2 * limit + 200].splitlines()
     if lines and title and lines[0].strip().startswith((title, title.split(" > ")[-1])):
         lines = lines[1:]
     flat = " ".join(" ".join(lines).split())
