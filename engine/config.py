@@ -295,7 +295,7 @@ class ModuleConfig:
     name: str = "default"  # "default", "srd", or a path to an adventure folder
     include_srd: bool = True
     cache_dir: str = ""  # where compiled modules live; empty: ~/.cache/dm-engine
-    query_in_thread: bool = True  # module queries in a worker thread (false: on the loop)
+    query_in_thread: bool = False  # module queries on the loop (true: in a worker thread)
 
 
 @attrs.frozen

@@ -8,13 +8,15 @@ read only when something iterates it or looks up an id no query has returned yet
 Compiling (and recompiling when the sources change) is ``compiler.py``'s part.
 
 Threads: one ``sqlite3`` connection per store, ``check_same_thread=False``, every use
-under a ``threading.Lock``, every query in ``anyio.to_thread.run_sync``. anyio's worker
-threads are pooled and anonymous, so per-thread connections could not be closed
-deterministically; the queries are sub-millisecond, so serializing them costs nothing
-measurable (see ``bench/bench_context.py``). With ``query_in_thread=False`` the
-queries run on the event loop instead: a thread round trip costs about as much as
-the query, and a thread wait would let a mock clock's autojump advance virtual time
-in the middle of a context build (the virtual-time benchmark uses this mode).
+under a ``threading.Lock``. Queries run on the event loop by default: measured, a
+search is 0.3 ms at p50 and under 1 ms at p95 over the whole SRD, a worker-thread
+round trip costs about as much, and under load a busy loop hands the GIL back to a
+worker thread slowly (bench/bench_context.py, docs/load-test.md). A thread wait
+would also let a mock clock's autojump advance virtual time in the middle of a
+context build. ``query_in_thread=True`` runs every query in
+``anyio.to_thread.run_sync`` instead (one connection serialized by the lock: anyio's
+worker threads are pooled and anonymous, so per-thread connections could not be
+closed deterministically). Opening and compiling always run in a worker thread.
 """
 
 from __future__ import annotations
@@ -272,7 +274,7 @@ class ModuleStore:
     _conn: sqlite3.Connection | None
     _sections: tuple[str, ...]
     _keyed: Sequence[tuple[str, CatalogueEntry]] = ()  # (key, entry) of chunks with keys
-    query_in_thread: bool = True
+    query_in_thread: bool = False
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _catalogue: Catalogue = attrs.field(init=False)
     _by_key: dict[str, list[str]] = attrs.field(factory=dict, init=False)
@@ -439,7 +441,7 @@ class ModuleStore:
         await self.aclose()
 
 
-def _open(path: Path, query_in_thread: bool = True) -> ModuleStore:
+def _open(path: Path, query_in_thread: bool = False) -> ModuleStore:
     try:
         conn = connect_read_only(path)
     except sqlite3.Error as e:
@@ -475,7 +477,7 @@ async def open_module(
     *,
     include_srd: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
-    query_in_thread: bool = True,
+    query_in_thread: bool = False,
 ) -> ModuleStore:
     """Open a module, compiling it first when its sources changed (or on first use).
 
@@ -485,7 +487,8 @@ async def open_module(
             Markdown, or a compiled ``.sqlite`` module file.
         include_srd: add the SRD 5.1 sections to an adventure.
         cache_dir: where compiled modules live; ``None`` or ``""``: ``~/.cache/dm-engine``.
-        query_in_thread: run queries in a worker thread (False: on the event loop).
+        query_in_thread: run queries in a worker thread (default: on the event loop;
+            each query is well under a millisecond, about what a thread hop costs).
 
     Raises:
         ModuleError: a source is missing or malformed, or the file is not a module;

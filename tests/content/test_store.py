@@ -215,3 +215,14 @@ async def test_load_catalogue_matches_the_sync_read(compiled: Path) -> None:
     async with await open_module("default", cache_dir=compiled) as b:
         assert dict(b.catalogue) == dict(loaded)  # the sync read on first iteration
         assert all(e.units is not None and e.tokens > 0 for e in loaded.values())
+
+
+async def test_queries_in_a_worker_thread_give_the_same_answers(compiled: Path) -> None:
+    query = "what does a dragon's frightful presence do"
+    async with await open_module("default", cache_dir=compiled) as on_loop:
+        assert not on_loop.query_in_thread
+        expected = await on_loop.search(query, 20)
+        chunks = await on_loop.fetch_chunks([cid for cid, _ in expected])
+    async with await open_module("default", cache_dir=compiled, query_in_thread=True) as threaded:
+        assert await threaded.search(query, 20) == expected
+        assert await threaded.fetch_chunks([cid for cid, _ in expected]) == chunks
