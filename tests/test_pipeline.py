@@ -303,3 +303,34 @@ async def test_the_scene_reaches_the_next_actions_context(module_dir: Path, tmp_
         scene = first.responses["module_keeper"].output["scene"]
         second = await dm.player_action("s", "I look around")
     assert scene and second.responses["module_keeper"].output["scene"] == scene
+
+
+async def test_hedges_are_counted_in_metrics(
+    module_dir: Path, tmp_path: Path, trio_only: None
+) -> None:
+    config = make_config(module_dir)
+    agents_config = dict(config.agents)
+    agents_config["archivist"] = attrs.evolve(agents_config["archivist"], hedge_after=0.25)
+    perf = attrs.evolve(
+        config.performance,
+        hedging=attrs.evolve(config.performance.hedging, budget_fraction=1.0),
+    )
+    config = attrs.evolve(config, agents=agents_config, performance=perf)
+
+    @attrs.define(eq=False)
+    class SlowFirstAttempt(Recorder):
+        async def run(self, request: AgentRequest, inputs: Mapping[str, Any]) -> Any:
+            if request.context.get("attempt", 1) == 1:
+                await anyio.sleep(3)  # a straggler: the hedge at 0.25 s answers first
+            return await super().run(request, inputs)
+
+    agents = recorders(config, archivist=SlowFirstAttempt("archivist"))
+    async with engine.open_engine(config, agents=agents, state_path=tmp_path / "s.sqlite") as dm:
+        result = await dm.player_action("s", "I attack the goblin")
+        assert dm.metrics is not None
+        text = dm.metrics.metrics_text()
+    archivist = result.responses["archivist"]
+    assert archivist.hedged and archivist.hedge_won and archivist.attempts == 2
+    assert archivist.duration == 0.25 + 0.125
+    assert 'dm_hedges_sent_total{agent="archivist"} 1.0' in text
+    assert 'dm_hedges_won_total{agent="archivist"} 1.0' in text
