@@ -69,6 +69,7 @@ async def open_engine(
         cache = ModuleCache.from_config(config.performance.cache)
         lazy = LazyLoadManager.from_config(module, config.performance.lazy_loading, cache)
         await stack.enter_async_context(lazy)
+        await _warm_up(config, lazy)
         builder = OptimizedContextBuilder(
             module,
             cache=cache,
@@ -106,6 +107,21 @@ async def open_engine(
         yield DungeonMaster(
             config, profiler, builder, lazy, executor, session_store, cache, metrics
         )
+
+
+async def _warm_up(config: Config, lazy: LazyLoadManager) -> None:
+    """``[performance.lazy_loading] enabled = false`` loads every section now;
+    ``[performance.cache] preload_enabled`` starts background loads of the most
+    urgent section of every action type (the engine does not wait for them)."""
+    loading = config.performance.lazy_loading
+    if not loading.enabled:
+        await lazy.ensure_loaded(*lazy.module.section_names())
+        return
+    if config.performance.cache.preload_enabled and loading.background_load:
+        known = set(lazy.module.section_names())
+        urgent = dict.fromkeys(s[0] for s in loading.priorities.values() if s and s[0] in known)
+        for section in urgent:
+            lazy.load_background(section)
 
 
 async def _build_agents(

@@ -334,3 +334,33 @@ async def test_hedges_are_counted_in_metrics(
     assert archivist.duration == 0.25 + 0.125
     assert 'dm_hedges_sent_total{agent="archivist"} 1.0' in text
     assert 'dm_hedges_won_total{agent="archivist"} 1.0' in text
+
+
+async def test_lazy_loading_off_loads_every_section_at_start(
+    module_dir: Path, tmp_path: Path
+) -> None:
+    config = make_config(module_dir)
+    lazy = attrs.evolve(config.performance.lazy_loading, enabled=False)
+    config = attrs.evolve(config, performance=attrs.evolve(config.performance, lazy_loading=lazy))
+    async with engine.open_engine(
+        config, agents=recorders(config), state_path=tmp_path / "s"
+    ) as dm:
+        sections = dm.lazy.module.section_names()
+        assert sections and all(dm.lazy.is_loaded(s) for s in sections)
+
+
+async def test_preload_starts_the_urgent_sections(module_dir: Path, tmp_path: Path) -> None:
+    config = make_config(module_dir)
+    async with engine.open_engine(
+        config, agents=recorders(config), state_path=tmp_path / "s"
+    ) as dm:
+        known = set(dm.lazy.module.section_names())
+        urgent = {s[0] for s in config.performance.lazy_loading.priorities.values() if s} & known
+        assert urgent  # the bundled adventure has locations, npcs, encounters
+        # started in the background by open_engine: each one loaded or in flight
+        pending = set(dm.lazy.statistics().pending_background)
+        assert {s for s in urgent if dm.lazy.is_loaded(s)} | pending == urgent
+        with anyio.fail_after(5):
+            await dm.lazy.ensure_loaded(*urgent)  # joins those loads, starts none
+        assert dm.cache.get_stats().loads == len(urgent)
+        assert not all(dm.lazy.is_loaded(s) for s in known)  # and nothing more
