@@ -11,18 +11,14 @@ recorded twice.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import sqlite3
 import subprocess
-import sys
 import textwrap
-import threading
-import time
 from pathlib import Path
 
 import anyio
+import crashkit
 import pytest
 
 import engine
@@ -60,44 +56,11 @@ CHILD = textwrap.dedent(
 
 
 def spawn(cache: Path, state: Path) -> subprocess.Popen[str]:
-    root = str(Path(engine.__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            CHILD,
-            str(cache),
-            str(state),
-            ",".join(SESSIONS),
-            "|".join(ACTIONS),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    return crashkit.spawn(CHILD, str(cache), str(state), ",".join(SESSIONS), "|".join(ACTIONS))
 
 
 def play_and_kill(proc: subprocess.Popen[str], n_lines: int, delay: float) -> set[tuple[str, int]]:
-    assert proc.stdout is not None
-    watchdog = threading.Timer(30.0, proc.kill)  # a hung child fails the test, not CI
-    watchdog.start()
-    try:
-        lines = [proc.stdout.readline() for _ in range(n_lines)]
-        assert all(lines), f"child exited early: {proc.communicate()[1]}"
-        time.sleep(delay)
-        os.kill(proc.pid, signal.SIGKILL)
-        rest, err = proc.communicate(timeout=10)
-    finally:
-        watchdog.cancel()
-    assert proc.returncode == -signal.SIGKILL, err
-    done = set()
-    for line in lines + rest.splitlines():
-        if line.startswith("done "):
-            _, sid, turn = line.split()
-            done.add((sid, int(turn)))
-    return done
+    return set(crashkit.done_lines(crashkit.kill_after(proc, n_lines, delay)))
 
 
 async def verify(path: Path, done: set[tuple[str, int]]) -> dict[str, int]:

@@ -9,22 +9,17 @@ and then checks that every action reported done is stored whole.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import sqlite3
 import subprocess
-import sys
 import textwrap
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import anyio
+import crashkit
 import pytest
 
-import engine
 from engine.state import SessionStore
 
 pytestmark = pytest.mark.slow
@@ -95,42 +90,8 @@ def expected_state(turns: int) -> dict[str, Any]:
 
 
 def spawn(path: Path, sync: str, count: int | None) -> subprocess.Popen[str]:
-    root = str(Path(engine.__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     args = [str(path), sync, ",".join(SESSIONS), "-" if count is None else str(count)]
-    return subprocess.Popen(
-        [sys.executable, "-c", CHILD, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-
-
-def parse(lines: list[str]) -> list[tuple[str, int]]:
-    done = []
-    for line in lines:
-        if line.startswith("done "):
-            _, sid, turn = line.split()
-            done.append((sid, int(turn)))
-    return done
-
-
-def kill_after(proc: subprocess.Popen[str], n_lines: int, delay: float) -> list[str]:
-    """Read ``n_lines`` lines, wait ``delay``, SIGKILL; return every line printed."""
-    assert proc.stdout is not None
-    watchdog = threading.Timer(15.0, proc.kill)  # a hung child fails the test, not CI
-    watchdog.start()
-    try:
-        lines = [proc.stdout.readline() for _ in range(n_lines)]
-        assert all(lines), f"child exited early: {proc.communicate()[1]}"
-        time.sleep(delay)
-        os.kill(proc.pid, signal.SIGKILL)
-        rest, err = proc.communicate(timeout=10)
-    finally:
-        watchdog.cancel()
-    assert proc.returncode == -signal.SIGKILL, err
-    return lines + rest.splitlines()
+    return crashkit.spawn(CHILD, *args)
 
 
 async def verify(path: Path, done: set[tuple[str, int]]) -> dict[str, int]:
@@ -167,8 +128,8 @@ def test_SessionStore_survives_SIGKILL_at_random_points(tmp_path: Path, sync: st
         proc = spawn(path, sync, None)
         n_lines = rng.randint(0, 25)  # 0: killed while importing or opening the store
         delay = rng.choice([0.0, rng.uniform(0, 0.002), rng.uniform(0, 0.02)])
-        lines = kill_after(proc, n_lines, delay)
-        now = parse(lines)
+        lines = crashkit.kill_after(proc, n_lines, delay, watchdog=15.0)
+        now = crashkit.done_lines(lines)
         # the child resumes from the stored turn: a lost action would be reported twice
         assert not set(now) & set(done), "an action reported done was recorded again"
         done += now
@@ -181,7 +142,7 @@ def test_SessionStore_survives_SIGKILL_at_random_points(tmp_path: Path, sync: st
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert out.splitlines()[-1] == "finished"
-    more = parse(out.splitlines())
+    more = crashkit.done_lines(out.splitlines())
     assert sorted(more) == sorted(
         (sid, before.get(sid, 0) + k) for sid in SESSIONS for k in (1, 2, 3)
     )
