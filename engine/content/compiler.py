@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -36,6 +37,7 @@ from .tokens import DEFAULT_COUNTER
 __all__ = ["SCHEMA_VERSION", "compile_module", "connect_read_only", "locate_module", "read_meta"]
 
 SCHEMA_VERSION: Final = "dm-engine-module-2"
+_SCHEMA_FAMILY: Final = "dm-engine-module-"  # every version ever written
 
 _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -204,11 +206,30 @@ def locate_module(
             yield from srd_chunks(srd)
 
     compile_module(path, name, fp, chunks())
-    for old in cache_dir.glob(f"{name}-*.sqlite"):  # superseded versions of this module
-        if old != path:
+    for old in cache_dir.glob(f"{name}-*.sqlite"):
+        # only files proven to be our own compiles of this module: the same folder
+        # may hold a session store named like one (a recompile once deleted it)
+        if old != path and _is_superseded_compile(old, name):
             with contextlib.suppress(OSError):
                 old.unlink()
     return path, False
+
+
+def _is_superseded_compile(path: Path, name: str) -> bool:
+    """True only for ``<name>-<24 hex>.sqlite`` files whose ``meta`` table says they are
+    a compiled dm-engine module named ``name``; anything else is left alone."""
+    if not re.fullmatch(re.escape(name) + r"-[0-9a-f]{24}\.sqlite", path.name):
+        return False
+    try:
+        conn = connect_read_only(path)
+        try:
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
+    schema = str(meta.get("schema", ""))
+    return schema.startswith(_SCHEMA_FAMILY) and meta.get("name") == name and "fingerprint" in meta
 
 
 def _valid_cache(path: Path, fp: str) -> bool:

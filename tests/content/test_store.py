@@ -226,3 +226,44 @@ async def test_queries_in_a_worker_thread_give_the_same_answers(compiled: Path) 
     async with await open_module("default", cache_dir=compiled, query_in_thread=True) as threaded:
         assert await threaded.search(query, 20) == expected
         assert await threaded.fetch_chunks([cid for cid, _ in expected]) == chunks
+
+
+async def test_recompile_keeps_a_session_store_named_like_the_module(tmp_path: Path) -> None:
+    """Regression (hardening #1): a recompile deleted ``<cache_dir>/<module>-*.sqlite``,
+    the session store among them, and the next action silently started at turn 1."""
+    import attrs
+
+    import engine
+
+    folder = tmp_path / "game"
+    shutil.copytree(bundled_adventure_dir(), folder)
+    cache = tmp_path / "cache"
+    config = engine.Config()
+    config = attrs.evolve(
+        config,
+        module=attrs.evolve(
+            config.module, name=str(folder), include_srd=False, cache_dir=str(cache)
+        ),
+        state=attrs.evolve(
+            config.state, path=str(cache / "game-save1.sqlite"), write_in_thread=False
+        ),
+    )
+    # a store whose name even looks like a compile (24 hex digits) is not one either
+    lookalike = cache / "game-0123456789abcdef01234567.sqlite"
+    async with engine.open_engine(config, time_scale=0.001) as dm:
+        for text in ("I look around", "I walk to the door", "I open it"):
+            await dm.player_action("s1", text)
+    cache.joinpath(lookalike.name).write_bytes((cache / "game-save1.sqlite").read_bytes())
+    first_compiles = {p.name for p in cache.glob("game-*.sqlite")} - {
+        "game-save1.sqlite",
+        lookalike.name,
+    }
+    nave = folder / "locations" / "the-sunken-nave.md"
+    nave.write_text(nave.read_text() + "\nA jar of marmalade sits on the altar.\n")
+    async with engine.open_engine(config, time_scale=0.001) as dm:
+        result = await dm.player_action("s1", "I search the altar")
+        transcript = await dm.store.transcript("s1")
+    assert result.turn == 4
+    assert [row.turn for row in transcript] == [1, 2, 3, 4]
+    assert lookalike.exists()
+    assert not any((cache / name).exists() for name in first_compiles)  # the old compile went
