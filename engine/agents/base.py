@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, TypedDict, runtime_checkable
 
 import attrs
 
-__all__ = ["Agent", "AgentRequest", "AgentResponse", "Status"]
+__all__ = ["Agent", "AgentOutput", "AgentRequest", "AgentResponse", "DeltaSink", "Status", "Usage"]
+
+#: Receives the pieces of an agent's text as they are written, in order.
+DeltaSink = Callable[[str], None]
 
 
 class Status(enum.Enum):
@@ -33,6 +36,11 @@ class AgentRequest:
 
     Requests are identified by ``id``; two requests with equal fields but different
     ids are independent. ``context["action"]`` carries the player's text.
+
+    ``on_delta``, when set, asks the agent to stream: a streaming agent calls it with
+    each piece of its ``text`` as it is written, in order, so that the pieces joined
+    equal the final ``text``. An agent that cannot stream may ignore it (the engine
+    then sends the whole text at once when the call returns).
     """
 
     id: str
@@ -40,6 +48,7 @@ class AgentRequest:
     context: Mapping[str, Any] = attrs.field(factory=dict)
     depends_on: tuple[str, ...] = attrs.field(default=(), converter=_ids)
     timeout: float | None = None  # None: the executor's agent_timeout
+    on_delta: DeltaSink | None = attrs.field(default=None, kw_only=True)
 
 
 @attrs.frozen
@@ -66,6 +75,35 @@ class AgentResponse:
     @property
     def ok(self) -> bool:
         return self.status is Status.OK
+
+
+class Usage(TypedDict, total=False):
+    """Tokens of one call as the server reported them (None where it did not).
+
+    ``cached_tokens`` is the part of ``input_tokens`` the server served from its
+    prompt cache (OpenAI ``prompt_tokens_details.cached_tokens``, Anthropic
+    ``cache_read_input_tokens``); ``input_tokens`` always counts the whole prompt.
+    """
+
+    input_tokens: int | None
+    cached_tokens: int | None
+    output_tokens: int | None
+
+
+class AgentOutput(TypedDict, total=False):
+    """What the engine reads from an agent's answer (every key optional).
+
+    ``text`` is what the player or a dependent agent reads; ``state_changes`` are
+    merged into the session state; ``structured`` is a validated structured answer
+    (a ruling or a scene, see :mod:`engine.agents.schemas`); ``usage`` feeds the
+    token counters. Agents may add keys of their own.
+    """
+
+    text: str
+    state_changes: dict[str, Any]
+    structured: dict[str, Any]
+    usage: Usage
+    attempts: int
 
 
 @runtime_checkable

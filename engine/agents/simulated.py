@@ -1,14 +1,21 @@
 """Seeded simulated LLM agents: realistic latency on the event loop's clock, real outputs.
 
-Latency = LogNormal time to first token + output tokens x inter-token time; with a
-small probability the call is a straggler, ``straggler_factor`` times slower. Draws
-are a pure function of ``(seed, draw key, agent, attempt)``, so two strategies that
-replay the same actions see exactly the same latencies, and a hedge (attempt 2)
-gets an independent draw.
+Latency = LogNormal time to first token + prefill of the prompt + output tokens x
+inter-token time; with a small probability the call is a straggler, ``straggler_factor``
+times slower. Prefill costs ``prefill_seconds_per_token`` per prompt token the
+simulated server has not cached and ``cached_prefill_fraction`` of that per cached one;
+the prompt is laid out exactly as an HTTP agent would send it
+(:func:`~engine.agents.prompts.build_prompt`), so prompt size and layout cost time here
+as they do on a real server. Random draws are a pure function of ``(seed, draw key,
+agent, attempt)``, so two strategies that replay the same actions see the same draws,
+and a hedge (attempt 2) gets an independent draw.
 
-The output is built from what the agent was given — its context (the module chunks
-the context builder chose) and its dependencies' outputs — so the narrator's text
-names the arbiter's ruling and the module content it was shown.
+A streaming request (``request.on_delta`` set) gets its text word by word: the first
+piece after the time to first token and the prefill, the others spread over the output
+time. The output is built from what the agent was given — its context (the module chunks
+the context builder chose) and its dependencies' outputs — and rulings and scenes go
+through the same :func:`~engine.agents.schemas.finish` as a real model's answers (the
+engine rolls the dice).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import hashlib
 import itertools
 import math
 import random
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from typing import Any, final
 
@@ -25,10 +33,12 @@ import attrs
 
 from ..config import Config, LatencyModel
 from .base import AgentRequest
+from .prompts import build_prompt
+from .schemas import finish
 
-__all__ = ["SimulatedAgent", "draw_latency"]
+__all__ = ["PromptCacheModel", "SimulatedAgent", "draw_latency", "prompt_tokens"]
 
-ROLES = ("archivist", "module_keeper", "arbiter", "narrator")
+ROLES = ("archivist", "module_keeper", "arbiter", "narrator_opening", "narrator")
 
 
 def _rng(seed: int, key: str, agent: str, attempt: int) -> random.Random:
@@ -36,16 +46,105 @@ def _rng(seed: int, key: str, agent: str, attempt: int) -> random.Random:
     return random.Random(int.from_bytes(digest, "big"))
 
 
+def prompt_tokens(text: str) -> int:
+    """Tokens of a prompt for the simulation: the rule of thumb of 4 characters a token."""
+    return (len(text) + 3) // 4
+
+
 def draw_latency(
-    model: LatencyModel, output_tokens: int, seed: int, key: str, agent: str, attempt: int = 1
+    model: LatencyModel,
+    output_tokens: int,
+    seed: int,
+    key: str,
+    agent: str,
+    attempt: int = 1,
+    *,
+    uncached_tokens: int = 0,
+    cached_tokens: int = 0,
 ) -> float:
     """The simulated latency of one call, in seconds (deterministic in its arguments)."""
     rng = _rng(seed, key, agent, attempt)
     ttft = model.ttft_median_seconds * math.exp(model.ttft_sigma * rng.gauss(0.0, 1.0))
-    latency = ttft + output_tokens * model.inter_token_seconds
+    prefill = model.prefill_seconds_per_token * (
+        uncached_tokens + cached_tokens * model.cached_prefill_fraction
+    )
+    latency = ttft + prefill + output_tokens * model.inter_token_seconds
     if rng.random() < model.straggler_probability:
         latency *= model.straggler_factor
     return latency
+
+
+def _first_token_share(model: LatencyModel, output_tokens: int, unscaled: float) -> float:
+    """The fraction of a call's latency before its first token (the rest is decoding)."""
+    decode = output_tokens * model.inter_token_seconds
+    return min(max(1.0 - decode / unscaled, 0.0), 1.0) if unscaled > 0 else 0.0
+
+
+@final
+@attrs.define(eq=False)
+class PromptCacheModel:
+    """A server's prefix cache, simulated: which part of a prompt it has cached.
+
+    Per cache key (a session), the last ``per_key`` prompts sent within ``ttl``
+    seconds; a new prompt's cached part is its longest common prefix with one of them,
+    in whole ``step`` tokens, and only when that prefix reaches ``min_tokens`` (the
+    documented rules of hosted prompt caches). Keys are dropped least recently used
+    past ``max_keys``.
+    """
+
+    min_tokens: int = 1024
+    step: int = 128
+    ttl: float = 300.0
+    per_key: int = 8
+    max_keys: int = 10_000
+    _recent: OrderedDict[str, deque[tuple[float, str]]] = attrs.field(
+        factory=OrderedDict, init=False
+    )
+
+    @classmethod
+    def from_model(cls, model: LatencyModel) -> PromptCacheModel:
+        return cls(
+            model.prompt_cache_min_tokens,
+            model.prompt_cache_step_tokens,
+            model.prompt_cache_ttl_seconds,
+        )
+
+    def lookup(self, key: str, prompt: str, now: float) -> int:
+        """Cached tokens of ``prompt``: its prefix shared with a prompt of ``key`` whose
+        prefill had finished by ``now`` (a server caches a prompt once it has read it)."""
+        recent = self._recent.get(key)
+        if recent is None:
+            return 0
+        self._recent.move_to_end(key)
+        while recent and now - recent[0][0] > self.ttl:
+            recent.popleft()
+        best = max(
+            (_common_prefix(prompt, old) for ready, old in recent if ready <= now), default=0
+        )
+        tokens = prompt_tokens(prompt[:best])
+        tokens -= tokens % self.step
+        return tokens if tokens >= max(self.min_tokens, 1) else 0
+
+    def store(self, key: str, prompt: str, ready_at: float) -> None:
+        """``prompt`` is in the cache from ``ready_at`` on (when its prefill ends)."""
+        recent = self._recent.get(key)
+        if recent is None:
+            recent = self._recent[key] = deque(maxlen=self.per_key)
+            while len(self._recent) > self.max_keys:
+                self._recent.popitem(last=False)
+        recent.append((ready_at, prompt))
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix (binary search on C-speed slice compares)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @final
@@ -56,8 +155,10 @@ class SimulatedAgent:
     ``request.context["draw_key"]`` selects the latency draw (the benchmark replays
     the same keys for every strategy); without it each call takes the next draw of
     a per-agent sequence. ``request.context["attempt"]`` (set by hedging) gives an
-    independent draw for the same key. Stateless per call apart from that counter,
-    so one object serves many sessions at once.
+    independent draw for the same key. ``prompt_cache`` (shared by the agents of one
+    simulated server) decides which prompt tokens are cached; without one every token
+    is prefilled. Stateless per call apart from the counter and the cache, so one
+    object serves many sessions at once.
     """
 
     name: str
@@ -65,26 +166,96 @@ class SimulatedAgent:
     output_tokens: int = 100
     seed: int = 0
     time_scale: float = 1.0  # multiply every latency (load tests shrink real time)
+    output: str = "text"  # "text", "ruling" or "scene"
+    layout: str = "stable_first"
+    prompt_cache: PromptCacheModel | None = None
+    # a fixed prompt size instead of the built prompt's (the strategy comparison: then
+    # a call's latency depends only on its draw, so the critical path is exact)
+    fixed_prompt_tokens: int | None = None
     _counter: itertools.count[int] = attrs.field(factory=itertools.count, init=False)
 
     @classmethod
-    def from_config(cls, name: str, config: Config, time_scale: float = 1.0) -> SimulatedAgent:
+    def from_config(
+        cls,
+        name: str,
+        config: Config,
+        time_scale: float = 1.0,
+        prompt_cache: PromptCacheModel | None = None,
+    ) -> SimulatedAgent:
         agent = config.agents[name]
         return cls(
-            name, config.latency_model(), agent.output_tokens, config.simulation.seed, time_scale
+            name,
+            config.latency_model(),
+            agent.output_tokens,
+            config.simulation.seed,
+            time_scale,
+            agent.output,
+            config.performance.prompts.layout,
+            prompt_cache,
         )
 
-    def latency(self, key: str, attempt: int = 1) -> float:
+    def latency(
+        self, key: str, attempt: int = 1, *, uncached_tokens: int = 0, cached_tokens: int = 0
+    ) -> float:
         return self.time_scale * draw_latency(
-            self.model, self.output_tokens, self.seed, key, self.name, attempt
+            self.model,
+            self.output_tokens,
+            self.seed,
+            key,
+            self.name,
+            attempt,
+            uncached_tokens=uncached_tokens,
+            cached_tokens=cached_tokens,
         )
 
     async def run(self, request: AgentRequest, inputs: Mapping[str, Any]) -> dict[str, Any]:
         key = str(request.context.get("draw_key", f"#{next(self._counter)}"))
         attempt = int(request.context.get("attempt", 1))
-        await anyio.sleep(self.latency(key, attempt))
+        cached = 0
+        text = ""
+        cache_key = str(request.context.get("session", key))
+        if self.fixed_prompt_tokens is not None:
+            total = self.fixed_prompt_tokens
+        else:
+            prompt = build_prompt(
+                self.name, request, inputs, output=self.output, layout=self.layout
+            )
+            text = prompt.text()
+            total = prompt_tokens(text)
+            if self.prompt_cache is not None:
+                cached = self.prompt_cache.lookup(cache_key, text, anyio.current_time())
+        latency = self.latency(key, attempt, uncached_tokens=total - cached, cached_tokens=cached)
+        unscaled = latency / self.time_scale if self.time_scale > 0 else 0.0
+        first = latency * _first_token_share(self.model, self.output_tokens, unscaled)
+        if self.prompt_cache is not None and text:
+            self.prompt_cache.store(cache_key, text, anyio.current_time() + first)
         rng = _rng(self.seed, key, self.name + ":out", 1)
-        return _answer(self.name, request, inputs, rng)
+        answer = _answer(self.name, self.output, request, inputs, rng)
+        sink = request.on_delta
+        if sink is None or self.output != "text":
+            await anyio.sleep(latency)
+        else:
+            await anyio.sleep(first)
+            pieces = _pieces(answer["text"])
+            step = (latency - first) / max(len(pieces), 1)
+            for i, piece in enumerate(pieces):
+                if i:
+                    await anyio.sleep(step)
+                sink(piece)
+            await anyio.sleep(step)
+        answer["usage"] = {
+            "input_tokens": total,
+            "cached_tokens": cached,
+            "output_tokens": self.output_tokens,
+        }
+        answer["simulated_latency"] = latency
+        return answer
+
+
+def _pieces(text: str) -> list[str]:
+    """``text`` in word-sized pieces (each but the first with its leading space)."""
+    words = text.split(" ")
+    return [words[0], *(" " + w for w in words[1:])] if text else []
 
 
 def _gist(text: str, title: str, limit: int = 160) -> str:
@@ -121,7 +292,11 @@ def _sources(request: AgentRequest) -> list[str]:
 
 
 def _answer(
-    role: str, request: AgentRequest, inputs: Mapping[str, Any], rng: random.Random
+    role: str,
+    output: str,
+    request: AgentRequest,
+    inputs: Mapping[str, Any],
+    rng: random.Random,
 ) -> dict[str, Any]:
     action = str(request.context.get("action", ""))
     context_text = str(request.context.get("text", ""))
@@ -129,44 +304,45 @@ def _answer(
     sections = [str(x) for x in request.context.get("sections") or ()]
     lead = sources[0] if sources else "the adventure notes"
     gist = _gist(context_text, lead) if context_text else ""
-    given = {k: v.get("text", "") for k, v in inputs.items() if isinstance(v, Mapping)}
+    given = {k: str(v.get("text", "")) for k, v in inputs.items() if isinstance(v, Mapping)}
+    dice_key = str(request.context.get("dice_key", request.id))
 
+    if output == "ruling":
+        check = "attack" if request.context.get("action_type") == "combat" else "ability_check"
+        ability = rng.choice(("str", "dex", "con", "int", "wis", "cha"))
+        decision = {
+            "check": check,
+            "ability": ability,
+            "dc": 10 + 5 * rng.randint(0, 2),
+            "reason": f"Per {lead}." if sources else "By the general rules.",
+        }
+        return {**finish("ruling", decision, dice_key), "sources": sources}
+    if output == "scene":
+        places = [t for t, sec in zip(sources, sections, strict=False) if sec == "locations"]
+        scene = str(request.context.get("location", "")) or (places[0] if places else "")
+        people = list(
+            dict.fromkeys(
+                t.split(" > ")[0]
+                for t, sec in zip(sources, sections, strict=False)
+                if sec == "npcs"
+            )
+        )
+        data = {"location": scene, "present": people[:3], "changes": []}
+        return {**finish("scene", data, dice_key), "sources": sources}
     if role == "archivist":
         text = f"From {lead}: {gist}" if gist else f"Nothing in {lead} bears on this."
         return {"role": role, "text": text, "sources": sources}
-    if role == "module_keeper":
-        places = [t for t, sec in zip(sources, sections, strict=False) if sec == "locations"]
-        scene = str(request.context.get("location", "")) or (places[0] if places else "")
-        text = f"The scene: {scene}." if scene else "The scene is unchanged."
-        changes = {"scene": scene} if scene else {}
-        return {
-            "role": role,
-            "text": text,
-            "scene": scene,
-            "sources": sources,
-            "state_changes": changes,
-        }
-    if role == "arbiter":
-        dc = 10 + 5 * rng.randint(0, 2)
-        roll = rng.randint(1, 20)
-        success = roll >= dc
-        basis = f" (per {lead})" if sources else ""
-        verdict = "succeeds" if success else "fails"
-        text = f"Ruling: a DC {dc} check{basis}; the d20 shows {roll}, so the attempt {verdict}."
-        return {
-            "role": role,
-            "text": text,
-            "dc": dc,
-            "roll": roll,
-            "success": success,
-            "considered": sorted(given),
-            "sources": sources,
-        }
+    if role == "narrator_opening":
+        parts = [_second_person(action)] if action else []
+        if gist:
+            parts.append(f"{lead}: {gist}")
+        return {"role": role, "text": " ".join(parts), "sources": sources}
     # narrator, or any other role: weave the inputs into a narrative
     ruling = next((t for t in given.values() if t.startswith("Ruling:")), "")
-    parts = [_second_person(action)] if action else []
+    continuing = bool(request.context.get("continues"))
+    parts = [_second_person(action)] if action and not continuing else []
     parts.extend(t for t in given.values() if t and not t.startswith("Ruling:"))
-    if gist:
+    if gist and not continuing:
         parts.append(f"{lead}: {gist}")
     if ruling:
         parts.append(ruling.replace("Ruling: ", "The rules say: "))
