@@ -8,6 +8,11 @@ Guarantees:
   hedges included; admission is FIFO by readiness.
 * **Timed from readiness.** A request's timeout covers queueing and running; the
   response reports both separately.
+* **Hedged on the first token when streaming.** A request with ``on_delta`` is raced
+  on its time to first token: a hedge goes out only if no piece of text has arrived
+  by the hedge delay, the first attempt to produce a piece owns the stream (the other
+  is cancelled at once), and only the owner's pieces reach ``on_delta``. The hedge
+  delay of such an agent is learnt from its time to first piece.
 * **Isolated.** An agent that raises or times out yields an ``ERROR``/``TIMEOUT``
   response and its transitive dependents are ``SKIPPED``; other branches go on.
 * **Cancellation-safe.** Cancelling the caller cancels every in-flight call, leaves no
@@ -115,7 +120,11 @@ class ParallelAgentExecutor:
         )
 
     async def execute_parallel(
-        self, requests: Sequence[AgentRequest], *, deadline: float | None = None
+        self,
+        requests: Sequence[AgentRequest],
+        *,
+        deadline: float | None = None,
+        on_response: Callable[[AgentResponse], None] | None = None,
     ) -> list[AgentResponse]:
         """Run ``requests`` eagerly; responses come back in request order.
 
@@ -123,6 +132,8 @@ class ParallelAgentExecutor:
             requests: the DAG; ``depends_on`` names other requests' ids.
             deadline: optional overall budget in seconds; requests unfinished when it
                 passes are ``CANCELLED``.
+            on_response: called with each response the moment it is decided (before
+                its dependents start), besides the executor's own ``on_response``.
 
         Raises:
             DependencyError: the graph is malformed (before anything runs).
@@ -140,6 +151,8 @@ class ParallelAgentExecutor:
             responses[i] = response
             if self.on_response is not None:
                 self.on_response(response)
+            if on_response is not None:
+                on_response(response)
 
         def skip_dependents(failed: int) -> None:
             failed_req = graph.requests[failed]
@@ -250,6 +263,16 @@ class ParallelAgentExecutor:
         admitted: float | None = None
         outcome = _Outcome()
         borrower = object()
+        first_piece: list[float] = []
+        if policy is not None and request.on_delta is not None:
+            sink = request.on_delta
+
+            def stamp(piece: str) -> None:
+                if not first_piece:
+                    first_piece.append(anyio.current_time())
+                sink(piece)
+
+            request = attrs.evolve(request, on_delta=stamp)
         with anyio.CancelScope(deadline=ready_at + timeout) as scope:
             if not _try_acquire(limiter, borrower):  # fast path: a free token, nobody waiting
                 await limiter.acquire_on_behalf_of(borrower)
@@ -270,7 +293,7 @@ class ParallelAgentExecutor:
         end = anyio.current_time()
         if policy is not None and outcome.error is None and not scope.cancelled_caught:
             assert admitted is not None
-            policy.observe(request.agent, end - admitted)
+            policy.observe(request.agent, (first_piece[0] if first_piece else end) - admitted)
         queued = (admitted if admitted is not None else end) - ready_at
         duration = end - admitted if admitted is not None else 0.0
         response = AgentResponse(
@@ -313,19 +336,44 @@ class ParallelAgentExecutor:
         """
         policy = self.hedging
         assert policy is not None
-        failed = 0
+        ended = 0  # attempts that ended without winning
         done = anyio.Event()
+        scopes: dict[int, anyio.CancelScope] = {}
+        owner: list[int] = []  # the attempt whose text streams (the first to write)
+        sink = request.on_delta
+
+        def gate(number: int) -> Callable[[str], None]:
+            assert sink is not None
+
+            def emit(piece: str) -> None:
+                if not owner:
+                    owner.append(number)
+                    for other, other_scope in scopes.items():
+                        if other != number:
+                            other_scope.cancel()
+                if owner[0] == number:
+                    sink(piece)
+
+            return emit
 
         async def attempt(number: int, req: AgentRequest, token_holder: object) -> None:
-            nonlocal failed
+            nonlocal ended
+            scope = scopes[number] = anyio.CancelScope()
+            if sink is not None:
+                req = attrs.evolve(req, on_delta=gate(number))
+            output: Any = _FAILED
             try:
-                try:
-                    output = await agent.run(req, inputs)
-                except Exception as exc:
-                    failed += 1
-                    if outcome.error is None:
-                        outcome.error = exc
-                    if failed == outcome.attempts:
+                with scope:
+                    try:
+                        output = await agent.run(req, inputs)
+                    except Exception as exc:
+                        if outcome.error is None:
+                            outcome.error = exc
+                        output = _FAILED
+                lost_stream = bool(owner) and owner[0] != number
+                if output is _FAILED or scope.cancelled_caught or lost_stream:
+                    ended += 1
+                    if ended == outcome.attempts:
                         done.set()
                     return
                 if done.is_set():
@@ -343,7 +391,7 @@ class ParallelAgentExecutor:
             with anyio.move_on_after(delay):
                 await done.wait()
             hedge_holder = object()
-            if not done.is_set() and _try_acquire(limiter, hedge_holder):
+            if not done.is_set() and not owner and _try_acquire(limiter, hedge_holder):
                 if policy.try_spend():
                     outcome.attempts = 2
                     self._attempts += 1
@@ -356,6 +404,9 @@ class ParallelAgentExecutor:
             tg.cancel_scope.cancel()
         if outcome.hedge_won:
             policy.record_hedge_win()
+
+
+_FAILED: Any = object()
 
 
 def _try_acquire(limiter: anyio.CapacityLimiter, borrower: object) -> bool:

@@ -100,9 +100,12 @@ class HedgePolicy:
             return None
         if setting == "p95":
             if self.p95_source is not None:
-                return self.p95_source(agent)
-            tracker = self._p95.get(agent)
-            return None if tracker is None else tracker.value(self.min_samples)
+                value = self.p95_source(agent)
+            else:
+                tracker = self._p95.get(agent)
+                value = None if tracker is None else tracker.value(self.min_samples)
+            # an agent that answers at once (e.g. from retrieval) is never worth a hedge
+            return value if value is not None and value > 0 else None
         assert isinstance(setting, float | int)
         return float(setting)
 
