@@ -40,6 +40,8 @@ __all__ = [
     "ParallelizationConfig",
     "PerformanceConfig",
     "ProfilingConfig",
+    "PromptConfig",
+    "ServerConfig",
     "SimulationConfig",
     "StateConfig",
     "load_config",
@@ -47,10 +49,23 @@ __all__ = [
 ]
 
 #: The operation names used by the profiler and the targets table.
-OPERATIONS = ("player_action", "context_building", "agent_query", "state_update", "cache_lookup")
+OPERATIONS = (
+    "player_action",
+    "first_token",
+    "context_building",
+    "agent_query",
+    "state_update",
+    "cache_lookup",
+)
 #: The action types the classifier can produce ("other" is the fallback).
 ACTION_TYPES = ("combat", "exploration", "roleplay", "question", "rest", "system", "other")
 BACKENDS = ("simulated", "openai", "anthropic")
+#: What an agent answers: free text, or a structured ruling or scene (agents/schemas.py).
+OUTPUT_KINDS = ("text", "ruling", "scene")
+#: Prompt layouts (agents/prompts.py): most stable part first, or the player's text first.
+PROMPT_LAYOUTS = ("stable_first", "action_first")
+#: Prompt-cache hints an OpenAI-compatible server understands.
+PROMPT_CACHE_HINTS = ("auto", "off", "llama.cpp", "openai")
 
 T = TypeVar("T")
 
@@ -115,6 +130,7 @@ class LatencyTarget:
 DEFAULT_TARGETS: Mapping[str, LatencyTarget] = _frozen_map(
     {
         "player_action": LatencyTarget(3.0, 10.0, 15.0),
+        "first_token": LatencyTarget(1.0, 2.5, 4.0),
         "context_building": LatencyTarget(0.5, 1.5, 3.0),
         "agent_query": LatencyTarget(1.0, 3.0, 5.0),
         "state_update": LatencyTarget(0.1, 0.3, 0.5),
@@ -185,6 +201,11 @@ class MonitoringConfig:
 
 
 @attrs.frozen
+class PromptConfig:
+    layout: str = attrs.field(default="stable_first", validator=_one_of(*PROMPT_LAYOUTS))
+
+
+@attrs.frozen
 class PerformanceConfig:
     profiling: ProfilingConfig = attrs.field(factory=ProfilingConfig)
     parallelization: ParallelizationConfig = attrs.field(factory=ParallelizationConfig)
@@ -192,6 +213,7 @@ class PerformanceConfig:
     cache: CacheConfig = attrs.field(factory=CacheConfig)
     lazy_loading: LazyLoadingConfig = attrs.field(factory=LazyLoadingConfig)
     monitoring: MonitoringConfig = attrs.field(factory=MonitoringConfig)
+    prompts: PromptConfig = attrs.field(factory=PromptConfig)
     targets: Mapping[str, LatencyTarget] = attrs.field(
         factory=lambda: DEFAULT_TARGETS, converter=_frozen_map
     )
@@ -199,10 +221,15 @@ class PerformanceConfig:
 
 @attrs.frozen
 class LatencyModel:
-    """Simulated LLM latency: LogNormal time to first token + tokens x inter-token time.
+    """Simulated LLM latency of one call.
 
-    With probability ``straggler_probability`` the call stalls: its latency is
-    multiplied by ``straggler_factor``.
+    LogNormal(``ttft_median_seconds``, ``ttft_sigma``) time to first token, plus the
+    prefill of the prompt (``prefill_seconds_per_token`` for each token the server has
+    not cached, ``cached_prefill_fraction`` of that for each cached one), plus output
+    tokens x ``inter_token_seconds``. With probability ``straggler_probability`` the
+    call stalls: its latency is multiplied by ``straggler_factor``. A prompt prefix is
+    cached once a prompt of at least ``prompt_cache_min_tokens`` was sent within
+    ``prompt_cache_ttl_seconds``, in steps of ``prompt_cache_step_tokens``.
     """
 
     ttft_median_seconds: float = attrs.field(default=0.5, validator=_positive)
@@ -210,6 +237,11 @@ class LatencyModel:
     inter_token_seconds: float = attrs.field(default=0.01, validator=_non_negative)
     straggler_probability: float = attrs.field(default=0.0, validator=_fraction)
     straggler_factor: float = attrs.field(default=5.0, validator=_positive)
+    prefill_seconds_per_token: float = attrs.field(default=0.0, validator=_non_negative)
+    cached_prefill_fraction: float = attrs.field(default=1.0, validator=_fraction)
+    prompt_cache_min_tokens: int = attrs.field(default=1024, validator=_non_negative)
+    prompt_cache_step_tokens: int = attrs.field(default=128, validator=_positive)
+    prompt_cache_ttl_seconds: float = attrs.field(default=300.0, validator=_non_negative)
 
 
 def _default_scenarios() -> Mapping[str, LatencyModel]:
@@ -220,9 +252,32 @@ def _default_scenarios() -> Mapping[str, LatencyModel]:
             "targets": LatencyModel(0.4, 0.95, 0.004, 0.01, 3.0),
             # calibrated to hosted-LLM measurements: TTFT p50 ~0.7 s, p99 several x p50,
             # ~80 output tokens/s, occasional stalls
-            "hosted": LatencyModel(0.7, 0.5, 0.0125, 0.03, 6.0),
+            # plus prefill: ~0.11 ms per uncached prompt token and 13 % of that for a
+            # cached one (docs/benchmarks.md derives both from Anthropic's published
+            # prompt-caching latencies); caches start at 1 024 tokens, in 128-token
+            # steps, and live 5 minutes (OpenAI's and Anthropic's documented rules)
+            "hosted": LatencyModel(0.7, 0.5, 0.0125, 0.03, 6.0, 0.00011, 0.13, 1024, 128, 300.0),
         }
     )
+
+
+@attrs.frozen
+class ServerConfig:
+    """An LLM server that several agents may share (``agents.<name>.server``).
+
+    ``max_concurrent`` bounds the calls in flight to it (its own limiter, besides the
+    engine-wide one): llama.cpp's Python server runs one request at a time and keeps
+    one prompt in its cache, so its agents should queue rather than thrash it.
+    ``prompt_cache`` says which cache hint to send: ``llama.cpp`` (``cache_prompt``),
+    ``openai`` (``prompt_cache_key``, one per session), ``off``, or ``auto`` (``openai``
+    for api.openai.com, ``llama.cpp`` for any other OpenAI-compatible URL). Anthropic
+    agents always mark their stable prefix with ``cache_control``.
+    """
+
+    base_url: str = ""
+    api_key_env: str = ""
+    max_concurrent: int = attrs.field(default=4, validator=_positive)
+    prompt_cache: str = attrs.field(default="auto", validator=_one_of(*PROMPT_CACHE_HINTS))
 
 
 @attrs.frozen
@@ -235,7 +290,11 @@ class AgentConfig:
     budget_tokens: int = attrs.field(default=1000, validator=_positive)
     output_tokens: int = attrs.field(default=100, validator=_positive)
     hedge_after: float | str = "off"
+    output: str = attrs.field(default="text", validator=_one_of(*OUTPUT_KINDS))
+    narrates: bool = False  # its text is part of the narrative streamed to the player
+    from_retrieval: bool = False  # answer from the retrieved text; the model only without any
     # HTTP backends only
+    server: str = ""  # a [servers.<name>] table (then base_url and api_key_env stay empty)
     base_url: str = ""
     model: str = ""
     api_key_env: str = ""
@@ -249,43 +308,66 @@ class AgentConfig:
                 raise _Invalid("hedge_after", 'must be "off", "p95" or a number of seconds > 0')
         elif h <= 0:
             raise _Invalid("hedge_after", 'must be "off", "p95" or a number of seconds > 0')
+        if self.server and self.base_url:
+            raise _Invalid("base_url", "must be empty when server names a [servers.*] table")
+        if self.server and self.api_key_env:
+            raise _Invalid("api_key_env", "must be empty when server names a [servers.*] table")
 
 
 def _default_agents() -> Mapping[str, AgentConfig]:
+    # The DAG and output budgets that won in docs/performance-tuning.md: the archivist
+    # answers from retrieval, rulings and scenes are short structured answers, and the
+    # narrator writes in two streamed parts (the attempt and the scene before the
+    # ruling, the outcome after it). See docs/architecture.md.
     return _frozen_map(
         {
-            "archivist": AgentConfig(budget_tokens=1500, output_tokens=80, hedge_after="p95"),
-            "module_keeper": AgentConfig(budget_tokens=1200, output_tokens=60, hedge_after="p95"),
-            # The arbiter rules from the rules text the archivist found; the narrator
-            # needs the ruling and the module keeper's scene. (DESIGN.md's example has
-            # the arbiter wait for both; then every level merges into one agent and an
-            # eager schedule cannot beat a level barrier. See docs/architecture.md.)
+            # retrieval answers at once: nothing to hedge
+            "archivist": AgentConfig(budget_tokens=1500, output_tokens=80, from_retrieval=True),
+            "module_keeper": AgentConfig(
+                budget_tokens=1200,
+                output_tokens=40,
+                hedge_after="p95",
+                output="scene",
+                max_tokens=120,
+            ),
             "arbiter": AgentConfig(
                 depends_on=("archivist",),
                 budget_tokens=1500,
-                output_tokens=80,
+                output_tokens=30,
                 hedge_after="p95",
+                output="ruling",
+                max_tokens=100,
+            ),
+            "narrator_opening": AgentConfig(
+                budget_tokens=1200,
+                output_tokens=45,
+                hedge_after="p95",
+                narrates=True,
+                max_tokens=90,
             ),
             "narrator": AgentConfig(
-                depends_on=("arbiter", "module_keeper"),
-                budget_tokens=2000,
-                output_tokens=150,
+                depends_on=("arbiter",),
+                budget_tokens=1500,
+                output_tokens=70,
                 hedge_after="p95",
+                narrates=True,
+                max_tokens=160,
             ),
         }
     )
 
 
 def _default_actions() -> Mapping[str, tuple[str, ...]]:
+    full = ("archivist", "module_keeper", "arbiter", "narrator_opening", "narrator")
     return _frozen_map(
         {
-            "combat": ("archivist", "module_keeper", "arbiter", "narrator"),
-            "exploration": ("archivist", "module_keeper", "arbiter", "narrator"),
-            "roleplay": ("archivist", "module_keeper", "narrator"),
-            "question": ("archivist", "arbiter", "narrator"),
-            "rest": ("module_keeper", "arbiter", "narrator"),
+            "combat": full,
+            "exploration": full,
+            "roleplay": ("archivist", "module_keeper", "narrator_opening", "narrator"),
+            "question": ("archivist", "narrator"),
+            "rest": ("module_keeper", "arbiter", "narrator_opening", "narrator"),
             "system": ("module_keeper",),
-            "other": ("archivist", "module_keeper", "narrator"),
+            "other": ("archivist", "module_keeper", "narrator_opening", "narrator"),
         }
     )
 
@@ -324,6 +406,7 @@ class Config:
     scenarios: Mapping[str, LatencyModel] = attrs.field(
         factory=_default_scenarios, converter=_frozen_map
     )
+    servers: Mapping[str, ServerConfig] = attrs.field(factory=dict, converter=_frozen_map)
     module: ModuleConfig = attrs.field(factory=ModuleConfig)
     state: StateConfig = attrs.field(factory=StateConfig)
     simulation: SimulationConfig = attrs.field(factory=SimulationConfig)
@@ -338,6 +421,18 @@ class Config:
 
     def latency_model(self) -> LatencyModel:
         return self.scenarios[self.simulation.scenario]
+
+    def server_of(self, agent: str) -> ServerConfig:
+        """The server ``agents.<agent>`` calls: its ``[servers.*]`` table, or one made of
+        the agent's own ``base_url``/``api_key_env`` with the engine-wide concurrency."""
+        spec = self.agents[agent]
+        if spec.server:
+            return self.servers[spec.server]
+        return ServerConfig(
+            base_url=spec.base_url,
+            api_key_env=spec.api_key_env,
+            max_concurrent=self.performance.parallelization.max_concurrent_agents,
+        )
 
 
 # --------------------------------------------------------------------------- parsing
@@ -406,6 +501,13 @@ def _check_graph(config: Config) -> None:
             list(config.agents[cycle[0]].depends_on),
             f"dependency cycle {' -> '.join(cycle)}",
         )
+    for name, agent in config.agents.items():
+        if agent.server and agent.server not in config.servers:
+            raise ConfigError(
+                f"agents.{name}.server",
+                agent.server,
+                f"no such [servers.*] table; known: {sorted(config.servers)}",
+            )
     for action, agents in config.actions.items():
         for agent_name in agents:
             if agent_name not in names:

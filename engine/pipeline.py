@@ -10,19 +10,26 @@ carries the action's span tree. Guarantees:
   an agent that times out or fails costs its own part only, and the result says in
   one plain line per missing part what the player is not getting;
 * the state update is one transaction; an action whose text is rejected writes
-  nothing.
+  nothing;
+* the narrative streams: the agents configured with ``narrates = true`` write it in
+  their order in the action's agent list (a later part's pieces wait until the earlier
+  parts are done); ``stream_action`` hands the pieces to the player as they are
+  written, and their concatenation is ``ActionResult.narrative``. The time from the
+  start of the action to its first piece is the ``first_token`` operation.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, final
 
 import anyio
 import attrs
 
-from .agents.base import Agent, AgentRequest, AgentResponse, Status
+from .agents.base import Agent, AgentRequest, AgentResponse, DeltaSink, Status
 from .classify import classify_action
 from .config import Config
 from .content.cache import ModuleCache
@@ -34,11 +41,12 @@ from .observability.profiler import PerformanceProfiler, Span
 from .scheduling.executor import ParallelAgentExecutor
 from .state import SessionStore
 
-__all__ = ["ActionResult", "DungeonMaster", "TracedAgent"]
+__all__ = ["ActionResult", "ActionStream", "DungeonMaster", "TracedAgent"]
 
 #: What the player is told when an agent's part is missing, by agent.
 _MISSING = {
     "narrator": "The narrator could not finish this turn; here is what the others found.",
+    "narrator_opening": "The scene-setting lines are missing this turn: the narrator {why}.",
     "arbiter": "No rules ruling this turn: the rules arbiter {why}.",
     "archivist": "No lore lookup this turn: the archivist {why}.",
     "module_keeper": "The scene was not updated this turn: the module keeper {why}.",
@@ -61,6 +69,9 @@ class ActionResult:
     ``missing`` holds one user-facing line per agent whose part is missing; ``span``
     is the action's root span (its tree: context building, agent queries, state
     update); ``contexts`` maps agent name → the context it was given.
+    ``first_token`` is the time from the start of the action to the first piece of
+    its narrative; ``tokens`` sums the agents' prompt tokens (``prompt``), the part of
+    them the servers had cached (``cached``) and their output (``generated``).
     """
 
     session_id: str
@@ -73,6 +84,8 @@ class ActionResult:
     contexts: Mapping[str, ContextResult]
     span: Span
     elapsed: float
+    first_token: float | None = None
+    tokens: Mapping[str, int] = attrs.field(factory=dict)
 
     @property
     def degraded(self) -> bool:
@@ -87,14 +100,20 @@ class TracedAgent:
     name: str
     inner: Agent
     profiler: PerformanceProfiler
+    on_usage: Callable[[str, Mapping[str, Any]], None] | None = None
 
     async def run(self, request: AgentRequest, inputs: Mapping[str, Any]) -> Any:
         attempt = request.context.get("attempt", 1)
         with self.profiler.trace("agent_query", agent=self.name, attempt=attempt) as span:
             output = await self.inner.run(request, inputs)
-            usage = output.get("usage") if isinstance(output, Mapping) else None
-            if isinstance(usage, Mapping):
-                span.attributes["usage"] = dict(usage)
+            if isinstance(output, Mapping):
+                usage = output.get("usage")
+                if isinstance(usage, Mapping):
+                    span.attributes["usage"] = dict(usage)
+                    if self.on_usage is not None:
+                        self.on_usage(self.name, usage)
+                if "simulated_latency" in output:
+                    span.attributes["simulated_latency"] = output["simulated_latency"]
             return output
 
 
@@ -125,6 +144,108 @@ class _SessionLocks:
 
 @final
 @attrs.define(eq=False)
+class _Narrative:
+    """Assembles the narrative from its streamed parts, in part order.
+
+    Pieces of the part being told go straight to ``emit``; a later part's pieces wait
+    in a buffer until every earlier part is done. A part that did not stream gets its
+    whole text when it is done. Parts are joined by one space.
+    """
+
+    parts: int
+    emit: DeltaSink
+    _buffers: list[list[str]] = attrs.field(init=False)
+    _done: list[bool] = attrs.field(init=False)
+    _streamed: list[bool] = attrs.field(init=False)
+    _current: int = attrs.field(default=0, init=False)
+    _told: list[str] = attrs.field(factory=list, init=False)
+    _part_started: bool = attrs.field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._buffers = [[] for _ in range(self.parts)]
+        self._done = [False] * self.parts
+        self._streamed = [False] * self.parts
+
+    @property
+    def text(self) -> str:
+        return "".join(self._told)
+
+    def sink(self, part: int) -> DeltaSink:
+        def piece(text: str) -> None:
+            if not text or self._done[part]:
+                return
+            self._streamed[part] = True
+            if part == self._current:
+                self._forward(text)
+            else:
+                self._buffers[part].append(text)
+
+        return piece
+
+    def finish(self, part: int, text: str | None) -> None:
+        """Part ``part`` is over; ``text`` is its answer (None: it failed)."""
+        if self._done[part]:
+            return
+        if text and not self._streamed[part]:
+            self.sink(part)(text)
+        self._done[part] = True
+        while self._current < self.parts and self._done[self._current]:
+            self._current += 1
+            self._part_started = False
+            if self._current < self.parts:
+                for text in self._buffers[self._current]:
+                    self._forward(text)
+                self._buffers[self._current].clear()
+
+    def _forward(self, text: str) -> None:
+        if not self._part_started:
+            self._part_started = True
+            if self._told:
+                text = " " + text.lstrip()
+        self._told.append(text)
+        self.emit(text)
+
+
+@final
+class ActionStream:
+    """The narrative of one action as it is written; see ``DungeonMaster.stream_action``.
+
+    ``async for piece in stream`` yields ``str`` pieces in order and ends when the
+    action is done (raising the action's error, if it failed); ``stream.result`` is
+    then its :class:`ActionResult`.
+    """
+
+    def __init__(self, receive: anyio.abc.ObjectReceiveStream[str]) -> None:
+        self._receive = receive
+        self._result: ActionResult | None = None
+        self._error: BaseException | None = None
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._pieces()
+
+    async def _pieces(self) -> AsyncIterator[str]:
+        async for piece in self._receive:
+            yield piece
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def result(self) -> ActionResult:
+        """The action's result.
+
+        Raises:
+            RuntimeError: the action has not finished (or was cancelled).
+            Exception: the action's own error, when it failed.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._result is None:
+            raise RuntimeError("the action has not finished: read the stream to its end first")
+        return self._result
+
+
+@final
+@attrs.define(eq=False)
 class DungeonMaster:
     """The running engine; get one from :func:`engine.open_engine`."""
 
@@ -137,6 +258,7 @@ class DungeonMaster:
     cache: ModuleCache
     metrics: MetricsExporter | None = None
     session_cache_size: int = 10_000
+    tasks: anyio.abc.TaskGroup | None = None  # owns streamed actions (set by open_engine)
     _locks: _SessionLocks = attrs.field(factory=_SessionLocks, init=False)
     # turn and state of recently active sessions, so an action needs one store write
     _sessions: OrderedDict[str, tuple[int, dict[str, Any]]] = attrs.field(
@@ -151,11 +273,68 @@ class DungeonMaster:
                 written).
         """
         self._check_text(text)
+        return await self._serialized(session_id, text, None, None)
+
+    @contextlib.asynccontextmanager
+    async def stream_action(self, session_id: str, text: str) -> AsyncIterator[ActionStream]:
+        """Run one player action and stream its narrative::
+
+            async with dm.stream_action("s1", "I open the reliquary") as stream:
+                async for piece in stream:
+                    print(piece, end="")
+            result = stream.result
+
+        Leaving the block before the narrative is complete (``break``, an error,
+        cancellation) cancels the action: its agent calls stop (HTTP streams are
+        closed, so servers stop generating) and nothing is recorded; the session is
+        exactly as before and its next action works. Once the whole narrative has been
+        handed out, the durable state update is allowed to finish (the player has seen
+        the turn, so it counts).
+
+        Raises:
+            SessionError: as ``player_action`` (before anything runs).
+            RuntimeError: the engine was not opened with ``open_engine``.
+        """
+        self._check_text(text)
+        if self.tasks is None:
+            raise RuntimeError("stream_action needs an engine opened with open_engine()")
+        send, receive = anyio.create_memory_object_stream[str](math.inf)
+        stream = ActionStream(receive)
+        scope = anyio.CancelScope()
+        finished = anyio.Event()
+        told: list[bool] = [False]  # the whole narrative has been handed out
+
+        async def run() -> None:
+            try:
+                with scope, send:
+                    stream._result = await self._serialized(
+                        session_id, text, send.send_nowait, told
+                    )
+            except Exception as exc:  # goes to the reader, never into the engine's nursery
+                stream._error = exc
+            finally:
+                finished.set()
+
+        self.tasks.start_soon(run)
+        try:
+            yield stream
+        finally:
+            if not finished.is_set():
+                if not told[0]:
+                    scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    await finished.wait()
+            receive.close()
+
+    async def _serialized(
+        self, session_id: str, text: str, sink: DeltaSink | None, told: list[bool] | None
+    ) -> ActionResult:
+        """Run the action under its session's lock (FIFO)."""
         lock = self._locks.acquire_ref(session_id)
         try:
             async with lock:
                 try:
-                    return await self._run(session_id, text)
+                    return await self._run(session_id, text, sink, told)
                 except BaseException:
                     # whatever happened, the next action rereads the store
                     self._sessions.pop(session_id, None)
@@ -193,16 +372,27 @@ class DungeonMaster:
                 "([state] max_action_chars)"
             )
 
-    async def _run(self, session_id: str, text: str) -> ActionResult:
+    async def _run(
+        self, session_id: str, text: str, sink: DeltaSink | None, told: list[bool] | None
+    ) -> ActionResult:
         config = self.config
         deadline = config.performance.parallelization.action_deadline_seconds
         started = anyio.current_time()
+        first: list[float] = []
+
+        def emit(piece: str) -> None:
+            if not first:
+                first.append(anyio.current_time() - started)
+            if sink is not None:
+                sink(piece)
+
         with self.profiler.trace("player_action", session=session_id) as root:
             with self.profiler.trace("classify"):
                 action_type = classify_action(text)
             root.attributes["action_type"] = action_type
             turn_before, state = await self._session(session_id)
-            root.attributes["turn"] = turn_before + 1
+            turn = turn_before + 1
+            root.attributes["turn"] = turn
             with self.profiler.trace("prefetch", action_type=action_type):
                 sections = self.lazy.get_load_priority(action_type)
                 if config.performance.lazy_loading.background_load:
@@ -213,20 +403,40 @@ class DungeonMaster:
                 "action": text,
                 "action_type": action_type,
                 "location": state.get("scene", ""),
+                "session": session_id,
+                "module": self.builder.module.name,
+                "notes": _notes(state),
             }
             contexts = await self._contexts(names, scene, started + deadline)
-            requests = self._requests(names, scene, contexts, f"{session_id}:{turn_before + 1}")
+            narrators = [n for n in names if config.agents[n].narrates]
+            story = _Narrative(len(narrators), emit)
+            requests = self._requests(
+                names, scene, contexts, f"{session_id}:{turn}", narrators, story
+            )
+            part_of = {name: i for i, name in enumerate(narrators)}
+
+            def on_response(response: AgentResponse) -> None:
+                part = part_of.get(response.agent)
+                if part is not None:
+                    story.finish(part, _text(response.output) if response.ok else None)
+
             remaining = started + deadline - _STATE_RESERVE - anyio.current_time()
             responses = await self.executor.execute_parallel(
-                requests, deadline=max(remaining, 0.001)
+                requests, deadline=max(remaining, 0.001), on_response=on_response
             )
             by_agent = {r.agent: r for r in responses}
-            narrative, missing = _narrate(names, by_agent)
+            told_text = story.text
+            narrative, missing = _narrate(names, by_agent, narrators, told_text)
             root.attributes["degraded"] = bool(missing)
             changes: dict[str, Any] = {}
+            tokens = {"prompt": 0, "cached": 0, "generated": 0}
             for r in responses:
                 if r.ok and isinstance(r.output, Mapping):
                     changes.update(r.output.get("state_changes") or {})
+                    _add_usage(tokens, r.output.get("usage"))
+            root.attributes["tokens"] = tokens
+            if told is not None:
+                told[0] = True
             with self.profiler.trace("state_update", session=session_id):
                 turn = await self.store.record_action(
                     session_id,
@@ -239,6 +449,11 @@ class DungeonMaster:
                 )
             new_state = {k: v for k, v in {**state, **changes}.items() if v is not None}
             self._remember(session_id, turn, new_state)
+            if tail := narrative[len(told_text) :]:
+                emit(tail)
+            if first:
+                root.attributes["first_token"] = first[0]
+                self.profiler.record("first_token", first[0])
         return ActionResult(
             session_id=session_id,
             turn=turn,
@@ -250,6 +465,8 @@ class DungeonMaster:
             contexts=contexts,
             span=root,
             elapsed=anyio.current_time() - started,
+            first_token=first[0] if first else None,
+            tokens=tokens,
         )
 
     async def _contexts(
@@ -273,14 +490,18 @@ class DungeonMaster:
         scene: Mapping[str, Any],
         contexts: Mapping[str, ContextResult],
         draw_key: str,
+        narrators: Sequence[str],
+        story: _Narrative,
     ) -> list[AgentRequest]:
         chosen = set(names)
         catalogue = self.builder.module.catalogue
+        dice_key = f"{self.config.simulation.seed}|{draw_key}"
         requests = []
         for name in names:
             agent = self.config.agents[name]
             ctx = contexts.get(name)
             ids = [cid for cid, _ in ctx.sources] if ctx else []
+            part = narrators.index(name) if name in narrators else None
             requests.append(
                 AgentRequest(
                     id=name,
@@ -292,31 +513,70 @@ class DungeonMaster:
                         "titles": [catalogue[cid].title for cid in ids],
                         "sections": [catalogue[cid].section for cid in ids],
                         "draw_key": draw_key,
+                        "dice_key": dice_key,
+                        "continues": bool(part),
                     },
                     depends_on=tuple(d for d in agent.depends_on if d in chosen),
                     timeout=agent.timeout_seconds,
+                    on_delta=story.sink(part) if part is not None else None,
                 )
             )
         return requests
 
 
+def _notes(state: Mapping[str, Any]) -> str:
+    """The session notes of the prompts: the scene and who is present (they change only
+    when the scene does, so they stay in a server's prompt cache across turns)."""
+    parts = []
+    if scene := state.get("scene"):
+        parts.append(f"The party is at {scene}.")
+    present = state.get("npcs_present")
+    if isinstance(present, list) and present:
+        parts.append(f"Present: {', '.join(str(p) for p in present)}.")
+    return " ".join(parts)
+
+
+def _add_usage(tokens: dict[str, int], usage: Any) -> None:
+    if not isinstance(usage, Mapping):
+        return
+    for key, field in (("prompt", "input_tokens"), ("cached", "cached_tokens")):
+        value = usage.get(field)
+        if isinstance(value, int):
+            tokens[key] += value
+    value = usage.get("output_tokens")
+    if isinstance(value, int):
+        tokens["generated"] += value
+
+
 def _narrate(
-    names: Sequence[str], responses: Mapping[str, AgentResponse]
+    names: Sequence[str],
+    responses: Mapping[str, AgentResponse],
+    narrators: Sequence[str],
+    told: str,
 ) -> tuple[str, tuple[str, ...]]:
-    """The narrative (the last agent's text, else what the others said) and the
-    user-facing lines for every missing part."""
+    """The narrative and the user-facing lines for every missing part.
+
+    With narrating agents, the narrative begins with what they told (``told``);
+    without any (or when they told nothing), it is the last agent's text, else what
+    the others said. The missing-part lines come last.
+    """
     missing: list[str] = []
     for name in names:
         r = responses[name]
         if not r.ok:
             template = _MISSING.get(name, f"The {name} {{why}}; its part is missing.")
             missing.append(template.format(why=_WHY.get(r.status, "failed")))
-    final_agent = names[-1] if names else None
-    final = responses.get(final_agent) if final_agent else None
-    if final is not None and final.ok:
-        narrative = _text(final.output)
-    else:
-        parts = [_text(responses[n].output) for n in names if responses[n].ok]
+    narrative = told
+    if not narrators:
+        final = responses.get(names[-1]) if names else None
+        if final is not None and final.ok:
+            narrative = _text(final.output)
+    if not narrative or any(not responses[n].ok for n in narrators):
+        # a narrating part is missing: tell what the other agents found
+        parts = [narrative] if narrative else []
+        parts.extend(
+            _text(responses[n].output) for n in names if responses[n].ok and n not in narrators
+        )
         narrative = " ".join(p for p in parts if p)
     if missing:
         narrative = (narrative + "\n\n" if narrative else "") + " ".join(f"({m})" for m in missing)
@@ -330,7 +590,7 @@ def _text(output: Any) -> str:
 
 
 def _summary(response: AgentResponse) -> dict[str, Any]:
-    return {
+    summary: dict[str, Any] = {
         "status": response.status.value,
         "text": _text(response.output) if response.ok else None,
         "error": response.error,
@@ -339,3 +599,8 @@ def _summary(response: AgentResponse) -> dict[str, Any]:
         "attempts": response.attempts,
         "hedged": response.hedged,
     }
+    if response.ok and isinstance(response.output, Mapping):
+        structured = response.output.get("structured")
+        if isinstance(structured, Mapping):
+            summary["structured"] = dict(structured)  # the ruling and its dice roll
+    return summary

@@ -1,15 +1,18 @@
 """``open_engine``: build every part from the configuration and own their lifetimes.
 
 Everything with a lifetime — the module store, the lazy loader's nursery, the
-session store, the shared HTTP client, the span log's writer, the metrics endpoint —
-is entered on one ``AsyncExitStack`` and closed in reverse order when the ``async
-with`` ends, also when it ends by cancellation or an error.
+session store, the shared HTTP client, the span log's writer, the metrics endpoint,
+the nursery of streamed actions — is entered on one ``AsyncExitStack`` and closed in
+reverse order when the ``async with`` ends, also when it ends by cancellation or an
+error. An error raised inside the block (or by one part) leaves it as itself, not
+wrapped in an exception group by the nurseries it crossed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -18,7 +21,8 @@ import httpx
 
 from .agents.base import Agent
 from .agents.http import make_http_agent
-from .agents.simulated import SimulatedAgent
+from .agents.retrieval import RetrievalFirstAgent
+from .agents.simulated import PromptCacheModel, SimulatedAgent
 from .config import Config
 from .content.cache import ModuleCache
 from .content.context import OptimizedContextBuilder
@@ -29,7 +33,11 @@ from .observability.profiler import PerformanceProfiler
 from .observability.spanlog import SpanLog
 from .pipeline import DungeonMaster, TracedAgent
 from .scheduling.executor import ParallelAgentExecutor
+from .scheduling.limits import ServerLimitedAgent
 from .state import SessionStore
+
+if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["open_engine"]
 
@@ -59,6 +67,35 @@ async def open_engine(
         time_scale: multiplies the simulated agents' latencies (the load test).
     """
     config = config or Config()
+    try:
+        async with _open(config, agents, module, state_path, profiler, time_scale) as dm:
+            yield dm
+    except BaseExceptionGroup as group:
+        lone = _lone_error(group)
+        if lone is None:
+            raise
+        raise lone from None
+
+
+def _lone_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one error inside nested single-member groups (None if there are several)."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        if len(error.exceptions) != 1:
+            return None
+        error = error.exceptions[0]
+    return error
+
+
+@contextlib.asynccontextmanager
+async def _open(
+    config: Config,
+    agents: Mapping[str, Agent] | None,
+    module: Any,
+    state_path: str | os.PathLike[str] | None,
+    profiler: PerformanceProfiler | None,
+    time_scale: float,
+) -> AsyncIterator[DungeonMaster]:
     async with contextlib.AsyncExitStack() as stack:
         if profiler is None:
             profiler = PerformanceProfiler.from_config(config, clock=anyio.current_time)
@@ -79,9 +116,12 @@ async def open_engine(
         )
         if agents is None:
             agents = await _build_agents(config, stack, time_scale)
-        traced = {name: TracedAgent(name, agent, profiler) for name, agent in agents.items()}
-
         metrics = MetricsExporter.from_config(config, profiler)
+        on_usage = metrics.agent_tokens if metrics is not None else None
+        traced = {
+            name: TracedAgent(name, agent, profiler, on_usage) for name, agent in agents.items()
+        }
+
         executor = ParallelAgentExecutor.from_config(
             traced, config, on_response=_failure_counter(metrics)
         )
@@ -104,8 +144,9 @@ async def open_engine(
         else:
             sessions = SessionStore.from_config(config.state, config.module.cache_dir)
         session_store = await stack.enter_async_context(sessions)
+        streams = await stack.enter_async_context(anyio.create_task_group())
         yield DungeonMaster(
-            config, profiler, builder, lazy, executor, session_store, cache, metrics
+            config, profiler, builder, lazy, executor, session_store, cache, metrics, tasks=streams
         )
 
 
@@ -127,18 +168,35 @@ async def _warm_up(config: Config, lazy: LazyLoadManager) -> None:
 async def _build_agents(
     config: Config, stack: contextlib.AsyncExitStack, time_scale: float
 ) -> dict[str, Agent]:
+    """The agents of ``[agents.*]``: simulated ones share one simulated prompt cache;
+    HTTP ones share one client and queue per server (``[servers.*] max_concurrent``);
+    ``from_retrieval`` ones answer from their context first."""
     agents: dict[str, Agent] = {}
     client: httpx.AsyncClient | None = None
+    prompt_cache = PromptCacheModel.from_model(config.latency_model())
+    limiters: dict[str, anyio.CapacityLimiter] = {}
+    layout = config.performance.prompts.layout
     for name, agent_config in config.agents.items():
+        agent: Agent
         if agent_config.backend == "simulated":
-            agents[name] = SimulatedAgent.from_config(name, config, time_scale)
-            continue
-        if client is None:
-            # enough connections for every agent call plus its hedge
-            slots = 2 * config.performance.parallelization.max_concurrent_agents
-            limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
-            client = await stack.enter_async_context(httpx.AsyncClient(limits=limits))
-        agents[name] = make_http_agent(name, agent_config, client)
+            agent = SimulatedAgent.from_config(name, config, time_scale, prompt_cache)
+        else:
+            if client is None:
+                # enough connections for every agent call plus its hedge
+                slots = 2 * config.performance.parallelization.max_concurrent_agents
+                limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
+                client = await stack.enter_async_context(httpx.AsyncClient(limits=limits))
+            server = config.server_of(name)
+            agent = make_http_agent(name, agent_config, client, server=server, layout=layout)
+            if agent_config.server:  # a shared server: its own limiter, shared
+                limiter = limiters.get(agent_config.server)
+                if limiter is None:
+                    limiter = anyio.CapacityLimiter(server.max_concurrent)
+                    limiters[agent_config.server] = limiter
+                agent = ServerLimitedAgent(agent, limiter)
+        if agent_config.from_retrieval:
+            agent = RetrievalFirstAgent(agent)
+        agents[name] = agent
     return agents
 
 

@@ -80,7 +80,7 @@ async def test_action_end_to_end_with_simulated_agents(module_dir: Path, tmp_pat
     assert result.action_type == "exploration" and second.action_type == "combat"
     assert (result.turn, second.turn) == (1, 2)
     assert set(result.responses) == set(config.actions["exploration"])
-    assert all(r.status is Status.OK for r in result.responses.values())
+    assert all(r.status is Status.OK for r in result.responses.values()), result.responses
     assert not result.degraded
     # the narrator used its inputs and its context
     ruling = result.responses["arbiter"].output["text"]
@@ -300,9 +300,9 @@ async def test_the_scene_reaches_the_next_actions_context(module_dir: Path, tmp_
     config = make_config(module_dir)
     async with engine.open_engine(config, state_path=tmp_path / "s.sqlite", time_scale=0.02) as dm:
         first = await dm.player_action("s", "I search the altar for traps")
-        scene = first.responses["module_keeper"].output["scene"]
+        scene = first.responses["module_keeper"].output["state_changes"]["scene"]
         second = await dm.player_action("s", "I look around")
-    assert scene and second.responses["module_keeper"].output["scene"] == scene
+    assert scene and second.responses["module_keeper"].output["structured"]["location"] == scene
 
 
 async def test_hedges_are_counted_in_metrics(
