@@ -59,7 +59,6 @@ from typing import Any, final
 import anyio
 import attrs
 
-from ..agents.simulated import draw_latency
 from ..config import Config
 from ..observability.profiler import OK, PerformanceProfiler, Span
 from ..pipeline import ActionResult
@@ -281,21 +280,12 @@ class _Tally:
             self.progress(1)
 
     def _lags(self, result: ActionResult) -> None:
-        model = self.config.latency_model()
-        seed = self.config.simulation.seed
-        key = f"{result.session_id}:{result.turn}"
         for span in result.span.walk():
             if span.name != "agent_query" or span.status != OK or span.end is None:
                 continue
-            agent = str(span.attributes.get("agent"))
-            spec = self.config.agents.get(agent)
-            if spec is None or spec.backend != "simulated":
-                continue
-            attempt = int(span.attributes.get("attempt", 1))
-            drawn = self.time_scale * draw_latency(
-                model, spec.output_tokens, seed, key, agent, attempt
-            )
-            self.lags.append(span.end - span.start - drawn)
+            drawn = span.attributes.get("simulated_latency")
+            if isinstance(drawn, float):  # what the simulated agent slept, time_scale included
+                self.lags.append(span.end - span.start - drawn)
 
     def fail(self, exc: Exception) -> None:
         self.failed += 1

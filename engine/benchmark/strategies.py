@@ -135,14 +135,22 @@ async def _level_barrier(requests: Sequence[AgentRequest], agents: Mapping[str, 
                 tg.start_soon(one, graph.requests[i])
 
 
-def _critical_path(requests: Sequence[AgentRequest], agents: Mapping[str, SimulatedAgent]) -> float:
+def _critical_path(
+    requests: Sequence[AgentRequest], agents: Mapping[str, SimulatedAgent | None]
+) -> float:
     graph = RequestGraph.build(requests)
     finish: dict[int, float] = {}
     for level in graph.levels:
         for i in level:
             r = graph.requests[i]
             start = max((finish[p] for p in graph.parents[i]), default=0.0)
-            finish[i] = start + agents[r.agent].latency(str(r.context["draw_key"]))
+            agent = agents[r.agent]
+            took = 0.0  # None: answered from retrieval, no model call
+            if agent is not None:
+                took = agent.latency(
+                    str(r.context["draw_key"]), uncached_tokens=agent.fixed_prompt_tokens or 0
+                )
+            finish[i] = start + took
     return max(finish.values(), default=0.0)
 
 
@@ -158,7 +166,15 @@ async def compare_strategies(
     Must run under a virtual clock (trio ``MockClock``) to be cheap; under a real
     clock it works but takes the real latencies.
     """
-    simulated = {name: SimulatedAgent.from_config(name, config) for name in config.agents}
+    simulated: dict[str, SimulatedAgent | None] = {
+        name: None
+        if spec.from_retrieval  # answers from retrieval: no model call
+        else attrs.evolve(
+            SimulatedAgent.from_config(name, config),
+            fixed_prompt_tokens=spec.budget_tokens,  # a full context
+        )
+        for name, spec in config.agents.items()
+    }
     results: dict[str, StrategyResult] = {}
     for name in STRATEGIES:
         latencies: list[float] = []
@@ -168,7 +184,10 @@ async def compare_strategies(
                 latencies.append(_critical_path(requests, simulated))
             results[name] = StrategyResult.of(name, latencies, 0)
             continue
-        counting = {n: CountingAgent(a) for n, a in simulated.items()}
+        counting = {
+            n: CountingAgent(a if a is not None else _ZeroLatencyAgent())
+            for n, a in simulated.items()
+        }
         run = _strategy(name, config, counting)
         for i in range(actions):
             requests = action_requests(config, action_type, str(i))
@@ -177,7 +196,8 @@ async def compare_strategies(
             latencies.append(anyio.current_time() - t0)
             if progress is not None and i % 100 == 99:
                 progress(name, 100)
-        results[name] = StrategyResult.of(name, latencies, sum(a.calls for a in counting.values()))
+        calls = sum(a.calls for n, a in counting.items() if simulated[n] is not None)
+        results[name] = StrategyResult.of(name, latencies, calls)
     return results
 
 

@@ -96,6 +96,8 @@ class PerformanceBenchmark:
     state_dir: str | None = None
     slowest: Span | None = attrs.field(default=None, init=False)
     degraded: int = attrs.field(default=0, init=False)  # actions with a missing part
+    tokens: dict[str, int] = attrs.field(factory=dict, init=False)  # prompt, cached, generated
+    agent_calls: int = attrs.field(default=0, init=False)  # attempts, hedges included
     report_profiler: PerformanceProfiler = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -144,6 +146,7 @@ class PerformanceBenchmark:
                 for s in range(self.sessions):
                     tg.start_soon(play, s, per_session + (1 if s < extra else 0))
         actions = [r.span.duration or 0.0 for r in results]
+        first_tokens = [r.first_token for r in results if r.first_token is not None]
         queries = [
             s.duration or 0.0 for r in results for s in r.span.walk() if s.name == "agent_query"
         ]
@@ -151,11 +154,21 @@ class PerformanceBenchmark:
             self.report_profiler.record("player_action", seconds)
         for seconds in queries:
             self.report_profiler.record("agent_query", seconds)
+        for seconds in first_tokens:
+            self.report_profiler.record("first_token", seconds)
+        self.tokens = {
+            key: sum(r.tokens.get(key, 0) for r in results)
+            for key in ("prompt", "cached", "generated")
+        }
+        self.agent_calls = sum(
+            r.attempts for res in results for r in res.responses.values() if r.attempts
+        )
         self.degraded = sum(1 for r in results if r.degraded)
         if results:
             self.slowest = max(results, key=lambda r: r.span.duration or 0.0).span
         return {
             "player_action": OperationResult.of("player_action", actions, "event loop"),
+            "first_token": OperationResult.of("first_token", first_tokens, "event loop"),
             "agent_query": OperationResult.of("agent_query", queries, "event loop"),
         }
 
@@ -293,6 +306,10 @@ class PerformanceBenchmark:
         operations["player_action"]["degraded"] = self.degraded
         document: dict[str, Any] = {
             "operations": operations,
+            "degraded_actions": self.degraded,
+            "actions": iterations,
+            "agent_calls": self.agent_calls,
+            "tokens": self.tokens,
             "targets_met": all(op["met"] is not False for op in operations.values()),
         }
         if strategies:

@@ -46,7 +46,10 @@ def test_action_requests_follow_config() -> None:
     assert [r.agent for r in requests] == list(config.actions["roleplay"])
     narrator = next(r for r in requests if r.agent == "narrator")
     # arbiter is not part of roleplay, so that dependency is dropped
-    assert narrator.depends_on == ("module_keeper",)
+    assert config.agents["narrator"].depends_on == ("arbiter",)
+    assert narrator.depends_on == ()
+    combat = {r.agent: r.depends_on for r in action_requests(config, "combat", "k")}
+    assert combat["narrator"] == ("arbiter",) and combat["arbiter"] == ("archivist",)
 
 
 def test_percentile_nearest_rank() -> None:
