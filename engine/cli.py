@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--backend", choices=("trio", "asyncio"), default="trio")
     bench.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
+    bench.add_argument(
+        "--lever-actions",
+        type=int,
+        default=500,
+        help="actions per row of the DAG-lever comparison (0: skip it)",
+    )
 
     play = sub.add_parser("play", help="play the default adventure with simulated agents")
     play.add_argument("text", nargs="?", help="one action (default: an interactive prompt)")

@@ -70,7 +70,9 @@ PROMPT_CACHE_HINTS = ("auto", "off", "llama.cpp", "openai")
 T = TypeVar("T")
 
 
-def _frozen_map(value: Mapping[str, T]) -> Mapping[str, T]:
+def _frozen_map(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    # typed with Any: the attrs plugin takes a converter's parameter type as the
+    # field's __init__ type, and a generic one cannot be solved there
     return types.MappingProxyType(dict(value))
 
 

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from ..config import Config
 from ..observability.report import bar_chart_svg, write_report
+from .levers import LEVERS, run_levers
 from .strategies import STRATEGIES, compare_strategies, run_virtual
 from .suite import PerformanceBenchmark
 
@@ -62,6 +63,28 @@ def _strategy_table(results: dict[str, Any], title: str) -> Table:
             f"{r['p99'] / eager_p99:.3f}x",
         )
     return table
+
+
+def _lever_table(levers: dict[str, Any], title: str) -> Table:
+    table = Table(title=title)
+    columns = ("lever", "p50", "p95", "p99", "first p50", "first p95", "degr.", "calls", "tokens")
+    for col in columns:
+        table.add_column(col, justify="left" if col == "lever" else "right")
+    for name, _what, _ in LEVERS:
+        r = levers[name]
+        table.add_row(
+            name,
+            *(f"{r[k]:.2f}" for k in ("p50", "p95", "p99", "first_token_p50", "first_token_p95")),
+            str(r["degraded_actions"]),
+            f"{r['extra_calls']:+.0%}",
+            f"{r['extra_tokens']:+.0%}",
+        )
+    return table
+
+
+def _default_agents(config: Config) -> bool:
+    """The levers rebuild the shipped agents: only meaningful when those are configured."""
+    return set(config.agents) == set(Config().agents)
 
 
 def _targets_table(bench: PerformanceBenchmark, document: dict[str, Any]) -> Table:
@@ -130,6 +153,9 @@ def run_bench_command(config: Config, args: argparse.Namespace) -> int:
             document["strategies"] = {name: r.as_dict() for name, r in compared.items()}
         else:
             document = run_virtual(bench.run_benchmarks, args.iterations, progress=step)
+        if args.lever_actions > 0 and _default_agents(config):
+            document["levers"] = run_virtual(run_levers, config, args.lever_actions, step)
+            document["levers_actions"] = args.lever_actions
     document["environment"] = environment(config, args.backend if args.real_time else "trio")
     document["environment"]["clock"] = "real" if args.real_time else "virtual (trio MockClock)"
     s = document["strategies"]
@@ -161,6 +187,19 @@ def run_bench_command(config: Config, args: argparse.Namespace) -> int:
         f"executor overhead per action (real time, zero-latency agents): "
         f"engine {overhead['engine_us_per_action']:.1f} µs vs bare nursery "
         f"{overhead['bare_nursery_us_per_action']:.1f} µs = [bold]{overhead['ratio']:.2f}x[/bold]"
+    )
+    if "levers" in document:
+        console.print(
+            _lever_table(
+                document["levers"],
+                f"DAG levers, cumulative: player_action and first_token (s), calls and "
+                f"tokens vs today — {args.lever_actions} seeded actions each, whole "
+                f"pipeline, scenario {config.simulation.scenario!r}, virtual time",
+            )
+        )
+    console.print(
+        f"degraded actions: [bold]{document['degraded_actions']}[/bold] of "
+        f"{document['actions']}; tokens: {document['tokens']}"
     )
     results_path = out / "results.json"
     results_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
