@@ -44,6 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", choices=("trio", "asyncio"), default="trio")
     bench.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
     bench.add_argument(
+        "--llm",
+        nargs="?",
+        const="start",
+        metavar="URL",
+        help="play the script on a real OpenAI-compatible server at URL (real time); "
+        "without URL, start the bundled llama.cpp server (the [llm] extra)",
+    )
+    bench.add_argument("--rounds", type=int, default=3, help="--llm: times the script is played")
+    bench.add_argument(
         "--lever-actions",
         type=int,
         default=500,

@@ -1,7 +1,8 @@
 """``dm-engine play``: the default adventure with simulated agents, in the terminal.
 
-Each action prints the narrative and a compact waterfall of the action's spans, so
-the player sees where the time went (the agents, not the engine).
+Each action prints the narrative as it is written (streamed piece by piece), then a
+compact waterfall of the action's spans, so the player sees where the time went (the
+agents, not the engine).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rich.text import Text
 from .config import Config
 from .errors import EngineError
 from .observability.profiler import Span, critical_path
-from .pipeline import ActionResult
+from .pipeline import ActionResult, DungeonMaster
 from .runtime import open_engine
 
 __all__ = ["render_waterfall", "run_play_command"]
@@ -56,15 +57,23 @@ def render_waterfall(root: Span, width: int = 40) -> Text:
     return text
 
 
-def _show(console: Console, result: ActionResult) -> None:
-    console.print(f"[bold]({result.action_type}, turn {result.turn})[/bold] {result.narrative}")
+async def _act(console: Console, dm: DungeonMaster, session: str, text: str) -> None:
+    """Stream one action's narrative to the terminal, then its turn and waterfall."""
+    async with dm.stream_action(session, text) as stream:
+        async for piece in stream:
+            console.out(piece, end="", highlight=False)
+            console.file.flush()
+    result: ActionResult = stream.result
+    console.out("")
+    first = f", first words after {result.first_token:.2f} s" if result.first_token else ""
+    console.print(f"[dim]({result.action_type}, turn {result.turn}{first})[/dim]")
     console.print(render_waterfall(result.span, max(10, console.width - _LABEL - _FIGURES - 12)))
 
 
 async def _play(config: Config, args: argparse.Namespace, console: Console) -> int:
     async with open_engine(config, time_scale=args.time_scale) as dm:
         if args.text:
-            _show(console, await dm.player_action(args.session, args.text))
+            await _act(console, dm, args.session, args.text)
             return 0
         console.print("The Sunken Chapel of Emberfall. Type an action; an empty line quits.")
         while True:
@@ -72,7 +81,7 @@ async def _play(config: Config, args: argparse.Namespace, console: Console) -> i
             if not text.strip():
                 return 0
             try:
-                _show(console, await dm.player_action(args.session, text))
+                await _act(console, dm, args.session, text)
             except EngineError as exc:
                 console.print(f"[red]{exc}[/red]")
 

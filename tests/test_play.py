@@ -31,5 +31,5 @@ def test_play_one_action(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     code = main(["--config", str(config), "play", "--time-scale", "0.001", "I search the altar"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "(exploration, turn 1)" in out and "You search the altar" in out
+    assert "(exploration, turn 1, first words after" in out and "You search the altar" in out
     assert "agent_query narrator" in out and "state_update" in out

@@ -117,6 +117,64 @@ def _strategy_chart(strategies: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _run_llm(config: Config, args: argparse.Namespace, console: Console) -> int:
+    """``--llm``: the script on a real server, both prompt layouts (real time)."""
+    from ..errors import EngineError
+    from .real_server import llama_server, run_real_server_bench
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    async def main() -> dict[str, Any]:
+        def step(name: str, n: int) -> None:
+            console.print(f"  {name}" if n == 0 else ".", end="\n" if n == 0 else "")
+
+        if args.llm != "start":
+            return await run_real_server_bench(config, args.llm, rounds=args.rounds, progress=step)
+        console.print("starting the bundled llama.cpp server (SmolLM2-135M-Instruct) …")
+        async with llama_server() as url:
+            return await run_real_server_bench(config, url, rounds=args.rounds, progress=step)
+
+    try:
+        document = anyio.run(main, backend=args.backend)
+    except EngineError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 2
+    console.print()
+    document["environment"] = environment(config, args.backend)
+    document["environment"]["clock"] = "real"
+    table = Table(
+        title=f"real server {document['server']}: {document['actions']} actions per layout"
+    )
+    for col in ("layout", "action p50", "p95", "p99", "first token p50", "p95", "degraded",
+                "prefilled", "cached", "generated", "structured 1st try"):  # fmt: skip
+        table.add_column(col, justify="left" if col == "layout" else "right")
+    for layout, figures in document["layouts"].items():
+        ops = figures["operations"]
+        tokens = figures["tokens"]
+        first_try = figures["structured_first_try"]
+        table.add_row(
+            layout,
+            *(f"{ops['player_action'][p]:.2f}" for p in ("p50", "p95", "p99")),
+            *(f"{ops['first_token'][p]:.2f}" for p in ("p50", "p95")),
+            str(figures["degraded_actions"]),
+            str(tokens["prompt"] - tokens["cached"]),
+            str(tokens["cached"]),
+            str(tokens["generated"]),
+            "-" if first_try is None else f"{first_try:.0%}",
+        )
+    console.print(table)
+    console.print(
+        "first token, cache-friendly / player's text first (p50): "
+        f"[bold]{document['first_token_ratio_p50']:.2f}[/bold]"
+    )
+    results_path = out / "results.json"
+    results_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    console.print(f"wrote {results_path}")
+    met = document["targets_met"]
+    return 1 if args.fail_on_miss and not met else 0
+
+
 def run_bench_command(config: Config, args: argparse.Namespace) -> int:
     console = Console()
     if args.iterations < 1:
@@ -127,6 +185,8 @@ def run_bench_command(config: Config, args: argparse.Namespace) -> int:
         from .load_command import run_load_command
 
         return run_load_command(config, args)
+    if args.llm:
+        return _run_llm(config, args, console)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bench = PerformanceBenchmark(config, sessions=args.sessions or 1)
