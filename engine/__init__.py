@@ -5,19 +5,24 @@ per concept (see docs/architecture.md).
 """
 
 from .agents.base import Agent as Agent
+from .agents.base import AgentOutput as AgentOutput
 from .agents.base import AgentRequest as AgentRequest
 from .agents.base import AgentResponse as AgentResponse
 from .agents.base import Status as Status
+from .agents.base import Usage as Usage
 from .agents.http import AnthropicAgent as AnthropicAgent
 from .agents.http import HTTPAgentError as HTTPAgentError
 from .agents.http import OpenAIChatAgent as OpenAIChatAgent
 from .agents.http import RetryPolicy as RetryPolicy
 from .agents.http import make_http_agent as make_http_agent
+from .agents.retrieval import RetrievalFirstAgent as RetrievalFirstAgent
+from .agents.schemas import StructuredAnswerError as StructuredAnswerError
 from .agents.simulated import SimulatedAgent as SimulatedAgent
 from .benchmark.suite import PerformanceBenchmark as PerformanceBenchmark
 from .classify import classify_action as classify_action
 from .config import Config as Config
 from .config import LatencyTarget as LatencyTarget
+from .config import ServerConfig as ServerConfig
 from .config import load_config as load_config
 from .content.cache import CacheStats as CacheStats
 from .content.cache import ModuleCache as ModuleCache
@@ -43,6 +48,7 @@ from .observability.report import write_report as write_report
 from .observability.spanlog import SpanLog as SpanLog
 from .observability.spanlog import read_span_log as read_span_log
 from .pipeline import ActionResult as ActionResult
+from .pipeline import ActionStream as ActionStream
 from .pipeline import DungeonMaster as DungeonMaster
 from .runtime import open_engine as open_engine
 from .scheduling.executor import ParallelAgentExecutor as ParallelAgentExecutor

@@ -26,6 +26,7 @@ DESIGN_NAMES = [
     "PerformanceReport",
     "open_engine",
     "PerformanceBenchmark",
+    "ActionStream",
 ]
 
 
