@@ -363,14 +363,24 @@ class DungeonMaster:
         return entry
 
     def _check_text(self, text: str) -> None:
+        """Reject, before anything is spent, text the action cannot use or store."""
         limit = self.config.state.max_action_chars
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise SessionError(f"the action text must be a str, got {type(text).__name__}")
+        if not text.strip():
             raise SessionError("the action text is empty: say what your character does")
         if len(text) > limit:
             raise SessionError(
                 f"the action text has {len(text)} characters; the limit is {limit} "
                 "([state] max_action_chars)"
             )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise SessionError(
+                f"the action text cannot be stored: character {exc.start} "
+                f"({text[exc.start]!r}) is not valid Unicode text"
+            ) from None
 
     async def _run(
         self, session_id: str, text: str, sink: DeltaSink | None, told: list[bool] | None
@@ -403,6 +413,7 @@ class DungeonMaster:
                 "action": text,
                 "action_type": action_type,
                 "location": state.get("scene", ""),
+                "npcs_present": list(state.get("npcs_present") or ()),
                 "session": session_id,
                 "module": self.builder.module.name,
                 "notes": _notes(state),

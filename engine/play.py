@@ -8,6 +8,7 @@ agents, not the engine).
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 import anyio
@@ -95,6 +96,10 @@ def _read_line() -> str:
 
 def run_play_command(config: Config, args: argparse.Namespace) -> int:
     console = Console()
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        # undecodable input bytes become lone surrogates, which the engine rejects with
+        # a clear line, instead of ending the session with a UnicodeDecodeError
+        sys.stdin.reconfigure(errors="surrogateescape")
     try:
         code: int = trio.run(_play, config, args, console)
     except EngineError as exc:

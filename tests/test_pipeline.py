@@ -364,3 +364,42 @@ async def test_preload_starts_the_urgent_sections(module_dir: Path, tmp_path: Pa
             await dm.lazy.ensure_loaded(*urgent)  # joins those loads, starts none
         assert dm.cache.get_stats().loads == len(urgent)
         assert not all(dm.lazy.is_loaded(s) for s in known)  # and nothing more
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("I open the \ud800 door", "cannot be stored"),
+        (42, "must be a str, got int"),
+        ("   ", "empty"),
+    ],
+)
+async def test_unusable_text_is_rejected_before_any_agent_runs(
+    module_dir: Path, tmp_path: Path, text: Any, message: str
+) -> None:
+    config = make_config(module_dir)
+    agents = recorders(config)
+    async with engine.open_engine(config, agents=agents, state_path=tmp_path / "s.sqlite") as dm:
+        with pytest.raises(engine.SessionError, match=message):
+            await dm.player_action("s", text)
+        assert all(not a.calls for a in agents.values())
+        assert (await dm.player_action("s", "I look around")).turn == 1
+
+
+async def test_the_scene_gives_the_builder_the_npcs_present(
+    module_dir: Path, tmp_path: Path
+) -> None:
+    config = make_config(module_dir)
+    seen: list[Any] = []
+
+    @attrs.define(eq=False)
+    class Keeper:
+        async def run(self, request: AgentRequest, inputs: Mapping[str, Any]) -> Any:
+            seen.append(request.context.get("npcs_present"))
+            return {"text": "scene", "state_changes": {"npcs_present": ["Skrit"]}}
+
+    agents = {**recorders(config), "module_keeper": Keeper()}
+    async with engine.open_engine(config, agents=agents, state_path=tmp_path / "s.sqlite") as dm:
+        await dm.player_action("s", "I look around")
+        await dm.player_action("s", "I look around again")
+    assert seen == [[], ["Skrit"]]
