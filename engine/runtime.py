@@ -59,7 +59,7 @@ async def open_engine(
         agents: agent objects by name, replacing those built from ``[agents.*]``
             (each still traced and scheduled); names must match the config.
         module: an already-open module to use instead of ``[module]`` (not closed
-            by the engine): the module protocol of DESIGN.md plus the context
+            by the engine): the module protocol of docs/api.md plus the context
             builder's search API (``ContextSource``), as ``ModuleStore`` has.
         state_path: the session store file, instead of ``[state] path``.
         profiler: a profiler to record into (default: one from the config, on the

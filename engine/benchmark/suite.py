@@ -1,6 +1,6 @@
 """``PerformanceBenchmark``: the engine's own figures, against the targets.
 
-Two kinds of time, as DESIGN.md asks:
+Two kinds of time (docs/benchmarks.md):
 
 * **Agent-latency figures** (``player_action``, ``agent_query``) are read from the
   event loop's clock. Run under trio's ``MockClock(autojump_threshold=0)`` (what

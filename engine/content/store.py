@@ -263,7 +263,7 @@ class Catalogue(Mapping[str, CatalogueEntry]):
 @final
 @attrs.define(eq=False, repr=False)
 class ModuleStore:
-    """A compiled module, open for reading. Implements the module protocol of DESIGN.md
+    """A compiled module, open for reading. Implements the module protocol of docs/api.md
     (``name``, ``section_names()``, ``await load_section(name)``) plus search and
     per-chunk fetches for the context builder. Use as ``async with`` or call ``aclose``."""
 

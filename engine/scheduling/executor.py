@@ -211,7 +211,7 @@ class ParallelAgentExecutor:
     async def execute_with_timeout(
         self,
         request: AgentRequest,
-        timeout: float,  # noqa: ASYNC109 - the public API of DESIGN.md
+        timeout: float,  # noqa: ASYNC109 - the public API (docs/api.md)
         inputs: Mapping[str, Any] | None = None,
     ) -> AgentResponse:
         """Run one request on its own with ``timeout`` (queue time included).
