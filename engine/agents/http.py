@@ -1,40 +1,59 @@
 """LLM agents over HTTP: OpenAI-compatible chat completions and the Anthropic Messages API.
 
-Both agents share one ``httpx.AsyncClient`` (owned by the engine, so connections are
-pooled) and one retry loop. Guarantees:
+Both agents share one ``httpx.AsyncClient`` (owned by the engine: pooled connections)
+and one retry loop, and always stream (Server-Sent Events, see :mod:`.sse`). Guarantees:
 
-- **Deadlines are cancel scopes.** httpx's own timeouts are switched off per request;
-  the enclosing cancel scope (the executor's ``fail_after``) bounds the call. Only when
-  the caller set no deadline at all does the agent apply ``timeout`` itself.
-- **Cancellation aborts the request.** The response is streamed inside ``async with``;
-  a cancelled read or write closes the connection instead of returning it to the pool,
-  so the server sees the disconnect.
-- **Retries stay inside the deadline.** 408/429/5xx and transport errors are retried
-  with jittered exponential backoff, honouring ``Retry-After`` (seconds form). When the
-  next wait would end at or past ``anyio.current_effective_deadline()`` the loop stops
-  and raises :class:`RetryDeadlineError` at once rather than sleeping into the timeout.
-- **The API key stays secret.** It is read once from the environment variable named by
-  ``api_key_env``, held in a wrapper whose ``repr`` is ``<secret>``, sent only in the
-  auth header and scrubbed from any server text quoted in an error. It never appears in
-  logs, reprs, outputs or error messages.
-- **Malformed answers are errors.** Non-JSON bodies and missing fields raise
-  :class:`~engine.errors.AgentError` naming what is wrong.
+- **Deadlines are cancel scopes.** httpx's timeouts are off; the caller's cancel scope
+  bounds the call, a repair included. Only without any deadline does the agent apply
+  ``timeout`` itself.
+- **Cancellation aborts the request.** A cancelled read or write closes the connection
+  instead of returning it to the pool, so the server sees the disconnect and can stop
+  generating.
+- **Text streams as it is written.** With ``output = "text"`` and ``request.on_delta``
+  set, each piece is passed to ``on_delta`` synchronously as it arrives, in order; the
+  pieces joined equal the returned ``text``.
+- **Retries stay inside the deadline.** 408/429/5xx, transport errors and streams cut
+  short are retried with jittered exponential backoff, honouring ``Retry-After``
+  (seconds). When the next wait would end at or past the effective deadline the agent
+  raises :class:`RetryDeadlineError` at once instead of sleeping into the timeout. A
+  stream that breaks after a piece reached ``on_delta`` is never retried (the player
+  saw it): :class:`HTTPAgentError` says after how many characters it broke.
+- **Structured answers validate.** For ``output = "ruling"``/``"scene"`` the schema goes
+  to the server (OpenAI ``response_format``, Anthropic a forced tool); an answer that
+  fails :func:`~.schemas.parse_structured` gets one repair request, then AgentError.
+- **The API key stays secret.** Read once from the variable ``api_key_env`` names, held
+  in a wrapper whose ``repr`` is ``<secret>``, sent only in the auth header and
+  scrubbed from any server text quoted in an error: never in logs, reprs or outputs.
+- **Malformed answers are errors.** A 2xx that is not an event stream, undecodable event
+  data and error events raise :class:`~engine.errors.AgentError`; none is retried.
 
-The retry loop is our own (about thirty lines) rather than ``stamina``: stamina measures
-its time budget on ``time.monotonic`` and knows nothing of anyio's effective deadline, so
-it would sleep into the cancel scope instead of stopping before it, and it would not run
-on trio's virtual clock.
+Prompts come from :func:`.prompts.build_prompt`, laid out for prefix caches. Cache hints
+(``OpenAIChatAgent.prompt_cache``): ``llama.cpp`` sends ``"cache_prompt": true``;
+``openai`` sends ``prompt_cache_key``, a 16-hex-digit hash of ``context["session"]``
+(none without a session). The Anthropic agent marks its system and reference blocks
+``cache_control: ephemeral``.
+
+llama-cpp-python's server (0.3.x, checked in ``tests/llm``) accepts ``response_format``
+only as ``{"type": "json_object", "schema": ...}`` (made into a grammar; the
+``json_schema`` form fails with HTTP 500, a validation error), so that form is sent when
+``prompt_cache == "llama.cpp"`` (llama.cpp's ``llama-server`` takes it too) and
+``json_schema`` otherwise; its grammar honours ``maxLength``/``maxItems`` but not an
+integer's ``minimum``/``maximum``, so a bounded integer is sent as an ``enum`` (the DC of
+a ruling was otherwise out of range in 2 of 10 answers). It ignores ``cache_prompt`` and ``stream_options`` (it reuses
+the previous prompt's common prefix by itself) and sends no ``usage`` in streams: usage
+is then None.
+
+The retry loop is ours, not ``stamina``'s: stamina budgets on ``time.monotonic``, knows
+nothing of anyio's effective deadline and would not run on trio's virtual clock.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import math
 import os
 import random
-import re
-import types
 from collections.abc import Mapping
 from typing import Any, ClassVar, final
 
@@ -42,10 +61,28 @@ import anyio
 import attrs
 import httpx
 
-from ..config import AgentConfig
+from ..config import AgentConfig, ServerConfig
 from ..errors import AgentError, ConfigError
-from .base import Agent, AgentRequest
+from .base import Agent, AgentRequest, DeltaSink
+from .prompts import DEFAULT_PROMPTS, LAYOUTS, Prompt, build_prompt, estimate_tokens
 from .retry import RetryPolicy, parse_retry_after, retryable
+from .schemas import (
+    KINDS,
+    SCHEMAS,
+    StructuredAnswerError,
+    finish,
+    parse_structured,
+    repair_instruction,
+)
+from .sse import (
+    AnthropicStream,
+    OpenAIStream,
+    StreamCutShort,
+    StreamDecoder,
+    StreamError,
+    add_usage,
+    read_events,
+)
 
 __all__ = [
     "DEFAULT_PROMPTS",
@@ -60,44 +97,16 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: System prompts of the default agents, used when ``agents.<name>.prompt`` is empty.
-DEFAULT_PROMPTS: Mapping[str, str] = types.MappingProxyType(
-    {
-        "narrator": (
-            "You are the narrator of a Dungeons & Dragons 5e adventure. In the second person "
-            "and at most two short paragraphs, describe what happens after the player's "
-            "action. Follow the rules arbiter's ruling and the module's facts; never decide "
-            "for the player."
-        ),
-        "arbiter": (
-            "You are the rules arbiter of a Dungeons & Dragons 5e game. Decide whether the "
-            "player's action is possible, which checks, saves or attacks apply (with DCs) "
-            "and their mechanical consequences. Answer tersely."
-        ),
-        "archivist": (
-            "You are the archivist of a Dungeons & Dragons campaign. From the context, list "
-            "the facts about the party, past events and the world that matter for the "
-            "player's action, as terse bullet points."
-        ),
-        "module_keeper": (
-            "You are the keeper of the adventure module. From the module excerpts, state "
-            "what the module says about the places, NPCs and encounters relevant to the "
-            "player's action. Answer tersely and never invent what the module does not say."
-        ),
-    }
-)
-_GENERIC_PROMPT = (
-    "You are the {agent} agent of an AI Dungeon Master for a Dungeons & Dragons 5e game. "
-    "Answer for the player's action from the context given, tersely."
-)
-_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+#: Values of ``OpenAIChatAgent.prompt_cache``.
+PROMPT_CACHES = ("off", "llama.cpp", "openai")
 _NO_HTTPX_TIMEOUT = httpx.Timeout(None)  # deadlines are cancel scopes
 # transient transport failures; a misconfigured URL or proxy is not retried
 _TRANSIENT = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.TimeoutException)
 
 
 class HTTPAgentError(AgentError):
-    """An HTTP agent gave up: an error status, retries exhausted, or no time left to retry.
+    """An HTTP agent gave up: an error status, retries exhausted, no time left to retry,
+    or a stream that broke after part of it was streamed.
 
     ``status`` is the last HTTP status (None after a transport error) and ``attempts``
     the number of requests sent.
@@ -140,37 +149,6 @@ def _to_secret(value: str | _Secret | None) -> _Secret | None:
     return _Secret(value)
 
 
-def _render(template: str, values: Mapping[str, str]) -> str:
-    """Replace ``{name}`` for known names in one pass; other braces stay literal."""
-    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
-
-
-def _as_text(output: Any) -> str:
-    """A dependency's output as prompt text: its ``text`` field, a string, or JSON."""
-    if isinstance(output, Mapping) and isinstance(output.get("text"), str):
-        return str(output["text"])
-    if isinstance(output, str):
-        return output
-    return json.dumps(output, default=str, ensure_ascii=False)
-
-
-def _path(data: Any, *keys: str | int) -> Any:
-    """``data[k0][k1]…`` or AgentError naming the first missing step."""
-    where = ""
-    for key in keys:
-        where += f"[{key}]" if isinstance(key, int) else (f".{key}" if where else key)
-        try:
-            data = data[key]
-        except (KeyError, IndexError, TypeError):
-            raise AgentError(f"missing field {where}") from None
-    return data
-
-
-def _opt_int(data: Any, key: str) -> int | None:
-    value = data.get(key) if isinstance(data, Mapping) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def _endpoint(base_url: str, path: str) -> str:
     """``base_url`` + ``/v1/`` + ``path``, accepting a base with or without ``/v1``."""
     base = base_url.rstrip("/")
@@ -179,9 +157,29 @@ def _endpoint(base_url: str, path: str) -> str:
     return f"{base}/{path}"
 
 
+def _small_int_range(schema: Mapping[str, Any]) -> list[int] | None:
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if schema.get("type") != "integer" or not isinstance(low, int) or not isinstance(high, int):
+        return None
+    return list(range(low, high + 1)) if 0 <= high - low <= 100 else None
+
+
+def _plain(value: Any, int_enums: bool = False) -> Any:
+    """A schema as plain dicts and lists (JSON-serialisable). With ``int_enums`` a small
+    bounded integer becomes an ``enum`` of its values: llama-cpp-python's grammar ignores
+    ``minimum``/``maximum`` but honours ``enum`` (the answer is validated as declared)."""
+    if isinstance(value, Mapping):
+        if int_enums and (values := _small_int_range(value)):
+            return {"enum": values}
+        return {k: _plain(v, int_enums) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, int_enums) for v in value]
+    return value
+
+
 @attrs.define(eq=False, repr=False)
 class _HTTPAgent:
-    """Shared machinery: prompt building, the retry loop, response decoding.
+    """Shared machinery: prompt building, the retry loop, stream reading, repair.
 
     Stateless per call: one object serves concurrent requests.
     """
@@ -197,11 +195,13 @@ class _HTTPAgent:
     base_url: str = ""  # empty: the class's default_base_url
     api_key: _Secret | None = attrs.field(default=None, converter=_to_secret)
     max_tokens: int = 400
-    prompt: str = ""  # empty: DEFAULT_PROMPTS[name], or a generic one
+    prompt: str = ""  # the agent's instructions; empty: DEFAULT_PROMPTS[name], or generic
     timeout: float = 5.0  # applied only when the caller set no deadline
     retry: RetryPolicy = attrs.field(factory=RetryPolicy)
     max_response_bytes: int = 8 * 1024 * 1024
     rng: random.Random = attrs.field(factory=random.Random)
+    output: str = attrs.field(default="text", validator=attrs.validators.in_(KINDS))
+    layout: str = attrs.field(default="stable_first", validator=attrs.validators.in_(LAYOUTS))
     url: str = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -213,96 +213,128 @@ class _HTTPAgent:
     # ---------------------------------------------------------------- the call
 
     async def run(self, request: AgentRequest, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        """Ask the model; return ``{"text", "usage", "model", "stop_reason", "attempts"}``.
+        """Ask the model; return ``{"text", "usage", "model", "stop_reason", "attempts",
+        "repaired"}``, plus ``structured`` and ``state_changes`` for a structured output.
 
-        ``usage`` holds ``input_tokens`` and ``output_tokens`` (None when the server did
-        not report them).
+        ``usage`` holds ``input_tokens`` (the whole prompt), ``cached_tokens`` (the part
+        served from the server's prompt cache) and ``output_tokens``, each None when the
+        server did not report it; for a repaired answer they are summed over both calls,
+        as is ``attempts`` (HTTP requests sent, retries included). ``repaired`` says a
+        structured answer needed its one repair. A ruling's d20 is drawn from
+        ``context["dice_key"]`` (default: the request id).
 
         Raises:
             RetryDeadlineError: the next retry would end past the deadline.
-            HTTPAgentError: an error status, or retries exhausted.
-            AgentError: the answer is not JSON or lacks a required field.
+            HTTPAgentError: an error status, retries exhausted, or the stream broke
+                after part of it reached ``request.on_delta``.
+            AgentError: the answer is malformed, the server streamed an error, or a
+                structured answer did not validate after one repair.
             TimeoutError: only when the caller set no deadline and ``timeout`` passed.
         """
-        system, user = self.build_prompt(request, inputs)
-        body = self._body(system, user)
         if math.isinf(anyio.current_effective_deadline()):
             with anyio.fail_after(self.timeout):
-                data, attempts = await self._post(body)
-        else:
-            data, attempts = await self._post(body)
+                return await self._run(request, inputs)
+        return await self._run(request, inputs)
+
+    def build_prompt(self, request: AgentRequest, inputs: Mapping[str, Any]) -> Prompt:
+        """The prompt of ``request``: :func:`engine.agents.prompts.build_prompt` with this
+        agent's instructions, output kind and layout."""
+        return build_prompt(
+            self.name,
+            request,
+            inputs,
+            instructions=self.prompt,
+            output=self.output,
+            layout=self.layout,
+        )
+
+    async def _run(self, request: AgentRequest, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        prompt = self.build_prompt(request, inputs)
+        body = self._body(prompt, request)
+        kind = self.output
+        if kind not in SCHEMAS:
+            answer = await self._call(body, request.on_delta)
+            _estimate_missing_usage(answer, prompt)
+            return {**answer, "repaired": False}
+        answer = await self._call(body, None)  # structured answers never stream
         try:
-            result = self._parse(data)
-        except AgentError as exc:
-            raise AgentError(f"{self._who}: malformed response: {exc}") from None
-        result["attempts"] = attempts
-        return result
+            data = parse_structured(kind, answer["text"])
+            repaired = False
+        except StructuredAnswerError as error:
+            logger.info("%s: invalid %s (%s); asking for a repair", self._who, kind, error)
+            messages = [
+                *body["messages"],
+                {"role": "assistant", "content": answer["text"] or "(no answer)"},
+                {"role": "user", "content": repair_instruction(kind, error)},
+            ]
+            second = await self._call({**body, "messages": messages}, None)
+            try:
+                data = parse_structured(kind, second["text"])
+            except StructuredAnswerError as again:
+                raise AgentError(
+                    f"{self._who}: the {kind} did not validate after one repair: {again}"
+                ) from None
+            usage = add_usage(answer["usage"], second["usage"])
+            answer = {**second, "usage": usage, "attempts": answer["attempts"] + second["attempts"]}
+            repaired = True
+        _estimate_missing_usage(answer, prompt)
+        del answer["text"]
+        dice_key = str(request.context.get("dice_key", request.id))
+        return {**finish(kind, data, dice_key), **answer, "repaired": repaired}
 
-    def build_prompt(self, request: AgentRequest, inputs: Mapping[str, Any]) -> tuple[str, str]:
-        """The (system, user) messages for ``request``.
-
-        The system message is the agent's template with ``{agent}`` and every string
-        entry of ``request.context`` (``{action}``, ``{text}`` …) substituted. The user
-        message holds the built context (``context["text"]``), the dependencies' outputs
-        and the player's action (``context["action"]``), omitting empty parts.
-        """
-        context = request.context
-        values = {k: v for k, v in context.items() if isinstance(v, str)}
-        values["agent"] = self.name
-        template = self.prompt or DEFAULT_PROMPTS.get(self.name, _GENERIC_PROMPT)
-        system = _render(template, values)
-        parts: list[str] = []
-        if text := str(context.get("text") or "").strip():
-            parts.append(f"Context:\n{text}")
-        if inputs:
-            answers = "\n\n".join(f"[{rid}]\n{_as_text(out)}" for rid, out in inputs.items())
-            parts.append(f"What the other agents answered:\n{answers}")
-        parts.append(f"Player action: {context.get('action', '')}")
-        return system, "\n\n".join(parts)
-
-    async def _post(self, body: Mapping[str, Any]) -> tuple[Any, int]:
-        """POST ``body`` with retries; return the decoded JSON and the attempts made."""
+    async def _call(self, body: Mapping[str, Any], on_delta: DeltaSink | None) -> dict[str, Any]:
+        """POST ``body`` and read its stream, with retries; return ``{"text", "usage",
+        "model", "stop_reason", "attempts"}``."""
         headers = self._headers()
         attempt = 0
         while True:
             attempt += 1
+            stream = self._decoder()
             status: int | None = None
             retry_after: float | None = None
             cause: Exception | None = None
             try:
-                status, retry_after, content = await self._send_once(headers, body, attempt)
-            except _TRANSIENT as exc:
+                status, retry_after, content = await self._send_once(
+                    headers, body, attempt, stream, on_delta
+                )
+            except (*_TRANSIENT, StreamCutShort) as exc:
                 failure = f"{type(exc).__name__}: {self._scrub(str(exc)) or 'no detail'}"
                 cause = exc
             else:
                 if 200 <= status <= 299:
-                    return self._decode(content), attempt
+                    return {
+                        "text": stream.text,
+                        "usage": stream.usage(),
+                        "model": stream.model or self.model,
+                        "stop_reason": stream.stop_reason,
+                        "attempts": attempt,
+                    }
                 failure = f"HTTP {status}: {self._snippet(content)}"
                 if not retryable(status):
                     raise HTTPAgentError(f"{self._who}: {failure}", status=status, attempts=attempt)
+            kw: dict[str, Any] = {"status": status, "attempts": attempt}
+            if on_delta is not None and stream.text:
+                raise HTTPAgentError(
+                    f"{self._who}: the stream broke after {len(stream.text)} characters had "
+                    f"been streamed, so it is not retried; {failure}", **kw
+                ) from cause  # fmt: skip
             if attempt >= self.retry.max_attempts:
                 raise HTTPAgentError(
-                    f"{self._who}: gave up after {attempt} attempts; last: {failure}",
-                    status=status,
-                    attempts=attempt,
+                    f"{self._who}: gave up after {attempt} attempts; last: {failure}", **kw
                 ) from cause
             if retry_after is not None and retry_after > self.retry.max_retry_after:
                 raise HTTPAgentError(
                     f"{self._who}: server asked to retry after {retry_after:g} s "
-                    f"(more than {self.retry.max_retry_after:g} s); last: {failure}",
-                    status=status,
-                    attempts=attempt,
-                ) from cause
+                    f"(more than {self.retry.max_retry_after:g} s); last: {failure}", **kw
+                ) from cause  # fmt: skip
             wait = self.retry.wait(attempt, retry_after, self.rng)
             left = anyio.current_effective_deadline() - anyio.current_time()
             if wait >= left:
                 raise RetryDeadlineError(
                     f"{self._who}: stopped after {attempt} attempts: the next retry in "
                     f"{wait:.2f} s would pass the deadline ({max(left, 0.0):.2f} s left); "
-                    f"last: {failure}",
-                    status=status,
-                    attempts=attempt,
-                ) from cause
+                    f"last: {failure}", **kw
+                ) from cause  # fmt: skip
             logger.warning(
                 "%s: %s; retry %d in %.2f s", self._who, failure, attempt, wait,
                 extra={"agent": self.name, "attempt": attempt, "wait": wait},
@@ -310,20 +342,29 @@ class _HTTPAgent:
             await anyio.sleep(wait)
 
     async def _send_once(
-        self, headers: Mapping[str, str], body: Mapping[str, Any], attempt: int
+        self,
+        headers: Mapping[str, str],
+        body: Mapping[str, Any],
+        attempt: int,
+        stream: StreamDecoder,
+        on_delta: DeltaSink | None,
     ) -> tuple[int, float | None, bytes]:
-        """One request; the body is streamed so that cancellation closes the connection."""
+        """One request. A 2xx event stream is fed to ``stream``; any other answer is read
+        whole (bounded) and returned as (status, Retry-After, body)."""
         async with self.client.stream(
             "POST", self.url, json=body, headers=headers, timeout=_NO_HTTPX_TIMEOUT
         ) as response:
-            too_large = HTTPAgentError(
-                f"{self._who}: response larger than {self.max_response_bytes} bytes",
-                status=response.status_code,
-                attempts=attempt,
-            )
+            status = response.status_code
+            media = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+            if 200 <= status <= 299 and media == "text/event-stream":
+                try:
+                    await read_events(response, stream, on_delta, self.max_response_bytes)
+                except StreamError as exc:
+                    raise AgentError(f"{self._who}: {self._scrub(str(exc))}") from None
+                return status, None, b""
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > self.max_response_bytes:
-                raise too_large
+                raise self._too_large(status, attempt)
             # Never break out of httpx's async generators (trio warns about unfinished
             # ones): an undeclared oversized body is drained, not kept; the deadline
             # bounds the time that takes.
@@ -334,23 +375,27 @@ class _HTTPAgent:
                 if size <= self.max_response_bytes:
                     chunks.append(chunk)
             if size > self.max_response_bytes:
-                raise too_large
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
-            return response.status_code, retry_after, b"".join(chunks)
-
-    def _decode(self, content: bytes) -> Any:
-        try:
-            return json.loads(content)
-        except ValueError as exc:
-            raise AgentError(
-                f"{self._who}: response is not JSON ({exc}): {self._snippet(content)}"
-            ) from None
+                raise self._too_large(status, attempt)
+            content = b"".join(chunks)
+            if 200 <= status <= 299:
+                raise AgentError(
+                    f"{self._who}: expected an event stream, got "
+                    f"{media or 'no content type'}: {self._snippet(content)}"
+                )
+            return status, parse_retry_after(response.headers.get("retry-after")), content
 
     # ---------------------------------------------------------------- secrecy
 
     @property
     def _who(self) -> str:
         return f"agent {self.name!r} ({self.api_name} {self.model})"
+
+    def _too_large(self, status: int, attempt: int) -> HTTPAgentError:
+        return HTTPAgentError(
+            f"{self._who}: response larger than {self.max_response_bytes} bytes",
+            status=status,
+            attempts=attempt,
+        )
 
     def _scrub(self, text: str) -> str:
         if self.api_key is not None and (key := self.api_key.reveal()):
@@ -367,10 +412,10 @@ class _HTTPAgent:
     def _headers(self) -> dict[str, str]:
         raise NotImplementedError
 
-    def _body(self, system: str, user: str) -> dict[str, Any]:
+    def _body(self, prompt: Prompt, request: AgentRequest) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _parse(self, data: Any) -> dict[str, Any]:
+    def _decoder(self) -> StreamDecoder:
         raise NotImplementedError
 
 
@@ -378,56 +423,65 @@ class _HTTPAgent:
 @attrs.define(eq=False, repr=False)
 class OpenAIChatAgent(_HTTPAgent):
     """An OpenAI-compatible ``POST /v1/chat/completions`` agent (OpenAI, llama.cpp, vLLM,
-    Ollama …). The key, when set, is sent as ``Authorization: Bearer``."""
+    Ollama …). The key, when set, is sent as ``Authorization: Bearer``.
+
+    The body carries the system message, one user message (reference + task), ``stream``
+    with ``stream_options.include_usage``, the cache hint ``prompt_cache`` asks for, and
+    for a structured output the schema as ``response_format`` (see the module docstring).
+    """
 
     default_base_url: ClassVar[str] = "https://api.openai.com/v1"
     default_api_key_env: ClassVar[str] = ""  # local servers need no key
     api_name: ClassVar[str] = "openai"
     path: ClassVar[str] = "chat/completions"
 
+    prompt_cache: str = attrs.field(default="off", validator=attrs.validators.in_(PROMPT_CACHES))
+
     def _headers(self) -> dict[str, str]:
-        headers = {"accept": "application/json"}
+        headers = {"accept": "text/event-stream"}
         if self.api_key is not None:
             headers["authorization"] = f"Bearer {self.api_key.reveal()}"
         return headers
 
-    def _body(self, system: str, user: str) -> dict[str, Any]:
-        return {
+    def _body(self, prompt: Prompt, request: AgentRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
             "model": self.model,
-            "messages": [
-                {"role": "system", "content": system},
-                {"role": "user", "content": user},
-            ],
+            "messages": prompt.messages(),
             "max_tokens": self.max_tokens,
-            "stream": False,
+            "stream": True,
+            "stream_options": {"include_usage": True},
         }
+        if self.prompt_cache == "llama.cpp":
+            body["cache_prompt"] = True
+        elif self.prompt_cache == "openai" and (session := request.context.get("session")):
+            key = hashlib.blake2b(str(session).encode(), digest_size=8)
+            body["prompt_cache_key"] = key.hexdigest()
+        if self.output in SCHEMAS:
+            llama_cpp = self.prompt_cache == "llama.cpp"
+            schema = _plain(SCHEMAS[self.output], int_enums=llama_cpp)
+            if llama_cpp:
+                body["response_format"] = {"type": "json_object", "schema": schema}
+            else:
+                body["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": self.output, "schema": schema, "strict": True},
+                }
+        return body
 
-    def _parse(self, data: Any) -> dict[str, Any]:
-        if isinstance(data, Mapping) and "choices" not in data and "error" in data:
-            error = data["error"]
-            message = error.get("message") if isinstance(error, Mapping) else error
-            raise AgentError(f"the server reported an error: {self._scrub(str(message))}")
-        text = _path(data, "choices", 0, "message", "content")
-        if not isinstance(text, str):
-            raise AgentError(f"choices[0].message.content is {type(text).__name__}, not text")
-        usage = data.get("usage")
-        finish = _path(data, "choices", 0).get("finish_reason")
-        return {
-            "text": text,
-            "usage": {
-                "input_tokens": _opt_int(usage, "prompt_tokens"),
-                "output_tokens": _opt_int(usage, "completion_tokens"),
-            },
-            "model": data.get("model") if isinstance(data.get("model"), str) else self.model,
-            "stop_reason": finish if isinstance(finish, str) else None,
-        }
+    def _decoder(self) -> StreamDecoder:
+        return OpenAIStream()
 
 
 @final
 @attrs.define(eq=False, repr=False)
 class AnthropicAgent(_HTTPAgent):
     """An Anthropic Messages API (``POST /v1/messages``) agent; the key goes in
-    ``x-api-key``, the API version in ``anthropic-version``."""
+    ``x-api-key``, the API version in ``anthropic-version``.
+
+    The system block and the reference block are marked ``cache_control: ephemeral``
+    (the task block is not); a structured output is asked for as the input of one
+    forced tool, ``record_<kind>``, whose ``input_schema`` is the kind's schema.
+    """
 
     default_base_url: ClassVar[str] = "https://api.anthropic.com"
     default_api_key_env: ClassVar[str] = "ANTHROPIC_API_KEY"
@@ -437,39 +491,56 @@ class AnthropicAgent(_HTTPAgent):
     anthropic_version: str = "2023-06-01"
 
     def _headers(self) -> dict[str, str]:
-        headers = {"accept": "application/json", "anthropic-version": self.anthropic_version}
+        headers = {"accept": "text/event-stream", "anthropic-version": self.anthropic_version}
         if self.api_key is not None:
             headers["x-api-key"] = self.api_key.reveal()
         return headers
 
-    def _body(self, system: str, user: str) -> dict[str, Any]:
-        return {
+    def _body(self, prompt: Prompt, request: AgentRequest) -> dict[str, Any]:
+        def block(text: str, cache: bool) -> dict[str, Any]:
+            b: dict[str, Any] = {"type": "text", "text": text}
+            if cache:
+                b["cache_control"] = {"type": "ephemeral"}
+            return b
+
+        content = [block(prompt.reference, True)] if prompt.reference else []
+        content.append(block(prompt.task, False))
+        body: dict[str, Any] = {
             "model": self.model,
             "max_tokens": self.max_tokens,
-            "system": system,
-            "messages": [{"role": "user", "content": user}],
+            "stream": True,
+            "system": [block(prompt.system, True)],
+            "messages": [{"role": "user", "content": content}],
         }
+        if self.output in SCHEMAS:
+            tool = f"record_{self.output}"
+            body["tools"] = [
+                {
+                    "name": tool,
+                    "description": f"Record the {self.output} as structured data.",
+                    "input_schema": _plain(SCHEMAS[self.output]),
+                }
+            ]
+            body["tool_choice"] = {"type": "tool", "name": tool}
+        return body
 
-    def _parse(self, data: Any) -> dict[str, Any]:
-        blocks = _path(data, "content")
-        if not isinstance(blocks, list):
-            raise AgentError(f"content is {type(blocks).__name__}, not a list of blocks")
-        texts = [
-            b["text"]
-            for b in blocks
-            if isinstance(b, Mapping) and b.get("type") == "text" and isinstance(b.get("text"), str)
-        ]
-        usage = data.get("usage")
-        stop = data.get("stop_reason")
-        return {
-            "text": "".join(texts),
-            "usage": {
-                "input_tokens": _opt_int(usage, "input_tokens"),
-                "output_tokens": _opt_int(usage, "output_tokens"),
-            },
-            "model": data.get("model") if isinstance(data.get("model"), str) else self.model,
-            "stop_reason": stop if isinstance(stop, str) else None,
-        }
+    def _decoder(self) -> StreamDecoder:
+        return AnthropicStream(tool=self.output in SCHEMAS)
+
+
+def _estimate_missing_usage(answer: dict[str, Any], prompt: Prompt) -> None:
+    """Fill in prompt and output tokens a server did not report (llama-cpp-python sends
+    no usage in streams) with the 4-characters-a-token rule, and mark them estimated;
+    cached tokens stay None: only the server knows them."""
+    usage = answer["usage"]
+    if usage.get("input_tokens") is None or usage.get("output_tokens") is None:
+        usage = dict(usage)
+        if usage.get("input_tokens") is None:
+            usage["input_tokens"] = estimate_tokens(prompt.text())
+        if usage.get("output_tokens") is None:
+            usage["output_tokens"] = estimate_tokens(answer["text"])
+        usage["estimated"] = True
+        answer["usage"] = usage
 
 
 _BACKENDS: Mapping[str, type[_HTTPAgent]] = {
@@ -478,8 +549,28 @@ _BACKENDS: Mapping[str, type[_HTTPAgent]] = {
 }
 
 
-def make_http_agent(name: str, agent_config: AgentConfig, client: httpx.AsyncClient) -> Agent:
+def _resolve_prompt_cache(hint: str, base_url: str) -> str:
+    """``auto``: ``openai`` for api.openai.com, ``llama.cpp`` for any other URL."""
+    if hint != "auto":
+        return hint
+    return "openai" if httpx.URL(base_url).host == "api.openai.com" else "llama.cpp"
+
+
+def make_http_agent(
+    name: str,
+    agent_config: AgentConfig,
+    client: httpx.AsyncClient,
+    *,
+    server: ServerConfig | None = None,
+    layout: str = "stable_first",
+) -> Agent:
     """Build the HTTP agent ``agents.<name>`` describes, sharing ``client``.
+
+    ``server`` is the server the agent calls (``Config.server_of(name)``); None means
+    one made of the agent's own ``base_url`` and ``api_key_env``. Its ``prompt_cache``
+    picks the OpenAI agent's cache hint (``auto``: ``openai`` for api.openai.com,
+    ``llama.cpp`` otherwise). ``layout`` is the prompt layout
+    (``performance.prompts.layout``).
 
     The key is read now from the environment variable ``api_key_env`` names (for
     ``anthropic`` an empty name means ``ANTHROPIC_API_KEY``; for ``openai`` it means no
@@ -500,12 +591,14 @@ def make_http_agent(name: str, agent_config: AgentConfig, client: httpx.AsyncCli
         raise ConfigError(
             f"agents.{name}.model", "", f"must name the model when backend = {cls.api_name!r}"
         )
-    base_url = agent_config.base_url or cls.default_base_url
+    if server is None:
+        server = ServerConfig(base_url=agent_config.base_url, api_key_env=agent_config.api_key_env)
+    base_url = server.base_url or cls.default_base_url
     if not base_url.startswith(("http://", "https://")):
         raise ConfigError(
             f"agents.{name}.base_url", base_url, "must start with http:// or https://"
         )
-    env = agent_config.api_key_env or cls.default_api_key_env
+    env = server.api_key_env or cls.default_api_key_env
     key: str | None = None
     if env:
         key = os.environ.get(env, "").strip()
@@ -514,6 +607,9 @@ def make_http_agent(name: str, agent_config: AgentConfig, client: httpx.AsyncCli
                 f"agent {name!r}: the environment variable {env} (agents.{name}.api_key_env) "
                 "is not set or empty"
             )
+    extra: dict[str, Any] = {}
+    if cls is OpenAIChatAgent:
+        extra["prompt_cache"] = _resolve_prompt_cache(server.prompt_cache, base_url)
     return cls(
         name=name,
         client=client,
@@ -523,4 +619,7 @@ def make_http_agent(name: str, agent_config: AgentConfig, client: httpx.AsyncCli
         max_tokens=agent_config.max_tokens,
         prompt=agent_config.prompt,
         timeout=agent_config.timeout_seconds,
+        output=agent_config.output,
+        layout=layout,
+        **extra,
     )

@@ -30,7 +30,7 @@ import attrs
 from .base import AgentRequest
 from .schemas import INSTRUCTIONS
 
-__all__ = ["DEFAULT_PROMPTS", "LAYOUTS", "Prompt", "as_text", "build_prompt"]
+__all__ = ["DEFAULT_PROMPTS", "LAYOUTS", "Prompt", "as_text", "build_prompt", "estimate_tokens"]
 
 LAYOUTS: Final = ("stable_first", "action_first")
 
@@ -94,6 +94,11 @@ class Prompt:
     def text(self) -> str:
         """The whole prompt as one string (what a server would prefill, roughly)."""
         return f"{self.system}\n\n{self.user}"
+
+
+def estimate_tokens(text: str) -> int:
+    """Tokens of a text by the rule of thumb of 4 characters a token (no tokenizer)."""
+    return (len(text) + 3) // 4
 
 
 def as_text(output: Any) -> str:

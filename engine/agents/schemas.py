@@ -112,7 +112,7 @@ def parse_structured(kind: str, text: str) -> dict[str, Any]:
     """
     validator = _VALIDATORS[kind]
     try:
-        data = json.loads(text)
+        data = json.loads(text, strict=False)  # grammars may let raw newlines into strings
     except ValueError as exc:
         raise StructuredAnswerError(f"not JSON ({exc})") from None
     error = jsonschema.exceptions.best_match(validator.iter_errors(data))

@@ -33,7 +33,7 @@ import attrs
 
 from ..config import Config, LatencyModel
 from .base import AgentRequest
-from .prompts import build_prompt
+from .prompts import build_prompt, estimate_tokens
 from .schemas import finish
 
 __all__ = ["PromptCacheModel", "SimulatedAgent", "draw_latency", "prompt_tokens"]
@@ -48,7 +48,7 @@ def _rng(seed: int, key: str, agent: str, attempt: int) -> random.Random:
 
 def prompt_tokens(text: str) -> int:
     """Tokens of a prompt for the simulation: the rule of thumb of 4 characters a token."""
-    return (len(text) + 3) // 4
+    return estimate_tokens(text)
 
 
 def draw_latency(

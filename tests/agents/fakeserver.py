@@ -1,10 +1,12 @@
 """A real HTTP/1.1 server on 127.0.0.1 that plays an LLM API, for the HTTP agent tests.
 
 Each incoming request takes the next scripted :class:`Reply` (``ok`` once the script
-is empty) and is recorded (path, lower-cased headers, JSON body). Replies can answer
-in the OpenAI or Anthropic shape (chosen by path), return any status and headers, drop
-the connection mid-body, send malformed JSON, or hold the request until the client
-disconnects (``hold``, before the headers; ``stall``, after half the body). Every
+is empty) and is recorded (path, lower-cased headers, JSON body). Replies can stream
+Server-Sent Events in the OpenAI or Anthropic shape (``ok`` picks the shape by path;
+:func:`openai_stream` and :func:`anthropic_stream` script any answer), return any
+status and headers, drop the connection mid-stream, send malformed data, or hold the
+request until the client disconnects (``hold``, before the headers; ``hold_after``,
+mid-stream, until the client disconnects or the test sets ``release``). Every
 disconnect seen while holding sets ``disconnected``.
 """
 
@@ -20,47 +22,151 @@ from typing import Any
 
 import attrs
 
-OPENAI_ANSWER = {
-    "id": "chatcmpl-1",
-    "object": "chat.completion",
-    "model": "fake-model",
-    "choices": [
-        {
-            "index": 0,
-            "message": {"role": "assistant", "content": "The altar is trapped."},
-            "finish_reason": "stop",
-        }
-    ],
-    "usage": {"prompt_tokens": 42, "completion_tokens": 7, "total_tokens": 49},
+#: What the default streamed answers say and report.
+TEXT_PIECES = ("The altar ", "is trapped.")
+OPENAI_USAGE = {
+    "prompt_tokens": 42,
+    "completion_tokens": 7,
+    "total_tokens": 49,
+    "prompt_tokens_details": {"cached_tokens": 32},
 }
-ANTHROPIC_ANSWER = {
-    "id": "msg_1",
-    "type": "message",
-    "role": "assistant",
-    "model": "fake-claude",
-    "content": [
-        {"type": "text", "text": "The altar "},
-        {"type": "text", "text": "is trapped."},
-    ],
-    "stop_reason": "end_turn",
-    "usage": {"input_tokens": 40, "output_tokens": 6},
+ANTHROPIC_USAGE = {
+    "input_tokens": 10,
+    "cache_read_input_tokens": 30,
+    "cache_creation_input_tokens": 2,
+    "output_tokens": 1,
 }
+
+
+def event(data: Any, name: str = "") -> bytes:
+    """One SSE event: ``data`` as JSON (a str is sent as it is), with an event name."""
+    text = data if isinstance(data, str) else json.dumps(data)
+    return (f"event: {name}\n" if name else "").encode() + f"data: {text}\n\n".encode()
+
+
+def openai_events(
+    *pieces: str,
+    finish: str | None = "stop",
+    usage: dict[str, Any] | None = OPENAI_USAGE,
+    done: bool = True,
+    model: str = "fake-model",
+) -> tuple[bytes, ...]:
+    """A chat.completion.chunk stream: a role chunk, one chunk per piece, the finish
+    chunk, a usage chunk and ``[DONE]`` (each optional)."""
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        return event(
+            {"id": "c1", "object": "chat.completion.chunk", "model": model, "choices": [choice]}
+        )
+
+    events = [chunk({"role": "assistant", "content": ""})]
+    events += [chunk({"content": p}) for p in pieces]
+    if finish is not None:
+        events.append(chunk({}, finish))
+    if usage is not None:
+        events.append(event({"id": "c1", "model": model, "choices": [], "usage": usage}))
+    if done:
+        events.append(b"data: [DONE]\n\n")
+    return tuple(events)
+
+
+def anthropic_events(
+    *pieces: str,
+    tool: str | None = None,
+    stop: str | None = "end_turn",
+    usage: dict[str, Any] | None = ANTHROPIC_USAGE,
+    output_tokens: int = 6,
+    end: bool = True,
+    model: str = "fake-claude",
+) -> tuple[bytes, ...]:
+    """A Messages stream: message_start, one content block (text, or with ``tool`` a
+    tool_use block whose JSON input comes in ``pieces``), a ping, message_delta and
+    message_stop (the last two optional)."""
+    message: dict[str, Any] = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "usage": usage or {},
+    }
+    block = (
+        {"type": "tool_use", "id": "toolu_1", "name": tool, "input": {}}
+        if tool
+        else {"type": "text", "text": ""}
+    )
+    kind, key = ("input_json_delta", "partial_json") if tool else ("text_delta", "text")
+    events = [
+        event({"type": "message_start", "message": message}, "message_start"),
+        event(
+            {"type": "content_block_start", "index": 0, "content_block": block},
+            "content_block_start",
+        ),
+        event({"type": "ping"}, "ping"),
+    ]
+    events += [
+        event(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": kind, key: p}},
+            "content_block_delta",
+        )
+        for p in pieces
+    ]
+    events.append(event({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+    if stop is not None:
+        events.append(
+            event(
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": stop},
+                    "usage": {"output_tokens": output_tokens},
+                },
+                "message_delta",
+            )
+        )
+    if end:
+        events.append(event({"type": "message_stop"}, "message_stop"))
+    return tuple(events)
 
 
 @attrs.frozen
 class Reply:
     """What the server does with one request.
 
-    kind: ``ok`` (answer in the path's API shape), ``raw`` (status/headers/body as
-    given), ``drop`` (promise a body, send part of it, close), ``hold`` (send nothing
-    until the client disconnects), ``stall`` (send headers and half a body, then wait),
-    ``chunked`` (200 with ``body`` in chunked encoding).
+    kind: ``ok`` (stream the default answer in the path's API shape), ``sse`` (stream
+    ``events``), ``raw`` (status/headers/body as given), ``drop`` (stream the first
+    event of the default answer, then close), ``hold`` (send nothing until the client
+    disconnects), ``chunked`` (200 with ``body`` in chunked encoding).
+
+    For ``sse``: ``drop_after`` closes the connection (mid chunked body) after that many
+    events; ``hold_after`` waits after that many events until the client disconnects
+    (then stops) or the test sets ``FakeLLMServer.release`` (then goes on).
     """
 
     kind: str = "ok"
     status: int = 200
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
+    events: tuple[bytes, ...] = ()
+    drop_after: int | None = None
+    hold_after: int | None = None
+
+
+def openai_stream(
+    *pieces: str, drop_after: int | None = None, hold_after: int | None = None, **kw: Any
+) -> Reply:
+    return Reply(
+        "sse", events=openai_events(*pieces, **kw), drop_after=drop_after, hold_after=hold_after
+    )
+
+
+def anthropic_stream(
+    *pieces: str, drop_after: int | None = None, hold_after: int | None = None, **kw: Any
+) -> Reply:
+    return Reply(
+        "sse", events=anthropic_events(*pieces, **kw), drop_after=drop_after, hold_after=hold_after
+    )
 
 
 @attrs.frozen
@@ -89,9 +195,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         reply = fake.record(
             Recorded(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
         )
+        anthropic = self.path.endswith("/messages")
+        default = anthropic_events(*TEXT_PIECES) if anthropic else openai_events(*TEXT_PIECES)
         if reply.kind == "ok":
-            answer = ANTHROPIC_ANSWER if self.path.endswith("/messages") else OPENAI_ANSWER
-            self._send(200, (), json.dumps(answer).encode())
+            self._stream(default, None, None)
+        elif reply.kind == "sse":
+            self._stream(reply.events, reply.drop_after, reply.hold_after)
+        elif reply.kind == "drop":
+            self._stream(default, 1, None)
         elif reply.kind == "raw":
             self._send(reply.status, reply.headers, reply.body)
         elif reply.kind == "chunked":  # no content-length; the body in 50-byte chunks
@@ -104,20 +215,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
-        elif reply.kind == "drop":
-            self._head(200, (("content-type", "application/json"),), 1000)
-            self.wfile.write(b'{"choices": [')
-            self.wfile.flush()
-            self.close_connection = True
         elif reply.kind == "hold":
-            self._wait_for_disconnect()
-        elif reply.kind == "stall":
-            self._head(200, (("content-type", "application/json"),), 1000)
-            self.wfile.write(b'{"choices": [')
-            self.wfile.flush()
-            self._wait_for_disconnect()
+            self._wait_for_disconnect(released=False)
         else:  # pragma: no cover - a typo in a test
             raise ValueError(reply.kind)
+
+    def _stream(
+        self, events: tuple[bytes, ...], drop_after: int | None, hold_after: int | None
+    ) -> None:
+        """``events`` as an event stream in chunked encoding, one chunk per event."""
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream; charset=utf-8")
+        self.send_header("cache-control", "no-cache")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        for i, data in enumerate((*events, None)):
+            if i == hold_after and not self._wait_for_disconnect(released=True):
+                return
+            if i == drop_after:  # no terminating chunk: the body is cut off
+                self.close_connection = True
+                return
+            if data is not None:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
 
     def _head(self, status: int, headers: tuple[tuple[str, str], ...], length: int) -> None:
         self.send_response(status)
@@ -133,11 +256,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
         self.wfile.flush()
 
-    def _wait_for_disconnect(self) -> None:
-        """Block until the client closes the connection (or the server stops)."""
-        self.close_connection = True
+    def _wait_for_disconnect(self, *, released: bool) -> bool:
+        """Block until the client closes the connection (False) or, with ``released``,
+        until the test sets ``release`` (True); False when the server stops."""
+        fake = self.server.fake
         conn = self.connection
-        while not self.server.fake.stopping.is_set():
+        while not fake.stopping.is_set():
+            if released and fake.release.is_set():
+                return True
             readable, _, _ = select.select([conn], [], [], 0.05)
             if not readable:
                 continue
@@ -146,8 +272,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             except OSError:
                 data = b""
             if not data:
-                self.server.fake.disconnected.set()
-                return
+                self.close_connection = True
+                fake.disconnected.set()
+                return False
+        self.close_connection = True
+        return False
 
 
 class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -163,6 +292,7 @@ class FakeLLMServer:
     script: collections.deque[Reply] = attrs.field(factory=collections.deque)
     requests: list[Recorded] = attrs.field(factory=list)
     disconnected: threading.Event = attrs.field(factory=threading.Event)
+    release: threading.Event = attrs.field(factory=threading.Event)
     stopping: threading.Event = attrs.field(factory=threading.Event)
     _lock: threading.Lock = attrs.field(factory=threading.Lock)
     _server: _Server | None = None
@@ -172,6 +302,7 @@ class FakeLLMServer:
     def url(self) -> str:
         assert self._server is not None
         host, port = self._server.server_address[:2]
+        assert isinstance(host, str)
         return f"http://{host}:{port}"
 
     def push(self, *replies: Reply) -> None:

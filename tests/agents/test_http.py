@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -16,7 +17,7 @@ import attrs
 import httpx
 import pytest
 
-from engine.agents.base import Agent, AgentRequest
+from engine.agents.base import Agent, AgentRequest, DeltaSink
 from engine.agents.http import (
     DEFAULT_PROMPTS,
     AnthropicAgent,
@@ -27,10 +28,25 @@ from engine.agents.http import (
     make_http_agent,
     parse_retry_after,
 )
-from engine.config import AgentConfig, parse_config
+from engine.agents.prompts import PREAMBLE
+from engine.agents.schemas import (
+    SCHEMAS,
+    StructuredAnswerError,
+    parse_structured,
+    repair_instruction,
+    roll_d20,
+)
+from engine.config import AgentConfig, ServerConfig, parse_config
 from engine.errors import AgentError, ConfigError
 
-from .fakeserver import FakeLLMServer, Reply
+from .fakeserver import (
+    FakeLLMServer,
+    Reply,
+    anthropic_stream,
+    event,
+    openai_events,
+    openai_stream,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,6 +55,8 @@ else:  # pragma: no cover
 
 KEY = "sk-test-SECRET-0123456789abcdef"
 FAST = RetryPolicy(max_attempts=4, initial_backoff=0.02, max_backoff=0.05)
+RULING = ('{"check": "ability_check", ', '"ability": "wis", "dc": 15, ', '"reason": "Hidden."}')
+RULING_TEXT = "".join(RULING)
 
 
 @pytest.fixture(
@@ -73,81 +91,132 @@ class MaxRandom(random.Random):
         return b
 
 
-def request(**context: Any) -> AgentRequest:
+def request(on_delta: DeltaSink | None = None, **context: Any) -> AgentRequest:
     ctx = {"action": "I search the altar for traps", "text": "An altar of black stone."}
     ctx.update(context)
-    return AgentRequest(id="narrator", agent="narrator", context=ctx)
+    return AgentRequest(id="narrator", agent="narrator", context=ctx, on_delta=on_delta)
 
 
 def openai(server: FakeLLMServer, client: httpx.AsyncClient, **kw: Any) -> OpenAIChatAgent:
     kw.setdefault("retry", FAST)
+    kw.setdefault("name", "narrator")
     return OpenAIChatAgent(
-        name="narrator", client=client, model="fake-model", base_url=server.url, api_key=KEY, **kw
+        client=client, model="fake-model", base_url=server.url, api_key=KEY, **kw
     )
 
 
 def anthropic(server: FakeLLMServer, client: httpx.AsyncClient, **kw: Any) -> AnthropicAgent:
     kw.setdefault("retry", FAST)
+    kw.setdefault("name", "narrator")
     return AnthropicAgent(
-        name="narrator", client=client, model="fake-claude", base_url=server.url, api_key=KEY, **kw
+        client=client, model="fake-claude", base_url=server.url, api_key=KEY, **kw
     )
+
+
+def agent_for(api: str, server: FakeLLMServer, client: httpx.AsyncClient, **kw: Any) -> Any:
+    return (openai if api == "openai" else anthropic)(server, client, **kw)
+
+
+def stream_for(api: str, *pieces: str, **kw: Any) -> Reply:
+    return (openai_stream if api == "openai" else anthropic_stream)(*pieces, **kw)
+
+
+def common_prefix(a: str, b: str) -> str:
+    n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return a[:n]
+
+
+def user_text(body: dict[str, Any]) -> str:
+    """The user message of a recorded body as one string (either API)."""
+    content = body["messages"][0]["content"] if "system" in body else body["messages"][1]["content"]
+    if isinstance(content, str):
+        return content
+    return "\n\n".join(block["text"] for block in content)
 
 
 # --------------------------------------------------------------------------- success
 
 
 @pytest.mark.anyio
-async def test_OpenAIChatAgent_sends_chat_completion_and_returns_text_and_usage(
+async def test_OpenAIChatAgent_streams_chat_completion_and_returns_text_and_usage(
     server: FakeLLMServer, client: httpx.AsyncClient
 ) -> None:
     agent = openai(server, client, max_tokens=123)
-    out = await agent.run(request(), {"arbiter": {"text": "DC 15 Investigation."}})
+    inputs = {"arbiter": {"text": "DC 15 Investigation."}}
+    out = await agent.run(request(), inputs)
     assert out == {
         "text": "The altar is trapped.",
-        "usage": {"input_tokens": 42, "output_tokens": 7},
+        "usage": {"input_tokens": 42, "cached_tokens": 32, "output_tokens": 7},
         "model": "fake-model",
         "stop_reason": "stop",
         "attempts": 1,
+        "repaired": False,
     }
     (seen,) = server.requests
     assert seen.path == "/v1/chat/completions"
     assert seen.headers["authorization"] == f"Bearer {KEY}"
     assert seen.headers["content-type"] == "application/json"
+    assert seen.headers["accept"] == "text/event-stream"
     body = seen.body
     assert body["model"] == "fake-model"
     assert body["max_tokens"] == 123
-    assert body["stream"] is False
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    for absent in ("cache_prompt", "prompt_cache_key", "response_format"):
+        assert absent not in body  # prompt_cache = "off", text output
+    assert body["messages"] == agent.build_prompt(request(), inputs).messages()
     system, user = body["messages"]
-    assert system == {"role": "system", "content": DEFAULT_PROMPTS["narrator"]}
-    assert user["role"] == "user"
-    assert "An altar of black stone." in user["content"]
-    assert "[arbiter]\nDC 15 Investigation." in user["content"]
+    assert system["content"].startswith(PREAMBLE.replace("{module}", "the module"))
+    assert user["content"].startswith("Reference:\nAn altar of black stone.")
+    assert DEFAULT_PROMPTS["narrator"] in user["content"]
+    assert "- arbiter: DC 15 Investigation." in user["content"]
     assert user["content"].endswith("Player action: I search the altar for traps")
 
 
 @pytest.mark.anyio
-async def test_AnthropicAgent_sends_messages_request_with_key_and_version_headers(
+async def test_AnthropicAgent_streams_messages_with_key_version_and_cache_control(
     server: FakeLLMServer, client: httpx.AsyncClient
 ) -> None:
     agent = anthropic(server, client, prompt="You are {agent}; the player said: {action}")
     out = await agent.run(request(), {})
+    # input_tokens counts the whole prompt: 10 uncached + 30 read + 2 written to the cache
     assert out == {
         "text": "The altar is trapped.",
-        "usage": {"input_tokens": 40, "output_tokens": 6},
+        "usage": {"input_tokens": 42, "cached_tokens": 30, "output_tokens": 6},
         "model": "fake-claude",
         "stop_reason": "end_turn",
         "attempts": 1,
+        "repaired": False,
     }
     (seen,) = server.requests
     assert seen.path == "/v1/messages"
     assert seen.headers["x-api-key"] == KEY
     assert seen.headers["anthropic-version"] == "2023-06-01"
     assert "authorization" not in seen.headers
-    assert seen.body["system"] == "You are narrator; the player said: I search the altar for traps"
-    assert seen.body["max_tokens"] == 400
-    (message,) = seen.body["messages"]
+    body = seen.body
+    assert body["stream"] is True
+    assert body["max_tokens"] == 400
+    prompt = agent.build_prompt(request(), {})
+    ephemeral = {"type": "ephemeral"}
+    assert body["system"] == [{"type": "text", "text": prompt.system, "cache_control": ephemeral}]
+    (message,) = body["messages"]
     assert message["role"] == "user"
-    assert "other agents" not in message["content"]  # no inputs, no empty section
+    reference, task = message["content"]
+    assert reference == {"type": "text", "text": prompt.reference, "cache_control": ephemeral}
+    assert task == {"type": "text", "text": prompt.task}  # the per-call part: no breakpoint
+    assert task["text"].startswith("You are narrator; the player said: I search the altar")
+    assert "other agents" not in task["text"]  # no inputs, no empty section
+    assert "tools" not in body
+
+
+@pytest.mark.anyio
+async def test_AnthropicAgent_without_reference_sends_the_task_block_only(
+    server: FakeLLMServer, client: httpx.AsyncClient
+) -> None:
+    await anthropic(server, client).run(request(text=""), {})
+    (block,) = server.requests[0].body["messages"][0]["content"]
+    assert "cache_control" not in block
+    assert block["text"].endswith("Player action: I search the altar for traps")
 
 
 @pytest.mark.anyio
@@ -167,13 +236,15 @@ async def test_make_http_agent_reads_key_from_env_and_accepts_base_url_with_v1(
     agent = make_http_agent("archivist", config, client)
     assert isinstance(agent, OpenAIChatAgent)
     assert isinstance(agent, Agent)
+    assert agent.prompt_cache == "llama.cpp"  # "auto" for a URL other than api.openai.com
     out = await agent.run(AgentRequest(id="a", agent="archivist", context={"action": "hi"}), {})
     assert out["text"] == "The altar is trapped."
     (seen,) = server.requests
     assert seen.path == "/v1/chat/completions"
     assert seen.headers["authorization"] == f"Bearer {KEY}"
-    assert seen.body["messages"][0]["content"] == "Be archivist."
+    assert seen.body["messages"][1]["content"] == "Be archivist.\n\nPlayer action: hi"
     assert seen.body["max_tokens"] == 50
+    assert seen.body["cache_prompt"] is True
 
 
 @pytest.mark.anyio
@@ -196,16 +267,353 @@ def test_make_http_agent_rejects_bad_config(monkeypatch: pytest.MonkeyPatch) -> 
         make_http_agent("narrator", AgentConfig(backend="simulated", model="m"), client)
     with pytest.raises(ConfigError, match=r"agents\.narrator\.base_url"):
         make_http_agent("narrator", AgentConfig(backend="openai", model="m", base_url="x"), client)
+    with pytest.raises(ConfigError, match=r"agents\.narrator\.base_url"):
+        make_http_agent(
+            "narrator",
+            AgentConfig(backend="openai", model="m"),
+            client,
+            server=ServerConfig(base_url="ftp://x"),
+        )
     with pytest.raises(AgentError, match="DM_MISSING_KEY"):
         make_http_agent(
             "narrator",
             AgentConfig(backend="anthropic", model="m", api_key_env="DM_MISSING_KEY"),
             client,
         )
+    with pytest.raises(AgentError, match="DM_MISSING_KEY"):
+        make_http_agent(
+            "narrator",
+            AgentConfig(backend="openai", model="m"),
+            client,
+            server=ServerConfig(base_url="http://h", api_key_env="DM_MISSING_KEY"),
+        )
     # anthropic without api_key_env falls back to ANTHROPIC_API_KEY
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     with pytest.raises(AgentError, match="ANTHROPIC_API_KEY"):
         make_http_agent("narrator", AgentConfig(backend="anthropic", model="m"), client)
+
+
+def test_make_http_agent_takes_url_key_and_cache_hint_from_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DM_TEST_KEY", KEY)
+    client = httpx.AsyncClient()
+    config = AgentConfig(backend="openai", model="m", output="ruling", server="gpu")
+
+    def build(server: ServerConfig, **kw: Any) -> Any:
+        return make_http_agent("arbiter", config, client, server=server, **kw)
+
+    hosted = build(ServerConfig(base_url="https://api.openai.com/v1", api_key_env="DM_TEST_KEY"))
+    assert isinstance(hosted, OpenAIChatAgent)
+    assert hosted.url == "https://api.openai.com/v1/chat/completions"
+    assert hosted.api_key is not None and hosted.api_key.reveal() == KEY
+    assert (hosted.prompt_cache, hosted.output, hosted.layout) == (
+        "openai",
+        "ruling",
+        "stable_first",
+    )
+    local = build(ServerConfig(base_url="http://127.0.0.1:8080"), layout="action_first")
+    assert isinstance(local, OpenAIChatAgent)
+    assert (local.prompt_cache, local.layout, local.api_key) == ("llama.cpp", "action_first", None)
+    off = build(ServerConfig(base_url="http://127.0.0.1:8080", prompt_cache="off"))
+    assert isinstance(off, OpenAIChatAgent) and off.prompt_cache == "off"
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    claude = make_http_agent(
+        "narrator", AgentConfig(backend="anthropic", model="m"), client, server=ServerConfig()
+    )
+    assert isinstance(claude, AnthropicAgent)
+    assert claude.url == "https://api.anthropic.com/v1/messages"
+    with pytest.raises(ValueError, match="layout"):
+        build(ServerConfig(base_url="http://h"), layout="sideways")
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+async def test_deltas_arrive_in_order_and_join_to_the_text(
+    server: FakeLLMServer, client: httpx.AsyncClient, api: str
+) -> None:
+    pieces = ("You ", "find ", "a hidden ", "needle", ".", " ✨")
+    server.push(stream_for(api, *pieces))
+    seen: list[str] = []
+    out = await agent_for(api, server, client).run(request(seen.append), {})
+    assert seen == list(pieces)
+    assert "".join(seen) == out["text"] == "You find a hidden needle. ✨"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+async def test_on_delta_is_called_while_the_stream_is_still_open(
+    server: FakeLLMServer, client: httpx.AsyncClient, api: str
+) -> None:
+    # OpenAI: role chunk + first piece; Anthropic: message_start, block start, ping, piece
+    server.push(
+        stream_for(api, "The altar ", "is trapped.", hold_after=2 if api == "openai" else 4)
+    )
+    seen: list[str] = []
+    first = anyio.Event()
+
+    def on_delta(piece: str) -> None:
+        seen.append(piece)
+        first.set()
+
+    result: dict[str, Any] = {}
+
+    async def call() -> None:
+        result.update(await agent_for(api, server, client).run(request(on_delta), {}))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        with anyio.fail_after(5):
+            await first.wait()
+        assert seen == ["The altar "]
+        assert not result  # the server is still holding the rest of the stream
+        server.release.set()
+    assert seen == ["The altar ", "is trapped."]
+    assert result["text"] == "The altar is trapped."
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+async def test_a_stream_that_breaks_after_a_delta_is_not_retried(
+    server: FakeLLMServer, client: httpx.AsyncClient, api: str
+) -> None:
+    drop_after = 3 if api == "openai" else 5  # after "The altar " and "is "
+    server.push(stream_for(api, "The altar ", "is ", "trapped.", drop_after=drop_after))
+    seen: list[str] = []
+    with pytest.raises(HTTPAgentError, match="stream broke after 13 characters") as info:
+        await agent_for(api, server, client).run(request(seen.append), {})
+    assert "RemoteProtocolError" in str(info.value)
+    assert seen == ["The altar ", "is "]
+    assert server.attempts == 1
+
+
+@pytest.mark.anyio
+async def test_a_stream_that_ends_early_after_a_delta_is_not_retried(
+    server: FakeLLMServer, client: httpx.AsyncClient
+) -> None:
+    server.push(openai_stream("The altar ", finish=None, usage=None, done=False))
+    with pytest.raises(HTTPAgentError, match=r"broke after 10 characters.*ended early"):
+        await openai(server, client).run(request(lambda _: None), {})
+    assert server.attempts == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+async def test_a_stream_that_breaks_before_any_delta_is_retried(
+    server: FakeLLMServer, client: httpx.AsyncClient, api: str
+) -> None:
+    server.push(
+        stream_for(api, "The altar ", drop_after=1),  # only the role chunk / message_start
+        stream_for(api, "The altar ", finish=None, usage=None, done=False)
+        if api == "openai"
+        else stream_for(api, "The altar ", stop=None, end=False),  # ends cleanly, too early
+    )
+    seen: list[str] = []
+    out = await agent_for(api, server, client).run(request(), {})
+    assert out["attempts"] == 3  # without on_delta nothing was shown, so the cut-off is retried
+    assert out["text"] == "The altar is trapped."
+    server.push(stream_for(api, "Once", drop_after=1))
+    out = await agent_for(api, server, client).run(request(seen.append), {})
+    assert out["attempts"] == 2
+    assert seen == ["The altar ", "is trapped."]  # nothing twice
+
+
+@pytest.mark.anyio
+async def test_on_delta_raising_stops_the_stream_at_once(
+    server: FakeLLMServer, client: httpx.AsyncClient
+) -> None:
+    server.push(openai_stream("The altar ", "is trapped.", hold_after=3))
+
+    def on_delta(piece: str) -> None:
+        raise RuntimeError("the player's socket is gone")
+
+    with anyio.fail_after(5), pytest.raises(RuntimeError, match="socket is gone"):
+        await openai(server, client).run(request(on_delta), {})
+    assert await anyio.to_thread.run_sync(server.disconnected.wait, 5)
+    assert server.attempts == 1
+
+
+# --------------------------------------------------------------------------- structured
+
+
+@pytest.mark.anyio
+async def test_structured_ruling_validates_first_time_and_never_streams(
+    server: FakeLLMServer, client: httpx.AsyncClient
+) -> None:
+    server.push(openai_stream(*RULING))
+    seen: list[str] = []
+    agent = openai(server, client, name="arbiter", output="ruling")
+    out = await agent.run(request(seen.append, dice_key="k7"), {})
+    assert seen == []
+    roll = roll_d20("k7")
+    success = roll == 20 or (roll != 1 and roll >= 15)
+    assert out["structured"] == {
+        "check": "ability_check",
+        "ability": "wis",
+        "dc": 15,
+        "reason": "Hidden.",
+        "roll": roll,
+        "success": success,
+    }
+    assert out["text"].startswith(f"Ruling: a DC 15 Wisdom check; the d20 shows {roll}")
+    assert out["state_changes"] == {}
+    assert out["repaired"] is False
+    assert out["attempts"] == 1
+    assert out["usage"] == {"input_tokens": 42, "cached_tokens": 32, "output_tokens": 7}
+    body = server.requests[0].body
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "ruling", "schema": dict(SCHEMAS["ruling"]), "strict": True},
+    }
+    assert "JSON only" in body["messages"][1]["content"]  # the format is in the instructions
+
+
+@pytest.mark.anyio
+async def test_structured_answer_for_llama_cpp_uses_json_object_with_schema(
+    server: FakeLLMServer, client: httpx.AsyncClient
+) -> None:
+    server.push(openai_stream(*RULING))
+    agent = openai(server, client, name="arbiter", output="ruling", prompt_cache="llama.cpp")
+    out = await agent.run(request(), {})
+    assert out["structured"]["dc"] == 15
+    body = server.requests[0].body
+    # llama-cpp-python's grammar ignores an integer's minimum/maximum but honours enum
+    schema = {**SCHEMAS["ruling"], "properties": {**SCHEMAS["ruling"]["properties"]}}
+    schema["properties"]["dc"] = {"enum": list(range(1, 31))}
+    assert body["response_format"] == {"type": "json_object", "schema": schema}
+    assert body["cache_prompt"] is True
+
+
+@pytest.mark.anyio
+async def test_invalid_structured_answer_is_repaired_once(
+    server: FakeLLMServer, client: httpx.AsyncClient
+) -> None:
+    bad = '{"check": "dance", "ability": "wis", "dc": 15, "reason": "x"}'
+    server.push(openai_stream(bad), openai_stream(*RULING))
+    out = await openai(server, client, name="arbiter", output="ruling").run(request(), {})
+    assert out["repaired"] is True
+    assert out["structured"]["check"] == "ability_check"
+    assert out["attempts"] == 2
+    assert out["usage"] == {"input_tokens": 84, "cached_tokens": 64, "output_tokens": 14}
+    first, second = (r.body for r in server.requests)
+    with pytest.raises(StructuredAnswerError) as error:
+        parse_structured("ruling", bad)
+    assert second["messages"] == [
+        *first["messages"],
+        {"role": "assistant", "content": bad},
+        {"role": "user", "content": repair_instruction("ruling", error.value)},
+    ]
+    assert second["response_format"] == first["response_format"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+async def test_structured_answer_invalid_twice_raises(
+    server: FakeLLMServer, client: httpx.AsyncClient, api: str
+) -> None:
+    tool = {"tool": "record_ruling"} if api == "anthropic" else {}
+    server.push(stream_for(api, '{"check": ', **tool), stream_for(api, "[]", **tool))
+    agent = agent_for(api, server, client, name="arbiter", output="ruling")
+    with pytest.raises(
+        AgentError, match=r"the ruling did not validate after one repair: the answer: \[\] is not"
+    ):
+        await agent.run(request(), {})
+    assert server.attempts == 2
+
+
+@pytest.mark.anyio
+async def test_AnthropicAgent_structured_scene_comes_from_a_forced_tool(
+    server: FakeLLMServer, client: httpx.AsyncClient
+) -> None:
+    scene = ('{"location": "the crypt", ', '"present": ["a ghoul"], ', '"changes": ["lit"]}')
+    server.push(anthropic_stream(*scene, tool="record_scene", stop="tool_use"))
+    seen: list[str] = []
+    agent = anthropic(server, client, name="module_keeper", output="scene")
+    out = await agent.run(request(seen.append), {})
+    assert seen == []
+    assert out["structured"] == {
+        "location": "the crypt",
+        "present": ["a ghoul"],
+        "changes": ["lit"],
+    }
+    assert out["state_changes"] == {"scene": "the crypt", "npcs_present": ["a ghoul"]}
+    assert out["stop_reason"] == "tool_use"
+    assert out["repaired"] is False
+    body = server.requests[0].body
+    assert body["tools"] == [
+        {
+            "name": "record_scene",
+            "description": "Record the scene as structured data.",
+            "input_schema": dict(SCHEMAS["scene"]),
+        }
+    ]
+    assert body["tool_choice"] == {"type": "tool", "name": "record_scene"}
+
+
+@pytest.mark.anyio
+async def test_AnthropicAgent_repair_resends_the_invalid_tool_input_as_text(
+    server: FakeLLMServer, client: httpx.AsyncClient
+) -> None:
+    server.push(
+        anthropic_stream('{"location": 3}', tool="record_scene", stop="tool_use"),
+        anthropic_stream('{"location": "", "present": [], "changes": []}', tool="record_scene"),
+    )
+    out = await anthropic(server, client, output="scene").run(request(), {})
+    assert out["repaired"] is True
+    assert out["text"] == "The scene is unchanged."
+    messages = server.requests[1].body["messages"]
+    assert messages[1] == {"role": "assistant", "content": '{"location": 3}'}
+    with pytest.raises(StructuredAnswerError) as error:
+        parse_structured("scene", '{"location": 3}')
+    assert messages[2] == {"role": "user", "content": repair_instruction("scene", error.value)}
+
+
+# --------------------------------------------------------------------------- prompt caching
+
+
+@pytest.mark.anyio
+async def test_prompt_cache_key_is_a_stable_hash_of_the_session(
+    server: FakeLLMServer, client: httpx.AsyncClient
+) -> None:
+    agent = openai(server, client, prompt_cache="openai")
+    for session in ("s-1", "s-1", "s-2", None):
+        await agent.run(request() if session is None else request(session=session), {})
+    bodies = [r.body for r in server.requests]
+    keys = [b.get("prompt_cache_key") for b in bodies]
+    assert keys[0] == keys[1] != keys[2]
+    assert re.fullmatch(r"[0-9a-f]{16}", keys[0])
+    assert "s-1" not in json.dumps(bodies[0])  # the session id itself is not sent
+    assert keys[3] is None and "prompt_cache_key" not in bodies[3]
+    assert all("cache_prompt" not in b for b in bodies)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+async def test_stable_first_prompts_of_two_agents_share_system_and_reference(
+    server: FakeLLMServer, client: httpx.AsyncClient, api: str
+) -> None:
+    reference = "The crypt of Saint Vey. " * 20
+    req = request(text=reference, notes="The party is in the crypt.", module="Vey")
+    prompts: dict[str, list[str]] = {}
+    for layout in ("stable_first", "action_first"):
+        for name in ("archivist", "arbiter"):
+            agent = agent_for(api, server, client, name=name, layout=layout)
+            await agent.run(req, {})
+            body = server.requests[-1].body
+            system = body["system"][0]["text"] if api == "anthropic" else body["messages"][0]
+            system = system if isinstance(system, str) else system["content"]
+            prompts.setdefault(layout, []).append(f"{system}\n\n{user_text(body)}")
+    a, b = prompts["stable_first"]
+    shared = common_prefix(a, b)
+    assert shared.startswith("You are one of the agents")
+    assert f"Reference:\n{reference.strip()}" in shared  # the whole reference is reusable
+    assert "archivist" not in shared and "arbiter" not in shared
+    a, b = prompts["action_first"]
+    assert reference.strip() not in common_prefix(a, b)
+    assert len(common_prefix(a, b)) < 20  # "You are the ..."
 
 
 # --------------------------------------------------------------------------- retries
@@ -240,6 +648,16 @@ async def test_retries_stop_after_max_attempts(
     with pytest.raises(HTTPAgentError, match=r"gave up after 4 attempts.*HTTP 502") as info:
         await openai(server, client).run(request(), {})
     assert (info.value.status, info.value.attempts) == (502, 4)
+    assert server.attempts == 4
+
+
+@pytest.mark.anyio
+async def test_streams_ending_early_are_retried_then_reported(
+    server: FakeLLMServer, client: httpx.AsyncClient
+) -> None:
+    server.push(*[openai_stream("The altar ", finish=None, usage=None, done=False)] * 4)
+    with pytest.raises(HTTPAgentError, match=r"gave up after 4 attempts.*stream ended early"):
+        await openai(server, client).run(request(), {})
     assert server.attempts == 4
 
 
@@ -311,6 +729,18 @@ async def test_retries_stop_before_the_deadline_instead_of_sleeping_into_it(
 
 
 @pytest.mark.anyio
+async def test_repair_stays_inside_the_deadline(
+    server: FakeLLMServer, client: httpx.AsyncClient
+) -> None:
+    server.push(openai_stream('{"check": '), Reply("hold"))
+    agent = openai(server, client, output="ruling", timeout=0.5)
+    with pytest.raises(TimeoutError):
+        await agent.run(request(), {})  # no caller deadline: the agent's own 0.5 s
+    assert server.attempts == 2  # the repair was sent, then cut off by the same deadline
+    assert await anyio.to_thread.run_sync(server.disconnected.wait, 5)
+
+
+@pytest.mark.anyio
 async def test_agent_applies_its_own_timeout_when_the_caller_sets_none(
     server: FakeLLMServer, client: httpx.AsyncClient
 ) -> None:
@@ -324,15 +754,19 @@ async def test_agent_applies_its_own_timeout_when_the_caller_sets_none(
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("kind", ["hold", "stall"], ids=["before-headers", "mid-body"])
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+@pytest.mark.parametrize("mid_stream", [False, True], ids=["before-headers", "mid-stream"])
 async def test_cancelled_request_closes_its_connection(
-    server: FakeLLMServer, client: httpx.AsyncClient, kind: str
+    server: FakeLLMServer, client: httpx.AsyncClient, api: str, mid_stream: bool
 ) -> None:
-    server.push(Reply(kind))
-    agent = openai(server, client)
+    stall = stream_for(api, "The altar ", "is trapped.", hold_after=2 if api == "openai" else 4)
+    server.push(stall if mid_stream else Reply("hold"))
+    agent = agent_for(api, server, client)
+    seen: list[str] = []
     with anyio.move_on_after(0.3) as scope:
-        await agent.run(request(), {})
+        await agent.run(request(seen.append), {})
     assert scope.cancelled_caught
+    assert seen == (["The altar "] if mid_stream else [])
     # the client stays open: only the cancelled request's connection may have closed
     assert await anyio.to_thread.run_sync(server.disconnected.wait, 5)
     assert server.attempts == 1
@@ -347,52 +781,78 @@ async def test_cancelled_request_closes_its_connection(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    ("body", "message"),
+    ("reply", "message"),
     [
-        (b'{"choices": [', "not JSON"),
-        (b"<html>Bad gateway</html>", "not JSON"),
-        (b'{"choices": []}', r"missing field choices\[0\]"),
-        (b'{"choices": [{"message": {}}]}', r"missing field choices\[0\]\.message\.content"),
-        (b'{"choices": [{"message": {"content": null}}]}', "NoneType, not text"),
-        (b"[1, 2]", "missing field choices"),
-        (b'{"error": {"message": "model not loaded"}}', "model not loaded"),
+        (Reply("sse", events=(b"data: {not json\n\n",)), r"malformed event data: '\{not json'"),
+        (Reply("sse", events=(b"data: [1, 2]\n\n",)), "not an object"),
+        (
+            Reply("sse", events=(event({"error": {"message": "model not loaded"}}),)),
+            "the server reported an error: model not loaded",
+        ),
+        (
+            Reply("sse", events=(*openai_events("The ")[:2], b"data: {oops\n\n")),
+            "malformed event data",
+        ),
+        (Reply("raw", 200, (), b'{"choices": []}'), "expected an event stream, got application"),
+        (Reply("raw", 200, (("content-type", "text/html"),), b"<html>"), "got text/html: '<html>'"),
     ],
 )
-async def test_OpenAIChatAgent_malformed_response_raises_AgentError(
-    server: FakeLLMServer, client: httpx.AsyncClient, body: bytes, message: str
+async def test_OpenAIChatAgent_malformed_stream_raises_AgentError(
+    server: FakeLLMServer, client: httpx.AsyncClient, reply: Reply, message: str
 ) -> None:
-    server.push(Reply("raw", 200, (), body))
+    server.push(reply)
     with pytest.raises(AgentError, match=message):
-        await openai(server, client).run(request(), {})
+        await openai(server, client).run(request(lambda _: None), {})
     assert server.attempts == 1  # a malformed answer is not retried
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
-    ("body", "message"),
+    ("reply", "message"),
     [
-        (b"", "not JSON"),
-        (b'{"type": "message"}', "missing field content"),
-        (b'{"content": "hi"}', "str, not a list"),
+        (Reply("sse", events=(b"event: message_start\ndata: nope\n\n",)), "malformed event data"),
+        (
+            Reply(
+                "sse",
+                events=(
+                    event(
+                        {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}},
+                        "error",
+                    ),
+                ),
+            ),
+            "the server reported an error: overloaded_error: busy",
+        ),
+        (Reply("raw", 200, (), b'{"content": []}'), "expected an event stream"),
     ],
 )
-async def test_AnthropicAgent_malformed_response_raises_AgentError(
-    server: FakeLLMServer, client: httpx.AsyncClient, body: bytes, message: str
+async def test_AnthropicAgent_malformed_stream_raises_AgentError(
+    server: FakeLLMServer, client: httpx.AsyncClient, reply: Reply, message: str
 ) -> None:
-    server.push(Reply("raw", 200, (), body))
+    server.push(reply)
     with pytest.raises(AgentError, match=message):
         await anthropic(server, client).run(request(), {})
+    assert server.attempts == 1
 
 
 @pytest.mark.anyio
-async def test_AnthropicAgent_usage_missing_is_none(
-    server: FakeLLMServer, client: httpx.AsyncClient
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+async def test_usage_the_server_does_not_report_is_estimated(
+    server: FakeLLMServer, client: httpx.AsyncClient, api: str
 ) -> None:
-    server.push(Reply("raw", 200, (), b'{"content": [{"type": "text", "text": "ok"}]}'))
-    out = await anthropic(server, client).run(request(), {})
+    # llama-cpp-python sends no usage in streams; a minimal Anthropic proxy may not either
+    server.push(stream_for(api, "ok", usage=None, model=""))
+    agent = agent_for(api, server, client)
+    out = await agent.run(request(), {})
     assert out["text"] == "ok"
-    assert out["usage"] == {"input_tokens": None, "output_tokens": None}
-    assert out["model"] == "fake-claude"
+    prompt = agent.build_prompt(request(), {}).text()
+    assert out["usage"] == {
+        "input_tokens": (len(prompt) + 3) // 4,  # 4 characters a token
+        "cached_tokens": None,  # only the server could know
+        "output_tokens": 1 if api == "openai" else 6,  # Anthropic's message_delta counts
+        "estimated": True,
+    }
+    assert out["model"] == ("fake-model" if api == "openai" else "fake-claude")  # our own
 
 
 # --------------------------------------------------------------------------- secrecy
@@ -413,29 +873,32 @@ async def test_key_never_appears_in_errors_reprs_outputs_or_logs(
     )
     assert isinstance(agent, AnthropicAgent)
     agent = attrs.evolve(agent, retry=FAST)
-    echo = f'{{"error": {{"message": "invalid x-api-key {KEY}"}}}}'.encode()
+    error = {"type": "error", "error": {"type": "authentication_error", "message": f"bad {KEY}"}}
+    echo = json.dumps({"error": {"message": f"invalid x-api-key {KEY}"}}).encode()
     server.push(
         Reply("raw", 500, (), echo),  # retried, logged
         Reply("drop"),  # retried, logged
         Reply("raw", 401, (), echo),  # the server echoes the key back in its error
-        Reply("raw", 200, (), echo),  # a 200 that is not a message
+        Reply("sse", events=(event(error, "error"),)),  # and in an error event
+        Reply("raw", 200, (), echo),  # a 200 that is not a stream
     )
     errors: list[BaseException] = []
     with caplog.at_level(logging.DEBUG):  # httpx and httpcore debug logs too
-        for _ in range(2):
+        for _ in range(3):
             try:
                 await agent.run(request(), {})
             except AgentError as exc:
                 errors.append(exc)
         output = await agent.run(request(), {})
-    assert len(errors) == 2
-    assert [r.headers["x-api-key"] for r in server.requests] == [KEY] * 5  # it was sent
+    assert len(errors) == 3
+    assert [r.headers["x-api-key"] for r in server.requests] == [KEY] * 6  # it was sent
     texts = (
         [str(e) for e in errors] + [repr(e) for e in errors] + [repr(e.__cause__) for e in errors]
     )
     texts += [repr(agent), str(agent), repr(output), caplog.text]
     texts += [str(r.__dict__) for r in caplog.records]
     assert "invalid x-api-key ***" in str(errors[0])  # scrubbed, not dropped
+    assert "authentication_error: bad ***" in str(errors[1])
     assert len(caplog.records) >= 2
     for text in texts:
         assert KEY not in text
@@ -472,14 +935,17 @@ def test_prompt_template_substitutes_known_names_only() -> None:
         model="m",
         prompt='{agent} answers {action} as JSON like {"a": 1} {unknown}',
     )
-    system, user = agent.build_prompt(request(action="{text}"), {"x": [1, 2]})
+    prompt = agent.build_prompt(request(action="{text}"), {"x": [1, 2]})
     # substitution is one pass: the player's "{text}" is not expanded again
-    assert system == '{agent} answers {action} as JSON like {"a": 1} {unknown}'.replace(
-        "{agent}", "oracle"
-    ).replace("{action}", "{text}")
-    assert "[x]\n[1, 2]" in user
+    assert prompt.task.startswith('oracle answers {text} as JSON like {"a": 1} {unknown}\n')
+    assert "- x: [1, 2]" in prompt.task
+    assert prompt.reference == "Reference:\nAn altar of black stone."
     default = OpenAIChatAgent(name="oracle", client=httpx.AsyncClient(), model="m")
-    assert "oracle agent" in default.build_prompt(request(), {})[0]
+    assert "You are the oracle agent" in default.build_prompt(request(), {}).task
+    with pytest.raises(ValueError, match="output"):
+        OpenAIChatAgent(name="o", client=httpx.AsyncClient(), model="m", output="poem")
+    with pytest.raises(ValueError, match="prompt_cache"):
+        OpenAIChatAgent(name="o", client=httpx.AsyncClient(), model="m", prompt_cache="redis")
 
 
 def test_docs_example_config_is_valid_and_builds_agents(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -489,7 +955,10 @@ def test_docs_example_config_is_valid_and_builds_agents(monkeypatch: pytest.Monk
     config = parse_config(tomllib.loads(blocks[0]))
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
     client = httpx.AsyncClient()
-    agents = {name: make_http_agent(name, ac, client) for name, ac in config.agents.items()}
+    agents = {
+        name: make_http_agent(name, ac, client, server=config.server_of(name))
+        for name, ac in config.agents.items()
+    }
     assert {name: type(a).__name__ for name, a in agents.items()} == {
         "archivist": "OpenAIChatAgent",
         "module_keeper": "OpenAIChatAgent",
@@ -499,8 +968,8 @@ def test_docs_example_config_is_valid_and_builds_agents(monkeypatch: pytest.Monk
     keeper = agents["module_keeper"]
     assert isinstance(keeper, OpenAIChatAgent)
     assert keeper.url == "http://127.0.0.1:11434/v1/chat/completions"
-    system, _ = keeper.build_prompt(request(), {})
-    assert system.startswith("You are the module_keeper of a D&D adventure. From the module")
+    task = keeper.build_prompt(request(), {}).task
+    assert task.startswith("You are the module_keeper of a D&D adventure. From the module")
     narrator = agents["narrator"]
     assert isinstance(narrator, AnthropicAgent)
     assert narrator.url == "https://api.anthropic.com/v1/messages"
@@ -508,10 +977,11 @@ def test_docs_example_config_is_valid_and_builds_agents(monkeypatch: pytest.Monk
 
 
 @pytest.mark.anyio
-async def test_oversized_response_is_refused(
+async def test_oversized_stream_is_refused(
     server: FakeLLMServer, client: httpx.AsyncClient
 ) -> None:
-    with pytest.raises(HTTPAgentError, match="larger than 100 bytes"):
+    server.push(openai_stream("x" * 300, hold_after=3))  # stopped without waiting for the rest
+    with anyio.fail_after(5), pytest.raises(AgentError, match="larger than 100 bytes"):
         await openai(server, client, max_response_bytes=100).run(request(), {})
     assert server.attempts == 1
 
