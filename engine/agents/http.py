@@ -290,6 +290,7 @@ class _HTTPAgent:
         while True:
             attempt += 1
             stream = self._decoder()
+            sent_at = anyio.current_time()
             status: int | None = None
             retry_after: float | None = None
             cause: Exception | None = None
@@ -302,12 +303,15 @@ class _HTTPAgent:
                 cause = exc
             else:
                 if 200 <= status <= 299:
+                    first = stream.first_piece_at
                     return {
                         "text": stream.text,
                         "usage": stream.usage(),
                         "model": stream.model or self.model,
                         "stop_reason": stream.stop_reason,
                         "attempts": attempt,
+                        # request sent to first piece of the answer (None: no text)
+                        "first_token_seconds": None if first is None else first - sent_at,
                     }
                 failure = f"HTTP {status}: {self._snippet(content)}"
                 if not retryable(status):

@@ -95,6 +95,7 @@ class StreamDecoder:
     cached_tokens: int | None = None
     output_tokens: int | None = None
     ended: bool = False  # the end marker was seen
+    first_piece_at: float | None = None  # event-loop time of the first piece
 
     @property
     def text(self) -> str:
@@ -246,6 +247,8 @@ async def read_events(
                 if size > limit:
                     raise StreamError(f"response larger than {limit} bytes of event data")
                 piece = decoder.feed(event)
+                if piece and decoder.first_piece_at is None:
+                    decoder.first_piece_at = anyio.current_time()
                 if piece and on_delta is not None:
                     on_delta(piece)
             except Exception as exc:

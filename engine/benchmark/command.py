@@ -143,30 +143,25 @@ def _run_llm(config: Config, args: argparse.Namespace, console: Console) -> int:
     console.print()
     document["environment"] = environment(config, args.backend)
     document["environment"]["clock"] = "real"
-    table = Table(
-        title=f"real server {document['server']}: {document['actions']} actions per layout"
-    )
-    for col in ("layout", "action p50", "p95", "p99", "first token p50", "p95", "degraded",
-                "prefilled", "cached", "generated", "structured 1st try"):  # fmt: skip
-        table.add_column(col, justify="left" if col == "layout" else "right")
+    console.print(f"real server {document['server']}, {document['actions']} actions per layout:")
     for layout, figures in document["layouts"].items():
         ops = figures["operations"]
+        action, first, call = ops["player_action"], ops["first_token"], ops["call_first_token"]
         tokens = figures["tokens"]
         first_try = figures["structured_first_try"]
-        table.add_row(
-            layout,
-            *(f"{ops['player_action'][p]:.2f}" for p in ("p50", "p95", "p99")),
-            *(f"{ops['first_token'][p]:.2f}" for p in ("p50", "p95")),
-            str(figures["degraded_actions"]),
-            str(tokens["prompt"] - tokens["cached"]),
-            str(tokens["cached"]),
-            str(tokens["generated"]),
-            "-" if first_try is None else f"{first_try:.0%}",
+        console.print(
+            f"  [bold]{layout}[/bold]: player_action p50/p95/p99 "
+            f"{action['p50']:.2f} / {action['p95']:.2f} / {action['p99']:.2f} s; first token "
+            f"p50/p95 {first['p50']:.2f} / {first['p95']:.2f} s; a model call's first token "
+            f"p50 {call['p50']:.2f} s; degraded {figures['degraded_actions']}; tokens "
+            f"prompt {tokens['prompt']}, cached {tokens['cached']}, generated "
+            f"{tokens['generated']}; structured answers valid on the first try "
+            + ("-" if first_try is None else f"{first_try:.0%}")
         )
-    console.print(table)
     console.print(
-        "first token, cache-friendly / player's text first (p50): "
-        f"[bold]{document['first_token_ratio_p50']:.2f}[/bold]"
+        "cache-friendly / player's text first, p50: first token of an action "
+        f"[bold]{document['first_token_ratio_p50']:.2f}[/bold], first token of a model "
+        f"call [bold]{document['call_first_token_ratio_p50']:.2f}[/bold]"
     )
     results_path = out / "results.json"
     results_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")

@@ -154,6 +154,7 @@ class _Row:
     missing: tuple[str, ...]
     tokens: dict[str, int]
     first_try: dict[str, bool]  # structured agents: validated without a repair
+    call_first_token: dict[str, float]  # per agent call: request sent to its first piece
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -161,8 +162,12 @@ class _Row:
 
 def _row(layout: str, round_: int, result: ActionResult) -> _Row:
     first_try = {}
+    call_first_token = {}
     for name, response in result.responses.items():
         output = response.output
+        seconds = output.get("first_token_seconds") if isinstance(output, dict) else None
+        if isinstance(seconds, float):
+            call_first_token[name] = seconds
         if response.ok and isinstance(output, dict) and "structured" in output:
             first_try[name] = not output.get("repaired", False)
         elif not response.ok and response.error and "did not validate" in response.error:
@@ -178,6 +183,7 @@ def _row(layout: str, round_: int, result: ActionResult) -> _Row:
         result.missing,
         dict(result.tokens),
         first_try,
+        call_first_token,
     )
 
 
@@ -238,6 +244,10 @@ async def run_real_server_bench(
                 "player_action": _figures([r.elapsed for r in rows]),
                 "first_token": _figures([r.first_token for r in rows if r.first_token is not None]),
                 "agent_query": _figures(queries),
+                # every model call: request sent to its first piece (the prefill shows here)
+                "call_first_token": _figures(
+                    [t for r in rows for t in r.call_first_token.values()]
+                ),
             },
             "degraded_actions": sum(r.degraded for r in rows),
             "actions": len(rows),
@@ -273,5 +283,7 @@ async def run_real_server_bench(
         "layouts": layouts,
         "first_token_ratio_p50": main["operations"]["first_token"]["p50"]
         / naive["operations"]["first_token"]["p50"],
+        "call_first_token_ratio_p50": main["operations"]["call_first_token"]["p50"]
+        / naive["operations"]["call_first_token"]["p50"],
         "actions_detail": [r.as_dict() for r in all_rows],
     }

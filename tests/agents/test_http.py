@@ -144,6 +144,7 @@ async def test_OpenAIChatAgent_streams_chat_completion_and_returns_text_and_usag
     agent = openai(server, client, max_tokens=123)
     inputs = {"arbiter": {"text": "DC 15 Investigation."}}
     out = await agent.run(request(), inputs)
+    assert out.pop("first_token_seconds") >= 0  # request sent to first piece
     assert out == {
         "text": "The altar is trapped.",
         "usage": {"input_tokens": 42, "cached_tokens": 32, "output_tokens": 7},
@@ -179,6 +180,7 @@ async def test_AnthropicAgent_streams_messages_with_key_version_and_cache_contro
 ) -> None:
     agent = anthropic(server, client, prompt="You are {agent}; the player said: {action}")
     out = await agent.run(request(), {})
+    assert out.pop("first_token_seconds") >= 0
     # input_tokens counts the whole prompt: 10 uncached + 30 read + 2 written to the cache
     assert out == {
         "text": "The altar is trapped.",
