@@ -13,12 +13,21 @@ from .errors import ConfigError
 __all__ = ["main"]
 
 
-def _config(path: str | None) -> Config:
-    """``--config PATH``; else ./config.toml when present; else the built-in defaults."""
+def _config_path(path: str | None) -> str | None:
+    """``--config PATH``; else ./config.toml when present; else None (the defaults)."""
     if path is not None:
+        return path
+    return "config.toml" if Path("config.toml").is_file() else None
+
+
+def _load(path: str | None) -> Config | None:
+    """The configuration at ``path`` (None: the defaults), or None after printing
+    ``PATH: <key> = <value>: <what is allowed>`` (one line) to stderr."""
+    try:
         return load_config(path)
-    local = Path("config.toml")
-    return load_config(local) if local.is_file() else Config()
+    except ConfigError as exc:
+        print(f"{path or '<defaults>'}: {exc}", file=sys.stderr)
+        return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,17 +85,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "config":
-        try:
-            load_config(args.path)
-        except ConfigError as exc:
-            print(f"{args.path}: {exc}", file=sys.stderr)
+        if _load(args.path) is None:
             return 1
         print("ok")
         return 0
-    try:
-        config = _config(args.config)
-    except ConfigError as exc:
-        print(f"config: {exc}", file=sys.stderr)
+    config = _load(_config_path(args.config))
+    if config is None:
         return 1
     if args.command == "play":
         from .play import run_play_command

@@ -17,8 +17,26 @@ from typing import Any, TypeVar
 
 import attrs
 
+from .config_checks import (
+    DAY_MINUTES,
+    DAY_SECONDS,
+    TIB_BYTES,
+    TIB_MIB,
+    Invalid,
+    between,
+    check_config,
+    check_keys,
+    fraction,
+    host,
+    no_nul,
+    non_empty_path,
+    non_negative,
+    number,
+    one_of,
+    port,
+    positive,
+)
 from .errors import ConfigError
-from .scheduling.dag import find_cycle
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,35 +94,15 @@ def _frozen_map(value: Mapping[str, Any]) -> Mapping[str, Any]:
     return types.MappingProxyType(dict(value))
 
 
-class _Invalid(ValueError):
-    """A field's value is out of range; ``field`` is None for whole-table checks."""
-
-    def __init__(self, field: str | None, allowed: str) -> None:
-        self.field = field
-        super().__init__(allowed)
-
-
-def _positive(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
-    if value <= 0:
-        raise _Invalid(attr.name, "must be > 0")
-
-
-def _non_negative(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
-    if value < 0:
-        raise _Invalid(attr.name, "must be >= 0")
-
-
-def _fraction(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise _Invalid(attr.name, "must be between 0.0 and 1.0")
-
-
-def _one_of(*allowed: str) -> Any:
-    def check(_inst: object, attr: attrs.Attribute[Any], value: str) -> None:
-        if value not in allowed:
-            raise _Invalid(attr.name, f"must be one of {', '.join(map(repr, allowed))}")
-
-    return check
+# Bounds of the number fields (see config_checks): durations up to one day, sizes up
+# to one TiB, a log-normal sigma small enough that exp() cannot overflow.
+_seconds = number(0, DAY_SECONDS, low_open=True, unit="seconds, at most one day")
+_seconds_or_zero = number(0, DAY_SECONDS, unit="seconds, at most one day")
+#: the hedging tracker keeps an agent's last 200 latencies (scheduling/hedging.py)
+_P95_WINDOW = 200
+#: field metadata: the names a table's keys may take (checked before its values)
+_OPERATION_KEYS = {"keys": ("operation", OPERATIONS)}
+_ACTION_KEYS = {"keys": ("action type", ACTION_TYPES)}
 
 
 # --------------------------------------------------------------------------- sections
@@ -114,13 +112,13 @@ def _one_of(*allowed: str) -> Any:
 class LatencyTarget:
     """Latency goals of one operation, in seconds; p50 <= p95 <= p99."""
 
-    p50: float = attrs.field(validator=_positive)
-    p95: float = attrs.field(validator=_positive)
-    p99: float = attrs.field(validator=_positive)
+    p50: float = attrs.field(validator=_seconds)
+    p95: float = attrs.field(validator=_seconds)
+    p99: float = attrs.field(validator=_seconds)
 
     def __attrs_post_init__(self) -> None:
         if not self.p50 <= self.p95 <= self.p99:
-            raise _Invalid(
+            raise Invalid(
                 None,
                 f"percentiles must not decrease (p50 {self.p50} <= p95 {self.p95} <= p99 {self.p99})",
             )
@@ -144,27 +142,35 @@ DEFAULT_TARGETS: Mapping[str, LatencyTarget] = _frozen_map(
 @attrs.frozen
 class ProfilingConfig:
     enabled: bool = True
-    sample_rate: float = attrs.field(default=1.0, validator=_fraction)
+    sample_rate: float = attrs.field(default=1.0, validator=fraction)
 
 
 @attrs.frozen
 class ParallelizationConfig:
-    max_concurrent_agents: int = attrs.field(default=4, validator=_positive)
-    agent_timeout_seconds: float = attrs.field(default=5.0, validator=_positive)
-    action_deadline_seconds: float = attrs.field(default=10.0, validator=_positive)
+    max_concurrent_agents: int = attrs.field(default=4, validator=positive)
+    agent_timeout_seconds: float = attrs.field(default=5.0, validator=_seconds)
+    action_deadline_seconds: float = attrs.field(default=10.0, validator=_seconds)
 
 
 @attrs.frozen
 class HedgingConfig:
     enabled: bool = True
-    budget_fraction: float = attrs.field(default=0.1, validator=_fraction)
-    min_samples: int = attrs.field(default=20, validator=_non_negative)
+    budget_fraction: float = attrs.field(default=0.1, validator=fraction)
+    min_samples: int = attrs.field(
+        default=20,
+        validator=between(0, _P95_WINDOW, "the running p95 keeps an agent's last 200 calls"),
+    )
 
 
 @attrs.frozen
 class CacheConfig:
-    max_size_mb: float = attrs.field(default=50.0, validator=_positive)
-    ttl_minutes: float = attrs.field(default=30.0, validator=_positive)
+    max_size_mb: float = attrs.field(
+        default=50.0, validator=number(0, TIB_MIB, low_open=True, unit="MiB, at most 1 TiB")
+    )
+    ttl_minutes: float = attrs.field(
+        default=30.0,
+        validator=number(0, DAY_MINUTES, low_open=True, unit="minutes, at most one day"),
+    )
     preload_enabled: bool = True
 
 
@@ -186,25 +192,28 @@ def _default_priorities() -> Mapping[str, tuple[str, ...]]:
 class LazyLoadingConfig:
     enabled: bool = True
     background_load: bool = True
-    max_concurrent_loads: int = attrs.field(default=4, validator=_positive)
+    max_concurrent_loads: int = attrs.field(default=4, validator=positive)
     priorities: Mapping[str, tuple[str, ...]] = attrs.field(
-        factory=_default_priorities, converter=_frozen_map
+        factory=_default_priorities, converter=_frozen_map, metadata=_ACTION_KEYS
     )
 
 
 @attrs.frozen
 class MonitoringConfig:
-    span_log_path: str = ""  # empty: no span log
-    span_log_max_bytes: int = attrs.field(default=10_000_000, validator=_positive)
-    span_log_backups: int = attrs.field(default=3, validator=_non_negative)
+    span_log_path: str = attrs.field(default="", validator=no_nul)  # empty: no span log
+    span_log_max_bytes: int = attrs.field(
+        default=10_000_000, validator=between(1, TIB_BYTES, "bytes, at most 1 TiB")
+    )
+    # every rotation renames each backup in turn
+    span_log_backups: int = attrs.field(default=3, validator=between(0, 1000, "rotated files kept"))
     metrics_enabled: bool = True
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = attrs.field(default=0, validator=_non_negative)  # 0: no endpoint
+    metrics_host: str = attrs.field(default="127.0.0.1", validator=host)
+    metrics_port: int = attrs.field(default=0, validator=port)  # 0: no endpoint
 
 
 @attrs.frozen
 class PromptConfig:
-    layout: str = attrs.field(default="stable_first", validator=_one_of(*PROMPT_LAYOUTS))
+    layout: str = attrs.field(default="stable_first", validator=one_of(*PROMPT_LAYOUTS))
 
 
 @attrs.frozen
@@ -217,7 +226,7 @@ class PerformanceConfig:
     monitoring: MonitoringConfig = attrs.field(factory=MonitoringConfig)
     prompts: PromptConfig = attrs.field(factory=PromptConfig)
     targets: Mapping[str, LatencyTarget] = attrs.field(
-        factory=lambda: DEFAULT_TARGETS, converter=_frozen_map
+        factory=lambda: DEFAULT_TARGETS, converter=_frozen_map, metadata=_OPERATION_KEYS
     )
 
 
@@ -234,16 +243,17 @@ class LatencyModel:
     ``prompt_cache_ttl_seconds``, in steps of ``prompt_cache_step_tokens``.
     """
 
-    ttft_median_seconds: float = attrs.field(default=0.5, validator=_positive)
-    ttft_sigma: float = attrs.field(default=0.6, validator=_non_negative)
-    inter_token_seconds: float = attrs.field(default=0.01, validator=_non_negative)
-    straggler_probability: float = attrs.field(default=0.0, validator=_fraction)
-    straggler_factor: float = attrs.field(default=5.0, validator=_positive)
-    prefill_seconds_per_token: float = attrs.field(default=0.0, validator=_non_negative)
-    cached_prefill_fraction: float = attrs.field(default=1.0, validator=_fraction)
-    prompt_cache_min_tokens: int = attrs.field(default=1024, validator=_non_negative)
-    prompt_cache_step_tokens: int = attrs.field(default=128, validator=_positive)
-    prompt_cache_ttl_seconds: float = attrs.field(default=300.0, validator=_non_negative)
+    ttft_median_seconds: float = attrs.field(default=0.5, validator=_seconds)
+    # exp(sigma x a normal draw) must not overflow
+    ttft_sigma: float = attrs.field(default=0.6, validator=number(0, 10))
+    inter_token_seconds: float = attrs.field(default=0.01, validator=_seconds_or_zero)
+    straggler_probability: float = attrs.field(default=0.0, validator=fraction)
+    straggler_factor: float = attrs.field(default=5.0, validator=number(0, 1000, low_open=True))
+    prefill_seconds_per_token: float = attrs.field(default=0.0, validator=_seconds_or_zero)
+    cached_prefill_fraction: float = attrs.field(default=1.0, validator=fraction)
+    prompt_cache_min_tokens: int = attrs.field(default=1024, validator=non_negative)
+    prompt_cache_step_tokens: int = attrs.field(default=128, validator=positive)
+    prompt_cache_ttl_seconds: float = attrs.field(default=300.0, validator=_seconds_or_zero)
 
 
 def _default_scenarios() -> Mapping[str, LatencyModel]:
@@ -277,43 +287,42 @@ class ServerConfig:
     """
 
     base_url: str = ""
-    api_key_env: str = ""
-    max_concurrent: int = attrs.field(default=4, validator=_positive)
-    prompt_cache: str = attrs.field(default="auto", validator=_one_of(*PROMPT_CACHE_HINTS))
+    api_key_env: str = attrs.field(default="", validator=no_nul)
+    max_concurrent: int = attrs.field(default=4, validator=positive)
+    prompt_cache: str = attrs.field(default="auto", validator=one_of(*PROMPT_CACHE_HINTS))
 
 
 @attrs.frozen
 class AgentConfig:
     """One LLM-backed agent: how it is reached and where it sits in the DAG."""
 
-    backend: str = attrs.field(default="simulated", validator=_one_of(*BACKENDS))
+    backend: str = attrs.field(default="simulated", validator=one_of(*BACKENDS))
     depends_on: tuple[str, ...] = ()
-    timeout_seconds: float = attrs.field(default=5.0, validator=_positive)
-    budget_tokens: int = attrs.field(default=1000, validator=_positive)
-    output_tokens: int = attrs.field(default=100, validator=_positive)
+    timeout_seconds: float = attrs.field(default=5.0, validator=_seconds)
+    budget_tokens: int = attrs.field(default=1000, validator=positive)
+    output_tokens: int = attrs.field(default=100, validator=positive)
     hedge_after: float | str = "off"
-    output: str = attrs.field(default="text", validator=_one_of(*OUTPUT_KINDS))
+    output: str = attrs.field(default="text", validator=one_of(*OUTPUT_KINDS))
     narrates: bool = False  # its text is part of the narrative streamed to the player
     from_retrieval: bool = False  # answer from the retrieved text; the model only without any
     # HTTP backends only
     server: str = ""  # a [servers.<name>] table (then base_url and api_key_env stay empty)
     base_url: str = ""
     model: str = ""
-    api_key_env: str = ""
-    max_tokens: int = attrs.field(default=400, validator=_positive)
+    api_key_env: str = attrs.field(default="", validator=no_nul)
+    max_tokens: int = attrs.field(default=400, validator=positive)
     prompt: str = ""
 
     def __attrs_post_init__(self) -> None:
         h = self.hedge_after
-        if isinstance(h, str):
-            if h not in ("off", "p95"):
-                raise _Invalid("hedge_after", 'must be "off", "p95" or a number of seconds > 0')
-        elif h <= 0:
-            raise _Invalid("hedge_after", 'must be "off", "p95" or a number of seconds > 0')
+        if h not in ("off", "p95") if isinstance(h, str) else not 0 < h <= DAY_SECONDS:
+            raise Invalid(
+                "hedge_after", 'must be "off", "p95" or a number of seconds > 0 and <= 86400'
+            )
         if self.server and self.base_url:
-            raise _Invalid("base_url", "must be empty when server names a [servers.*] table")
+            raise Invalid("base_url", "must be empty when server names a [servers.*] table")
         if self.server and self.api_key_env:
-            raise _Invalid("api_key_env", "must be empty when server names a [servers.*] table")
+            raise Invalid("api_key_env", "must be empty when server names a [servers.*] table")
 
 
 def _default_agents() -> Mapping[str, AgentConfig]:
@@ -376,17 +385,20 @@ def _default_actions() -> Mapping[str, tuple[str, ...]]:
 
 @attrs.frozen
 class ModuleConfig:
-    name: str = "default"  # "default", "srd", or a path to an adventure folder
+    # "default", "srd", or a path to an adventure folder
+    name: str = attrs.field(default="default", validator=non_empty_path)
     include_srd: bool = True
-    cache_dir: str = ""  # where compiled modules live; empty: ~/.cache/dm-engine
+    # where compiled modules live; empty: ~/.cache/dm-engine
+    cache_dir: str = attrs.field(default="", validator=no_nul)
     query_in_thread: bool = False  # module queries on the loop (true: in a worker thread)
 
 
 @attrs.frozen
 class StateConfig:
-    path: str = ""  # SQLite session store; empty: in <cache_dir>/sessions.sqlite
-    max_action_chars: int = attrs.field(default=2000, validator=_positive)
-    synchronous: str = attrs.field(default="FULL", validator=_one_of("FULL", "NORMAL"))
+    # SQLite session store; empty: in <cache_dir>/sessions.sqlite
+    path: str = attrs.field(default="", validator=no_nul)
+    max_action_chars: int = attrs.field(default=2000, validator=positive)
+    synchronous: str = attrs.field(default="FULL", validator=one_of("FULL", "NORMAL"))
     write_in_thread: bool = True  # SQLite writes in a worker thread (false: on the loop)
 
 
@@ -403,7 +415,7 @@ class Config:
     performance: PerformanceConfig = attrs.field(factory=PerformanceConfig)
     agents: Mapping[str, AgentConfig] = attrs.field(factory=_default_agents, converter=_frozen_map)
     actions: Mapping[str, tuple[str, ...]] = attrs.field(
-        factory=_default_actions, converter=_frozen_map
+        factory=_default_actions, converter=_frozen_map, metadata=_ACTION_KEYS
     )
     scenarios: Mapping[str, LatencyModel] = attrs.field(
         factory=_default_scenarios, converter=_frozen_map
@@ -412,6 +424,11 @@ class Config:
     module: ModuleConfig = attrs.field(factory=ModuleConfig)
     state: StateConfig = attrs.field(factory=StateConfig)
     simulation: SimulationConfig = attrs.field(factory=SimulationConfig)
+
+    def __attrs_post_init__(self) -> None:
+        # here, not in parse_config, so that configs built in code (attrs.evolve
+        # included) are checked as a whole too
+        check_config(self)
 
     @property
     def targets(self) -> Mapping[str, LatencyTarget]:
@@ -457,18 +474,21 @@ def load_config(path: str | Path | None = None) -> Config:
         raise ConfigError("<file>", str(p), f"cannot be read ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("<file>", str(p), f"is not valid TOML ({exc})") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError("<file>", str(p), "is nested too deeply to parse") from None
     return parse_config(raw)
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
     """Validate a parsed TOML document (a dict) into a :class:`Config`."""
     raw = dict(raw)
-    perf = dict(raw.get("performance", {}) or {})
-    if "targets" in perf:
-        perf["targets"] = _merge_targets(perf["targets"])
-        raw["performance"] = perf
-    config: Config = _structure(Config, raw, "")
-    _check_graph(config)
+    perf = raw.get("performance")
+    if isinstance(perf, Mapping) and "targets" in perf:
+        raw["performance"] = {**perf, "targets": _merge_targets(perf["targets"])}
+    try:
+        config: Config = _structure(Config, raw, "")
+    except RecursionError:  # only a dict built in code can be this deep
+        raise ConfigError("<root>", "...", "is nested too deeply") from None
     return config
 
 
@@ -482,46 +502,8 @@ def _merge_targets(raw: object) -> object:
             assert isinstance(base, dict)
             merged[op] = {**base, **table}
         else:
-            merged[op] = table
+            merged[op] = table  # an unknown operation: the structurer reports it
     return merged
-
-
-def _check_graph(config: Config) -> None:
-    names = set(config.agents)
-    for name, agent in config.agents.items():
-        for dep in agent.depends_on:
-            if dep not in names:
-                raise ConfigError(
-                    f"agents.{name}.depends_on", dep, f"unknown agent; known: {sorted(names)}"
-                )
-        if name in agent.depends_on:
-            raise ConfigError(f"agents.{name}.depends_on", name, "an agent cannot depend on itself")
-    cycle = find_cycle({n: a.depends_on for n, a in config.agents.items()})
-    if cycle:
-        raise ConfigError(
-            f"agents.{cycle[0]}.depends_on",
-            list(config.agents[cycle[0]].depends_on),
-            f"dependency cycle {' -> '.join(cycle)}",
-        )
-    for name, agent in config.agents.items():
-        if agent.server and agent.server not in config.servers:
-            raise ConfigError(
-                f"agents.{name}.server",
-                agent.server,
-                f"no such [servers.*] table; known: {sorted(config.servers)}",
-            )
-    for action, agents in config.actions.items():
-        for agent_name in agents:
-            if agent_name not in names:
-                raise ConfigError(
-                    f"actions.{action}", agent_name, f"unknown agent; known: {sorted(names)}"
-                )
-    if config.simulation.scenario not in config.scenarios:
-        raise ConfigError(
-            "simulation.scenario",
-            config.simulation.scenario,
-            f"unknown scenario; known: {sorted(config.scenarios)}",
-        )
 
 
 def _type_name(tp: Any) -> str:
@@ -545,6 +527,9 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
+_INT64 = (-(2**63), 2**63 - 1)  # TOML's integer range
+
+
 def _structure(tp: Any, value: Any, path: str) -> Any:
     """Turn TOML data into ``tp``, raising ConfigError with the key path on mismatch."""
     origin = typing.get_origin(tp)
@@ -558,13 +543,15 @@ def _structure(tp: Any, value: Any, path: str) -> Any:
             sub = f"{path}.{key}" if path else key
             if key not in fields:
                 raise ConfigError(sub, item, f"unknown key; allowed keys: {', '.join(fields)}")
+            if "keys" in fields[key].metadata and isinstance(item, Mapping):
+                check_keys(sub, item, *fields[key].metadata["keys"])
             kwargs[key] = _structure(hints[key], item, sub)
         missing = [n for n, f in fields.items() if f.default is attrs.NOTHING and n not in kwargs]
         if missing:
             raise ConfigError(path or "<root>", dict(value), f"missing keys: {', '.join(missing)}")
         try:
             return tp(**kwargs)
-        except _Invalid as exc:
+        except Invalid as exc:
             if exc.field is None:
                 raise ConfigError(path or "<root>", dict(value), str(exc)) from None
             sub = f"{path}.{exc.field}" if path else exc.field
@@ -588,15 +575,24 @@ def _structure(tp: Any, value: Any, path: str) -> Any:
                 continue
         raise ConfigError(path, value, f"must be {_type_name(tp)}")
     if tp is float:
+        # NaN and infinities pass here: every float field's validator rejects them
+        # with its bounds in the message
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, value, "must be a number")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond 1e308
+            raise ConfigError(path, value, "must be a finite number") from None
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(path, value, "must be an integer")
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise ConfigError(path, value, "must be an integer in TOML's 64-bit range")
         return value
     if tp in (bool, str):
         if not isinstance(value, tp):
             raise ConfigError(path, value, f"must be {_type_name(tp)}")
+        if isinstance(value, str) and "\x00" in value:
+            raise ConfigError(path, value, "must not contain a NUL character")
         return value
     raise TypeError(f"unsupported config type {tp!r} at {path}")  # pragma: no cover
