@@ -48,9 +48,9 @@ from .observability.report import write_report as write_report
 from .observability.spanlog import SpanLog as SpanLog
 from .observability.spanlog import read_span_log as read_span_log
 from .pipeline import ActionResult as ActionResult
-from .streaming import ActionStream as ActionStream
 from .pipeline import DungeonMaster as DungeonMaster
 from .runtime import open_engine as open_engine
 from .scheduling.executor import ParallelAgentExecutor as ParallelAgentExecutor
 from .scheduling.hedging import HedgePolicy as HedgePolicy
 from .state import SessionStore as SessionStore
+from .streaming import ActionStream as ActionStream
