@@ -47,6 +47,7 @@ from .session_file import (
     SCHEMA_VERSION,
     ActionRow,
     SessionState,
+    StoreLock,
     TranscriptEntry,
     apply_action,
     connect,
@@ -111,6 +112,18 @@ class _Pending:
     wakeup: anyio.Event = attrs.field(factory=anyio.Event)
 
 
+def _check_text(what: str, text: str) -> None:
+    """Refuse text that UTF-8 cannot encode (lone surrogates): SQLite would fail to
+    bind it mid-transaction. One ``encode`` per string, no copy kept."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SessionError(
+            f"{what} contains {text[exc.start : exc.end]!r} at index {exc.start}, a lone "
+            "surrogate that UTF-8 cannot encode; the store keeps UTF-8 text only"
+        ) from None
+
+
 def _check_session_id(session_id: object) -> str:
     if not isinstance(session_id, str):
         raise SessionError(f"session id must be a str, got {type(session_id).__name__}")
@@ -122,15 +135,20 @@ def _check_session_id(session_id: object) -> str:
         )
     if "\x00" in session_id:
         raise SessionError("session id must not contain NUL characters")
+    _check_text("session id", session_id)
     return session_id
 
 
-def _to_json(what: str, value: Mapping[str, Any]) -> str:
+def _to_json(what: str, value: Mapping[str, Any], *, sql_keys: bool = False) -> str:
+    """``value`` as JSON (ASCII: a lone surrogate becomes an escape); ``sql_keys``:
+    its keys are also bound to SQL as text, so they must be UTF-8-encodable."""
     if not isinstance(value, Mapping):
         raise SessionError(f"{what} must be a mapping, got {type(value).__name__}")
     for key in value:
         if not isinstance(key, str) or not key:
             raise SessionError(f"{what} keys must be non-empty strings, got {key!r}")
+        if sql_keys:
+            _check_text(f"{what} key", key)
     try:
         return json.dumps(dict(value), sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -164,6 +182,7 @@ class SessionStore:
     _limiter: anyio.CapacityLimiter
     _clock: Callable[[], float]
     in_thread: bool = True
+    _file_lock: StoreLock | None = attrs.field(default=None, kw_only=True)
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _closed: bool = attrs.field(default=False, init=False)
     # group commit: queued actions in submission order (a dict: O(1) withdrawal)
@@ -197,7 +216,9 @@ class SessionStore:
         """Open (creating if missing or empty) the store at ``path``; close it on exit.
 
         Args:
-            path: the SQLite file. Its directory must exist.
+            path: the SQLite file. Its folder must exist (it is not created) and be
+                writable: the engine creates ``<path>.lock`` in it, SQLite the
+                ``-wal`` and ``-shm`` files.
             max_action_chars: longest accepted action text.
             synchronous: ``"FULL"`` fsyncs the WAL on every commit (durable against
                 power loss); ``"NORMAL"`` does not (durable against a crash of the
@@ -210,7 +231,12 @@ class SessionStore:
         Raises:
             SessionError: the file is not SQLite, is corrupt, or is an SQLite file
                 of something else (other tables, ``application_id`` or schema
-                version). The file is then left exactly as it was.
+                version) — the file is then left exactly as it was; the path is a
+                folder or its folder does not exist; the engine cannot write the
+                store (read-only file, folder or ``-wal``/``-shm``: a write is tried
+                and rolled back at open); or another ``SessionStore``, in this
+                process or another, has the store open (one engine process per
+                SQLite store: ``StoreLock``, held until ``aclose``).
         """
         if isinstance(max_action_chars, bool) or not isinstance(max_action_chars, int):
             raise TypeError("max_action_chars must be an int")
@@ -219,8 +245,10 @@ class SessionStore:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
         file = Path(path)
-        conn = await anyio.to_thread.run_sync(connect, file, synchronous)
-        store = cls(file, max_action_chars, conn, anyio.CapacityLimiter(1), clock, in_thread)
+        conn, lock = await anyio.to_thread.run_sync(connect, file, synchronous)
+        store = cls(
+            file, max_action_chars, conn, anyio.CapacityLimiter(1), clock, in_thread, file_lock=lock
+        )
         try:
             yield store
         finally:
@@ -237,7 +265,13 @@ class SessionStore:
             path = Path(config.path).expanduser()
         else:
             base = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache/dm-engine"
-            base.mkdir(parents=True, exist_ok=True)
+            try:
+                base.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SessionError(
+                    f"session store folder {str(base)!r} cannot be created ({exc}); "
+                    "set the [state] path or the module cache_dir to a writable folder"
+                ) from exc
             path = base / "sessions.sqlite"
         return cls.open(
             path,
@@ -247,7 +281,8 @@ class SessionStore:
         )
 
     async def aclose(self) -> None:
-        """Close the connection (after calls in flight); idempotent, shielded from cancellation."""
+        """Close the connection (after calls in flight), then release the store's lock;
+        idempotent, shielded from cancellation."""
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self._close_sync, limiter=self._limiter)
 
@@ -255,7 +290,11 @@ class SessionStore:
         with self._lock:
             if not self._closed:
                 self._closed = True
-                self._conn.close()
+                try:
+                    self._conn.close()
+                finally:
+                    if self._file_lock is not None:
+                        self._file_lock.release()
 
     # ------------------------------------------------------------------ sessions
 
@@ -361,9 +400,11 @@ class SessionStore:
                 another action was recorded in between, and the call fails.
 
         Raises:
-            SessionError: empty/whitespace or too long action text, an invalid or
-                unknown session, a ``turn_expected`` mismatch, values that are not
-                JSON-serialisable, or a storage failure.
+            SessionError: empty/whitespace or too long action text, text UTF-8
+                cannot encode (a lone surrogate in the action text or type, the
+                narrative or a state key; refused before anything is queued), an
+                invalid or unknown session, a ``turn_expected`` mismatch, values that
+                are not JSON-serialisable, or a storage failure.
         """
         _check_session_id(session_id)
         if not isinstance(action_text, str):
@@ -379,13 +420,16 @@ class SessionStore:
             raise SessionError(f"action type must be a non-empty str, got {action_type!r}")
         if not isinstance(narrative, str):
             raise SessionError(f"narrative must be a str, got {type(narrative).__name__}")
+        _check_text("action text", action_text)
+        _check_text("action type", action_type)
+        _check_text("narrative", narrative)
         action = ActionRow(
             session_id=session_id,
             turn_expected=turn_expected,
             action_text=action_text,
             action_type=action_type,
             narrative=narrative,
-            changes_json=_to_json("state_changes", state_changes),
+            changes_json=_to_json("state_changes", state_changes, sql_keys=True),
             responses_json=_to_json("responses", responses),
             # serialize each value once, here, so the thread only does SQL
             values=tuple(

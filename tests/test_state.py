@@ -196,6 +196,48 @@ async def test_SessionStore_rejects_unserialisable_changes_writing_nothing(db: P
         assert (await store.get_session("s")).turn == 0
 
 
+@pytest.mark.parametrize(
+    ("field", "what"),
+    [
+        ("action_text", "action text"),
+        ("narrative", "narrative"),
+        ("action_type", "action type"),
+        ("state_changes", "state_changes key"),
+    ],
+)
+async def test_SessionStore_rejects_text_UTF8_cannot_encode_before_any_write(
+    db: Path, field: str, what: str
+) -> None:
+    """A lone surrogate cannot be bound by SQLite: refused up front, nothing queued."""
+    async with SessionStore.open(db) as store:
+        await store.ensure_session("s")
+        bad = _action("I sing \ud800 loudly", hp=1)
+        if field == "narrative":
+            bad = {**_action(), "narrative": "You sing.\udfff"}
+        elif field == "action_type":
+            bad = {**_action(), "action_type": "\ud83d"}
+        elif field == "state_changes":
+            bad = _action(**{"note\ud800": 1})
+        before = store.statistics()
+        with pytest.raises(SessionError, match=rf"^{what} contains '\\ud[0-9a-f]{{3}}' at index"):
+            await store.record_action("s", **bad)
+        assert store.statistics() == before  # not queued, no transaction
+        assert await store.count_actions() == 0
+        assert await store.record_action("s", **_action("I sing 🎵 loudly", hp=2)) == 1
+        assert (await store.transcript("s"))[0].action_text == "I sing 🎵 loudly"
+        # JSON values (and responses keys) are stored as ASCII escapes: accepted, round-trip
+        odd = {**_action(note="\ud800"), "responses": {"n\ud800": "\udfff"}}
+        assert await store.record_action("s", **odd) == 2
+        last = (await store.transcript("s"))[-1]
+        assert last.state_changes == {"note": "\ud800"}
+        assert last.responses == {"n\ud800": "\udfff"}
+        assert (await store.get_session("s")).state == {"hp": 2, "note": "\ud800"}
+        # the session id too, in every call that takes one
+        with pytest.raises(SessionError, match="session id contains '\\\\udc00' at index 1"):
+            await store.ensure_session("s\udc00")
+        assert await store.session_ids() == ["s"]
+
+
 async def test_SessionStore_refuses_random_bytes_untouched(tmp_path: Path, db: Path) -> None:
     _write(db, random.Random(1).randbytes(8192))
     before = _snapshot(tmp_path)
