@@ -6,10 +6,11 @@ Relevance of a chunk for a request (0..1)::
 
 ``bm25`` is the FTS5 score of the chunk for the request's text (the player's action
 plus the location and NPC names in its context); ``boost`` is 1.0 for chunks about
-the current location, 0.8 for chunks about an NPC present, 0.4 for a chunk in one of
-the sections the action type needs (``[performance.lazy_loading.priorities]``),
-else 0. Chunks about the location or the NPCs present are candidates even when the
-text does not mention them.
+the current location, 0.8 for chunks about an NPC present (the request context's
+``npcs_present``, a list of names, as the engine's scene passes it; ``npcs`` too),
+0.4 for a chunk in one of the sections the action type needs
+(``[performance.lazy_loading.priorities]``), else 0. Chunks about the location or
+the NPCs present are candidates even when the text does not mention them.
 
 Selection: candidates by decreasing relevance (ties by id); a chunk is taken when it
 fits the remaining budget and skipped otherwise (smaller ones after it are still
@@ -20,9 +21,15 @@ builder's counter and trimmed from the least relevant end until it fits, so
 ``ModuleStore`` that count is computed exactly from the chunks' stored units (the
 counter is additive in units over blank-line joins) instead of rescanning the text.
 
+Names come from a model (the module keeper's scene), so they are matched leniently:
+case and surrounding blanks do not matter, and a chunk title such as "Skrit >
+Bargaining with Skrit" counts as its entity, the part before the first " > ".
+
 Queries: a ``ModuleStore`` ranks and returns the hits' catalogue entries (and, with
 no cache, their text) in one query (``search_chunks``); other sources are used
-through ``search``, ``catalogue`` and ``fetch_chunks``.
+through ``search``, ``catalogue`` and ``fetch_chunks``. Chunk text missing from the
+cache is fetched in one query per build, single flight: a chunk that a concurrent
+build of the same builder is fetching is awaited, not fetched again.
 """
 
 from __future__ import annotations
@@ -95,12 +102,28 @@ def chunk_key(module: str, entry: CatalogueEntry) -> str:
     return f"module:{module}:{entry.section}:{entry.id}@{entry.digest}"
 
 
+def _name(value: Any) -> str:
+    """An entity name as the chunks' keys spell it, from what a model may send.
+
+    Case and surrounding blanks do not matter (keys are compared lower-cased), and a
+    chunk title ("Skrit > Bargaining with Skrit") stands for its entity: the part
+    before the first " > ". A mapping stands for its ``name``.
+    """
+    if isinstance(value, Mapping):
+        value = value.get("name")
+    if value is None:
+        return ""
+    return str(value).split(" > ", 1)[0].strip()
+
+
 def _names(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value] if value else []
-    if isinstance(value, Iterable):
-        return [str(v) for v in value if v]
-    return []
+    """Entity names from a string or an iterable of them, cleaned, without repeats."""
+    if isinstance(value, (str, Mapping)):
+        value = [value]
+    if not isinstance(value, Iterable):
+        return []
+    names = (_name(v) for v in value)
+    return list({n.lower(): n for n in names if n}.values())
 
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -124,8 +147,10 @@ class OptimizedContextBuilder:
 
     Args:
         module: the module (a ``ModuleStore`` or anything with its search API).
-        cache: chunk text goes through it (``get_or_load`` with content keys); None:
-            straight from the module.
+        cache: chunk text is looked up in it and stored in it after a fetch (content
+            keys, :func:`chunk_key`); None: straight from the module. Either way a
+            chunk is fetched once however many builds want it at the same time
+            (single flight within the builder: the engine has one).
         lazy: when it reports a section loaded, chunk text is taken from the
             section's cache entry (after checking the chunk's digest).
         counter: the token counter of the budget; default: the store's counter,
@@ -142,6 +167,7 @@ class OptimizedContextBuilder:
     min_relevance: float = attrs.field(default=0.1, kw_only=True)
     priorities: Mapping[str, Sequence[str]] = attrs.field(factory=_default_priorities, kw_only=True)
     on_lookup: Callable[[float], object] | None = attrs.field(default=None, kw_only=True)
+    _flights: dict[str, _Fetch] = attrs.field(init=False, factory=dict)
 
     def __init__(
         self,
@@ -183,8 +209,10 @@ class OptimizedContextBuilder:
     def _request_parts(self, request: AgentRequest) -> tuple[str, str, list[str], str]:
         ctx = request.context
         action = str(ctx.get("action") or "")
-        location = str(ctx.get("location") or "")
-        npcs = _names(ctx.get("npcs_present", ctx.get("npcs")))
+        location = _name(ctx.get("location"))
+        # the engine's scene names them ``npcs_present`` (the module keeper's list of
+        # who is present); ``npcs`` is the older spelling, taken as well
+        npcs = _names([*_names(ctx.get("npcs_present")), *_names(ctx.get("npcs"))])
         action_type = str(ctx.get("action_type") or "")
         return action, location, npcs, action_type
 
@@ -351,18 +379,58 @@ class OptimizedContextBuilder:
                         continue
             missing.append(cid)
         if missing:
-            fetched = await self.module.fetch_chunks(missing)  # one query for all misses
-            for cid in missing:
-                text = fetched[cid].text
-                if cache is not None:
-
-                    async def loaded(text: str = text) -> str:
-                        return text
-
-                    # single flight: a concurrent builder loading the same key shares it
-                    text = await cache.get_or_load(chunk_key(name, entries[cid]), loaded)
-                texts[cid] = text
+            texts.update(await self._fetch(missing, entries))
         return texts, hits, len(ids) - hits
+
+    async def _fetch(
+        self, ids: Sequence[str], entries: Mapping[str, CatalogueEntry]
+    ) -> dict[str, str]:
+        """Text of ``ids`` from the module, single flight per chunk key.
+
+        Chunks a concurrent build of this builder is already fetching are awaited,
+        not fetched again; the others are fetched in one query (and put in the
+        cache). This build's own query runs before it waits for the others', so two
+        builds never wait for each other. If the build fetching a chunk fails or is
+        cancelled, its waiters fetch that chunk themselves.
+        """
+        name, flights = self.module.name, self._flights
+        mine: dict[str, _Fetch] = {}
+        theirs: dict[str, _Fetch] = {}
+        for cid in ids:
+            key = chunk_key(name, entries[cid])
+            flight = flights.get(key)
+            if flight is None:
+                mine[cid] = flights[key] = _Fetch(key)
+            else:
+                theirs[cid] = flight
+        texts: dict[str, str] = {}
+        if mine:
+            fetched: dict[str, Chunk] = {}
+            try:
+                fetched = await self.module.fetch_chunks(list(mine))  # one query for all
+            finally:
+                cache = self.cache
+                for cid, flight in mine.items():
+                    if flights.get(flight.key) is flight:
+                        del flights[flight.key]
+                    chunk = fetched.get(cid)
+                    if chunk is not None:
+                        flight.text = chunk.text
+                        if cache is not None:
+                            cache.put(flight.key, chunk.text)
+                    flight.done.set()
+            for cid in mine:
+                texts[cid] = fetched[cid].text
+        orphans: list[str] = []
+        for cid, flight in theirs.items():
+            await flight.done.wait()
+            if flight.text is None:
+                orphans.append(cid)
+            else:
+                texts[cid] = flight.text
+        if orphans:
+            texts.update(await self._fetch(orphans, entries))
+        return texts
 
     async def build_context(self, request: AgentRequest, budget: int) -> ContextResult:
         """The most relevant chunks that fit ``budget`` tokens, joined by blank lines.
@@ -453,6 +521,15 @@ class OptimizedContextBuilder:
             cache_misses=misses,
             elapsed=anyio.current_time() - t0,
         )
+
+
+@attrs.define(eq=False)
+class _Fetch:
+    """A chunk fetch in flight: ``text`` once it arrived (None if it failed)."""
+
+    key: str
+    text: str | None = None
+    done: anyio.Event = attrs.field(factory=anyio.Event)
 
 
 def _find(section: SectionContent, chunk_id: str) -> Chunk | None:

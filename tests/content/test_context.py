@@ -295,3 +295,125 @@ async def test_counts_from_units_are_exact_on_the_real_module(compiled: Path) ->
                     ids = [cid for cid, _ in result.sources]
                     chunks = await m.fetch_chunks(ids)
                     assert result.text == "\n\n".join(chunks[cid].text for cid in ids)
+
+
+# ------------------------------------------------------------ the NPCs present
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "present",
+    [["Skrit"], ["  SKRIT "], ["skrit > Bargaining with Skrit"], ["Marta Quell", "Skrit"]],
+)
+async def test_npcs_present_boost_their_chunks(compiled: Path, present: list[str]) -> None:
+    """The engine's scene passes ``npcs_present``: names from the module keeper's model,
+    so any case, stray blanks, or a chunk title standing for its NPC."""
+
+    def scene(npcs: list[str]) -> AgentRequest:  # the request context as pipeline.py builds it
+        return req(
+            "I offer him gold for safe passage",
+            action_type="roleplay",
+            location="",
+            npcs_present=npcs,
+            session="s",
+            notes="",
+        )
+
+    async with await open_module("default", cache_dir=compiled) as m:
+        builder = OptimizedContextBuilder(m)
+        plain = dict(await builder.rank(scene([])))
+        boosted = dict(await builder.rank(scene(present)))
+        exact = dict(await builder.rank(scene(["Skrit"])))
+        skrit = [cid for cid, e in m.catalogue.items() if "skrit" in e.keys]
+        assert "default/npcs/skrit" in skrit
+        for cid in skrit:
+            assert boosted[cid] >= 0.35 * 0.8  # the NPC boost
+            assert boosted[cid] > plain.get(cid, 0.0)
+            if len(present) == 1:  # the same name however it is spelled
+                assert boosted[cid] == exact[cid]
+        built = await builder.build_context(scene(present), 1500)
+        assert "default/npcs/skrit" in [c for c, _ in built.sources]
+        unboosted = await builder.build_context(scene([]), 1500)
+        assert "default/npcs/skrit" not in [c for c, _ in unboosted.sources]
+        nave = m.catalogue["default/npcs/skrit"]
+        assert builder.estimate_relevance(nave, scene(present)) > builder.estimate_relevance(
+            nave, scene([])
+        )
+
+
+# ------------------------------------------------------------ single flight
+
+
+def test_concurrent_builds_fetch_each_chunk_once() -> None:
+    module = FakeModule(sizes=[30] * 8, scores=[8.0, 8, 7, 7, 6, 6, 5, 5])
+    cache = ModuleCache()
+    builder = OptimizedContextBuilder(module, cache)
+    results = []
+
+    async def build() -> None:
+        results.append(await builder.build_context(req("x"), 1000))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(build)
+
+    trio.run(main)
+    chosen = [c for c, _ in results[0].sources]
+    assert len(chosen) == 8
+    assert all(r.sources == results[0].sources and r.text == results[0].text for r in results)
+    assert len(module.fetches) == 1  # one query, by the first build; the others waited
+    assert sorted(c for f in module.fetches for c in f) == sorted(chosen)
+    assert cache.get_stats().entries == 8
+    assert sum(r.cache_misses for r in results) == 3 * 8  # nobody found them cached
+
+
+@attrs.define
+class StuckModule(FakeModule):
+    """The first fetch waits for ``gate`` and then fails; later ones answer."""
+
+    gate: trio.Event = attrs.Factory(trio.Event)
+
+    async def fetch_chunks(self, ids: Iterable[str]) -> dict[str, Chunk]:
+        ids = list(ids)
+        if not self.fetches:
+            self.fetches.append(ids)
+            await self.gate.wait()
+            raise OSError("the module is gone")
+        return await super().fetch_chunks(ids)
+
+
+@pytest.mark.parametrize("how", ["cancelled", "failed"])
+def test_a_build_waiting_for_a_fetch_that_never_lands_fetches_itself(how: str) -> None:
+    got = []
+
+    async def main() -> None:
+        module = StuckModule(sizes=[30] * 4, scores=[4.0, 3, 2, 1])
+        builder = OptimizedContextBuilder(module, ModuleCache())
+        first = trio.CancelScope()
+
+        async def leader() -> None:
+            with first, pytest.raises(OSError):
+                await builder.build_context(req("x"), 1000)
+
+        async def follower() -> None:
+            got.append(await builder.build_context(req("x"), 1000))
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(leader)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(module.fetches) == 1
+                nursery.start_soon(follower)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(module.fetches) == 1  # the follower waits for the leader's fetch
+                if how == "cancelled":
+                    first.cancel()
+                else:
+                    module.gate.set()
+        assert len(got) == 1 and len(got[0].sources) == 4
+        chosen = sorted(c for c, _ in got[0].sources)
+        assert [sorted(f) for f in module.fetches] == [chosen, chosen]
+        assert builder._flights == {}
+
+    trio.run(main)
