@@ -23,7 +23,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, final
 
@@ -189,26 +189,117 @@ class Span:
         }
 
 
-def critical_path(root: Span) -> list[Span]:
+@attrs.frozen
+class _Step:
+    """A candidate of the critical path among a span's children.
+
+    For an agent (``agent_query`` spans with an ``agent`` attribute) it is the
+    winning attempt, ``ready`` the start of its first attempt (a hedge starts only
+    after the hedge delay, which is not a dependency); for any other span it is the
+    span itself, ``ready`` its start.
+    """
+
+    span: Span
+    ready: float
+    end: float
+    agent: str | None
+
+
+def _steps(children: Sequence[Span]) -> list[_Step]:
+    """The candidates among ``children`` in the order they ended: every finished span
+    that is not an agent attempt, and one step per agent call (attempt 1 and the
+    hedges after it). Equal ends are ordered by start (a zero-length span that
+    starts when another ends comes after it), then by position among the children."""
+    keyed: list[tuple[float, float, int, _Step]] = []
+    calls: list[tuple[int, str, list[Span]]] = []
+    open_call: dict[str, list[Span]] = {}
+    order = sorted(range(len(children)), key=lambda i: children[i].start)
+    for i in order:
+        child = children[i]
+        agent = child.attributes.get("agent") if child.name == "agent_query" else None
+        if not isinstance(agent, str):
+            if child.end is not None:
+                keyed.append(
+                    (child.end, child.start, i, _Step(child, child.start, child.end, None))
+                )
+            continue
+        attempts = open_call.get(agent)
+        if attempts is None or child.attributes.get("attempt", 1) == 1:
+            attempts = open_call[agent] = []
+            calls.append((i, agent, attempts))
+        attempts.append(child)
+    for i, agent, attempts in calls:
+        ended = [a for a in attempts if a.end is not None]
+        ok = [a for a in ended if a.status == OK]
+        # the first attempt to succeed won; when none did, the call ended with the last
+        if ok:
+            winner = min(ok, key=lambda a: a.end or 0.0)
+        elif ended:
+            winner = max(ended, key=lambda a: a.end or 0.0)
+        else:
+            continue
+        assert winner.end is not None
+        step = _Step(winner, attempts[0].start, winner.end, agent)
+        keyed.append((winner.end, winner.start, i, step))
+    keyed.sort(key=lambda k: k[:3])
+    return [k[3] for k in keyed]
+
+
+def critical_path(root: Span, depends_on: Mapping[str, Iterable[str]] | None = None) -> list[Span]:
     """The spans that determined ``root``'s end, outermost first.
 
     From a span's end, walk back through its children: the child that ended last
     (before the current cut) is critical, the cut moves to its start, repeat; then
     recurse into each critical child. Unfinished children are ignored.
+
+    Agent calls are told apart from their hedges: the ``agent_query`` spans of one
+    call (same ``agent``; ``attempt`` 1, then 2 for a hedge) count as one step. The
+    winning attempt (the first to end ``ok``) is on the path, a losing one never is,
+    and the cut moves to the start of the *first* attempt, when the agent was
+    admitted: a hedge starts after the hedge delay, and whatever ended just before
+    it did not hold it up.
+
+    Args:
+        root: the span tree (e.g. a ``player_action``).
+        depends_on: agent name → the agents whose outputs it waits for, as
+            configured (``{n: a.depends_on for n, a in config.agents.items()}``).
+            An agent named here is preceded on the path by its dependency that
+            ended last (among those in the tree), rather than by whichever span
+            ended last before it started; an agent with no dependency in the tree
+            by the last span before it that is not an agent (``context_building``).
+            Agents not named, and every agent when it is None, are inferred from
+            the timing as above. (Waiting for a free agent slot is not a
+            dependency: the spans do not show it.)
     """
     path = [root]
     if root.end is None:
         return path
-    cut = root.end
-    done = sorted((c for c in root.children if c.end is not None), key=lambda c: c.end or 0.0)
-    chosen: list[Span] = []
-    for child in reversed(done):
-        assert child.end is not None
-        if child.end <= cut:
-            chosen.append(child)
-            cut = child.start
-    for child in reversed(chosen):
-        path.extend(critical_path(child))
+    steps = _steps(root.children)
+
+    def last_before(below: int, cut: float, agents: Iterable[str] | None = None) -> int:
+        """The index under ``below`` of the last step that ended by ``cut`` (-1: none);
+        with ``agents``, only steps of those agents or, if none, of no agent."""
+        wanted = None if agents is None else set(agents)
+        fallback = -1
+        for i in range(below - 1, -1, -1):
+            st = steps[i]
+            if st.end > cut:
+                continue
+            if wanted is None or st.agent in wanted:
+                return i
+            if fallback < 0 and st.agent is None:
+                fallback = i
+        return fallback
+
+    chosen: list[_Step] = []
+    i = last_before(len(steps), root.end)
+    while i >= 0:
+        step = steps[i]
+        chosen.append(step)
+        deps = None if depends_on is None or step.agent is None else depends_on.get(step.agent)
+        i = last_before(i, step.ready, deps)
+    for step in reversed(chosen):
+        path.extend(critical_path(step.span, depends_on))
     return path
 
 

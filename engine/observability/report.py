@@ -15,7 +15,7 @@ from __future__ import annotations
 import html
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ..config import LatencyTarget
@@ -145,10 +145,16 @@ def cdf_chart_svg(
     return "".join(parts)
 
 
-def waterfall_svg(root: Span, *, width: int = 900) -> str:
+def waterfall_svg(
+    root: Span, *, width: int = 900, depends_on: Mapping[str, Iterable[str]] | None = None
+) -> str:
     """The span tree of ``root`` as a timeline, one row per span, critical path red.
 
-    A child still running when the root ended is drawn grey up to the root's end.
+    A child still running when the root ended is drawn grey up to the root's end. The
+    critical path is :func:`~engine.observability.profiler.critical_path`'s: a hedged
+    agent's winning attempt, never the losing one; ``depends_on`` (agent name → the
+    agents it waits for, from the config) makes it follow the configured DAG instead
+    of inferring it from the timing.
     """
     row, label_w, top = 20, 260, 26
     spans: list[tuple[int, Span]] = []
@@ -159,7 +165,7 @@ def waterfall_svg(root: Span, *, width: int = 900) -> str:
             visit(child, depth + 1)
 
     visit(root, 0)
-    critical = {id(s) for s in critical_path(root)}
+    critical = {id(s) for s in critical_path(root, depends_on)}
     total = root.duration or 0.0
     scale = (width - label_w - 70) / total if total > 0 else 0.0
     height = top + row * len(spans) + 24
@@ -240,6 +246,7 @@ def render_report(
     title: str = "dm-engine performance report",
     slowest: Span | None = None,
     extra_sections: Sequence[tuple[str, str]] = (),
+    depends_on: Mapping[str, Iterable[str]] | None = None,
 ) -> str:
     """The report as one HTML document.
 
@@ -249,6 +256,9 @@ def render_report(
             slowest ``player_action``. None and no such trace: no waterfall.
         extra_sections: ``(heading, html)`` pairs appended as they are (the html is
             trusted, e.g. ``bar_chart_svg(...)``).
+        depends_on: agent name → the agents it waits for
+            (``{n: a.depends_on for n, a in config.agents.items()}``), for the
+            waterfall's critical path; None: inferred from the spans' timing.
     """
     root = slowest if slowest is not None else profiler.slowest_trace("player_action")
     charts = []
@@ -261,7 +271,8 @@ def render_report(
         f'<h2>Latency distributions</h2><div class="charts">{"".join(charts)}</div>',
     ]
     if root is not None:
-        sections.append(f"<h2>Slowest {_esc(root.name)}: span waterfall</h2>{waterfall_svg(root)}")
+        waterfall = waterfall_svg(root, depends_on=depends_on)
+        sections.append(f"<h2>Slowest {_esc(root.name)}: span waterfall</h2>{waterfall}")
     sections.extend(f"<h2>{_esc(heading)}</h2>{body}" for heading, body in extra_sections)
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
@@ -277,6 +288,7 @@ def write_report(
     title: str = "dm-engine performance report",
     slowest: Span | None = None,
     extra_sections: Sequence[tuple[str, str]] = (),
+    depends_on: Mapping[str, Iterable[str]] | None = None,
 ) -> Path:
     """Render the report (see :func:`render_report`) and write it to ``path``.
 
@@ -284,6 +296,12 @@ def write_report(
     event loop.
     """
     out = Path(path)
-    text = render_report(profiler, title=title, slowest=slowest, extra_sections=extra_sections)
+    text = render_report(
+        profiler,
+        title=title,
+        slowest=slowest,
+        extra_sections=extra_sections,
+        depends_on=depends_on,
+    )
     out.write_text(text, encoding="utf-8")
     return out

@@ -311,3 +311,133 @@ def test_critical_path_walks_back_from_the_end() -> None:
     c = sp("c", 5, 6)
     root = sp("root", 0, 6, a, b, c)
     assert [s.name for s in critical_path(root)] == ["root", "b", "b1", "b2", "c"]
+
+
+# The default agent DAG (engine/config.py): what the hosted actions below ran.
+DEPENDS_ON = {
+    "archivist": (),
+    "module_keeper": (),
+    "narrator_opening": (),
+    "arbiter": ("archivist",),
+    "narrator": ("arbiter",),
+}
+
+
+def _action(*agents: tuple[str, int, float, float, str], end: float) -> Span:
+    """A player_action as the pipeline records it: classify, prefetch and context
+    building, then one agent_query span per attempt, then the state update."""
+
+    def sp(name: str, start: float, stop: float, status: str = "ok", **attrs: Any) -> Span:
+        return Span(name, attrs, start, end=stop, status=status)
+
+    children = [sp("classify", 0.0, 0.0001), sp("prefetch", 0.0001, 0.0002)]
+    children.append(sp("context_building", 0.0002, 0.05))
+    for agent, attempt, start, stop, status in agents:
+        children.append(sp("agent_query", start, stop, status, agent=agent, attempt=attempt))
+    children.append(sp("state_update", end - 0.1, end))
+    return Span("player_action", {}, 0.0, end=end, status="ok", children=children)
+
+
+def _labels(path: list[Span]) -> list[str]:
+    return [
+        f"{s.attributes['agent']}#{s.attributes['attempt']}" if "agent" in s.attributes else s.name
+        for s in path[1:]
+    ]
+
+
+@pytest.mark.parametrize("first_attempt", [("error", 2.8), ("cancelled", 3.25)])
+@pytest.mark.parametrize("depends_on", [None, DEPENDS_ON], ids=["inferred", "configured"])
+def test_critical_path_of_a_hedged_agent_is_its_winning_attempt_from_its_readiness(
+    first_attempt: tuple[str, float], depends_on: dict[str, tuple[str, ...]] | None
+) -> None:
+    """The hosted run: the arbiter's first attempt stalled, its hedge went out after
+    the hedge delay (2.5 s) and won; the module keeper finished at 2.4 s, just before
+    the hedge started, but nothing waited for it. (Before the fix the path ran
+    through the module keeper when the first attempt failed after the hedge went
+    out, and through the losing attempt when it was cancelled.)"""
+    status, first_end = first_attempt
+    root = _action(
+        ("archivist", 1, 0.05, 0.051, "ok"),
+        ("module_keeper", 1, 0.051, 2.4, "ok"),
+        ("narrator_opening", 1, 0.052, 1.1, "ok"),
+        ("arbiter", 1, 0.053, first_end, status),
+        ("arbiter", 2, 2.5, 3.2, "ok"),
+        ("narrator", 1, 3.3, 5.9, "ok"),
+        end=6.0,
+    )
+    path = critical_path(root, depends_on)
+    assert _labels(path) == [
+        "classify",
+        "prefetch",
+        "context_building",
+        "archivist#1",
+        "arbiter#2",
+        "narrator#1",
+        "state_update",
+    ]
+
+
+@pytest.mark.parametrize("depends_on", [None, DEPENDS_ON], ids=["inferred", "configured"])
+def test_critical_path_through_a_narrator_whose_hedge_won_the_stream(
+    depends_on: dict[str, tuple[str, ...]] | None,
+) -> None:
+    """Seen in a simulated hosted run: the narrator's hedge (sent 0.67 s after it was
+    ready) wrote first; the narrator opening ended 27 ms before the hedge started."""
+    root = _action(
+        ("archivist", 1, 0.05, 0.051, "ok"),
+        ("narrator_opening", 1, 0.052, 1.721, "ok"),
+        ("module_keeper", 1, 0.052, 1.264, "ok"),
+        ("arbiter", 1, 0.053, 1.074, "ok"),
+        ("narrator_opening", 2, 0.775, 1.158, "cancelled"),
+        ("narrator", 1, 1.075, 2.384, "cancelled"),
+        ("narrator", 2, 1.748, 3.259, "ok"),
+        end=3.36,
+    )
+    assert _labels(critical_path(root, depends_on)) == [
+        "classify",
+        "prefetch",
+        "context_building",
+        "archivist#1",
+        "arbiter#1",
+        "narrator#2",
+        "state_update",
+    ]
+
+
+def test_critical_path_follows_the_configured_dependencies() -> None:
+    """A roleplay action (no arbiter): the narrator waits for nobody, but the
+    archivist happened to end as it started. From the timing alone the archivist
+    looks like its predecessor; with the configured DAG it is not."""
+    root = _action(
+        ("archivist", 1, 0.05, 0.05, "ok"),
+        ("narrator", 1, 0.05, 1.8, "ok"),
+        ("narrator", 2, 0.7, 1.8, "cancelled"),  # lost a photo finish
+        ("module_keeper", 1, 0.05, 1.3, "ok"),
+        end=2.0,
+    )
+    inferred = _labels(critical_path(root))
+    assert inferred == [
+        "classify",
+        "prefetch",
+        "context_building",
+        "archivist#1",
+        "narrator#1",
+        "state_update",
+    ]
+    configured = _labels(critical_path(root, DEPENDS_ON))
+    assert configured == ["classify", "prefetch", "context_building", "narrator#1", "state_update"]
+
+
+def test_critical_path_of_an_agent_whose_attempts_all_failed_ends_with_the_last() -> None:
+    root = _action(
+        ("arbiter", 1, 0.05, 2.0, "error"),
+        ("arbiter", 2, 1.0, 2.5, "error"),
+        end=2.6,
+    )
+    assert _labels(critical_path(root, DEPENDS_ON)) == [
+        "classify",
+        "prefetch",
+        "context_building",
+        "arbiter#2",
+        "state_update",
+    ]

@@ -91,6 +91,72 @@ def test_waterfall_draws_a_running_child_grey() -> None:
     assert 'fill="#9e9e9e"' in page
 
 
+def _hedged_action() -> Span:
+    """The hosted run's slowest action: the arbiter's first attempt failed after its
+    hedge (sent after the 2.5 s hedge delay) went out; the hedge won. The module
+    keeper finished at 2.4 s, just before the hedge started."""
+
+    def sp(name: str, start: float, end: float, status: str = "ok", **attrs: object) -> Span:
+        return Span(name, dict(attrs), start, end=end, status=status)
+
+    return Span(
+        "player_action",
+        {},
+        0.0,
+        end=6.0,
+        status="ok",
+        children=[
+            sp("context_building", 0.0, 0.05),
+            sp("agent_query", 0.05, 0.051, agent="archivist", attempt=1),
+            sp("agent_query", 0.051, 2.4, agent="module_keeper", attempt=1),
+            sp("agent_query", 0.053, 2.8, "error", agent="arbiter", attempt=1),
+            sp("agent_query", 2.5, 3.2, agent="arbiter", attempt=2),
+            sp("agent_query", 3.3, 5.9, agent="narrator", attempt=1),
+            sp("state_update", 5.9, 6.0),
+        ],
+    )
+
+
+def _critical_rows(page: str) -> list[str]:
+    """The labels of the waterfall rows drawn red."""
+    return re.findall(r'<rect class="span critical"[^>]*><title>([^:]+):', page)
+
+
+@pytest.mark.parametrize(
+    "depends_on", [None, {"arbiter": ["archivist"], "narrator": ["arbiter"], "archivist": []}]
+)
+def test_waterfall_marks_the_winning_hedge_not_what_ended_before_it(
+    depends_on: dict[str, list[str]] | None,
+) -> None:
+    page = render_report(PerformanceProfiler(), slowest=_hedged_action(), depends_on=depends_on)
+    assert _critical_rows(page) == [
+        "player_action",
+        "context_building",
+        "agent_query archivist",
+        "agent_query arbiter (hedge)",
+        "agent_query narrator",
+        "state_update",
+    ]
+
+
+def test_write_report_passes_the_dependencies_on(tmp_path: Path) -> None:
+    root = _hedged_action()
+    # a made-up DAG in which the narrator waits for the module keeper only
+    out = write_report(
+        tmp_path / "r.html",
+        PerformanceProfiler(),
+        slowest=root,
+        depends_on={"narrator": ["module_keeper"], "module_keeper": []},
+    )
+    assert _critical_rows(out.read_text(encoding="utf-8")) == [
+        "player_action",
+        "context_building",
+        "agent_query module_keeper",
+        "agent_query narrator",
+        "state_update",
+    ]
+
+
 # ------------------------------------------------------------------ headless Chromium
 
 
