@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+from collections.abc import Iterable, Mapping
 
 import anyio
 import trio
@@ -28,13 +29,16 @@ _LABEL = 30
 _FIGURES = 14
 
 
-def render_waterfall(root: Span, width: int = 40) -> Text:
+def render_waterfall(
+    root: Span, width: int = 40, depends_on: Mapping[str, Iterable[str]] | None = None
+) -> Text:
     """One line per span: indented name, a bar placed on the action's timeline, duration.
 
-    Spans on the critical path are drawn in red.
+    Spans on the critical path are drawn in red (``depends_on``: the configured agent
+    dependencies, which the path then follows).
     """
     total = root.duration or 0.0
-    on_path = {id(s) for s in critical_path(root)}
+    on_path = {id(s) for s in critical_path(root, depends_on)}
     text = Text()
 
     def line(span: Span, depth: int) -> None:
@@ -68,7 +72,9 @@ async def _act(console: Console, dm: DungeonMaster, session: str, text: str) -> 
     console.out("")
     first = f", first words after {result.first_token:.2f} s" if result.first_token else ""
     console.print(f"[dim]({result.action_type}, turn {result.turn}{first})[/dim]")
-    console.print(render_waterfall(result.span, max(10, console.width - _LABEL - _FIGURES - 12)))
+    width = max(10, console.width - _LABEL - _FIGURES - 12)
+    deps = {name: spec.depends_on for name, spec in dm.config.agents.items()}
+    console.print(render_waterfall(result.span, width, deps))
 
 
 async def _play(config: Config, args: argparse.Namespace, console: Console) -> int:

@@ -263,6 +263,7 @@ def run_bench_command(config: Config, args: argparse.Namespace) -> int:
         bench.report_profiler,
         title=f"dm-engine benchmark — scenario {config.simulation.scenario}",
         slowest=bench.slowest,
+        depends_on={name: spec.depends_on for name, spec in config.agents.items()},
         extra_sections=_strategy_chart(s),
     )
     met = document["targets_met"]
