@@ -21,7 +21,6 @@ from typing import Any, final
 import anyio
 import attrs
 import trio
-import trio.testing
 
 from ..agents.base import Agent, AgentRequest
 from ..agents.simulated import SimulatedAgent
@@ -223,6 +222,8 @@ def run_virtual(fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) ->
 
     async def main() -> Any:
         return await fn(*args, **kwargs)
+
+    import trio.testing  # imports pytest: only when a virtual-time run is asked for
 
     return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
