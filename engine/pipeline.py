@@ -345,6 +345,8 @@ class DungeonMaster:
                     changes.update(r.output.get("state_changes") or {})
                     _add_usage(tokens, r.output.get("usage"))
             root.attributes["tokens"] = tokens
+            if tail := narrative[len(told_text) :]:
+                emit(tail)  # the whole narrative is handed out before the durable write
             if told is not None:
                 told[0] = True
             with self.profiler.trace("state_update", session=session_id):
@@ -359,8 +361,6 @@ class DungeonMaster:
                 )
             new_state = {k: v for k, v in {**state, **changes}.items() if v is not None}
             self._remember(session_id, turn, new_state)
-            if tail := narrative[len(told_text) :]:
-                emit(tail)
             if first:
                 root.attributes["first_token"] = first[0]
                 self.profiler.record("first_token", first[0])

@@ -119,7 +119,12 @@ class PromptCacheModel:
         while recent and now - recent[0][0] > self.ttl:
             recent.popleft()
         best = max(
-            (_common_prefix(prompt, old) for ready, old in recent if ready <= now), default=0
+            (
+                _common_prefix(prompt, old)
+                for ready, old in recent
+                if ready <= now and now - ready <= self.ttl  # read, and not expired
+            ),
+            default=0,
         )
         tokens = prompt_tokens(prompt[:best])
         tokens -= tokens % self.step

@@ -170,12 +170,11 @@ class ParallelAgentExecutor:
         async def run(i: int, tg: anyio.abc.TaskGroup) -> None:
             request = graph.requests[i]
             inputs = {graph.requests[p].id: _output(responses[p]) for p in graph.parents[i]}
-            response = await self._run_request(request, inputs, ready_at[i], limiter)
+            response, now = await self._run_request(request, inputs, ready_at[i], limiter)
             decide(i, response)
             if not response.ok:
                 skip_dependents(i)
                 return
-            now = anyio.current_time()
             for c in graph.children[i]:
                 remaining[c] -= 1
                 if remaining[c] == 0 and responses[c] is None:
@@ -223,7 +222,7 @@ class ParallelAgentExecutor:
             raise ValueError(f"timeout must be > 0, got {timeout}")
         self._check_agents([request])
         request = attrs.evolve(request, timeout=timeout)
-        response = await self._run_request(
+        response, _end = await self._run_request(
             request, inputs or {}, anyio.current_time(), self._current_limiter()
         )
         if self.on_response is not None:
@@ -254,7 +253,8 @@ class ParallelAgentExecutor:
         inputs: Mapping[str, Any],
         ready_at: float,
         limiter: anyio.CapacityLimiter,
-    ) -> AgentResponse:
+    ) -> tuple[AgentResponse, float]:
+        """Run one request; its response and the time it was decided."""
         self._requests += 1
         timeout = request.timeout if request.timeout is not None else self.agent_timeout
         agent = self.agents[request.agent]
@@ -274,9 +274,11 @@ class ParallelAgentExecutor:
 
             request = attrs.evolve(request, on_delta=stamp)
         with anyio.CancelScope(deadline=ready_at + timeout) as scope:
-            if not _try_acquire(limiter, borrower):  # fast path: a free token, nobody waiting
+            if _try_acquire(limiter, borrower):  # fast path: a free token, nobody waiting
+                admitted = ready_at  # no wait for capacity (and one clock read saved)
+            else:
                 await limiter.acquire_on_behalf_of(borrower)
-            admitted = anyio.current_time()
+                admitted = anyio.current_time()
             if policy is not None:
                 policy.on_call()
             if delay is None:  # the common path: one attempt, no task group
@@ -310,14 +312,14 @@ class ParallelAgentExecutor:
         if scope.cancelled_caught:
             where = "running" if admitted is not None else "queued for capacity"
             error = f"timed out after {timeout:g}s ({where}; queued {queued:.3f}s)"
-            return attrs.evolve(response, status=Status.TIMEOUT, output=None, error=error)
+            return attrs.evolve(response, status=Status.TIMEOUT, output=None, error=error), end
         if outcome.error is not None:
             error = f"{type(outcome.error).__name__}: {outcome.error}"
             # an agent that gave up because its deadline was near (a TimeoutError,
             # e.g. retries that would outlive it) timed out rather than failed
             status = Status.TIMEOUT if isinstance(outcome.error, TimeoutError) else Status.ERROR
-            return attrs.evolve(response, status=status, output=None, error=error)
-        return response
+            return attrs.evolve(response, status=status, output=None, error=error), end
+        return response, end
 
     async def _hedged(
         self,
@@ -346,6 +348,8 @@ class ParallelAgentExecutor:
             assert sink is not None
 
             def emit(piece: str) -> None:
+                if not piece:
+                    return  # an empty piece claims nothing
                 if not owner:
                     owner.append(number)
                     for other, other_scope in scopes.items():
@@ -358,7 +362,7 @@ class ParallelAgentExecutor:
 
         async def attempt(number: int, req: AgentRequest, token_holder: object) -> None:
             nonlocal ended
-            scope = scopes[number] = anyio.CancelScope()
+            scope = scopes[number]  # made before the task was started: a gate can cancel it
             if sink is not None:
                 req = attrs.evolve(req, on_delta=gate(number))
             output: Any = _FAILED
@@ -387,6 +391,7 @@ class ParallelAgentExecutor:
         async with anyio.create_task_group() as tg:
             outcome.attempts = 1
             self._attempts += 1
+            scopes[1] = anyio.CancelScope()
             tg.start_soon(attempt, 1, request, borrower)
             with anyio.move_on_after(delay):
                 await done.wait()
@@ -397,6 +402,7 @@ class ParallelAgentExecutor:
                     self._attempts += 1
                     outcome.hedged = True
                     hedge = attrs.evolve(request, context={**request.context, "attempt": 2})
+                    scopes[2] = anyio.CancelScope()
                     tg.start_soon(attempt, 2, hedge, hedge_holder)
                 else:
                     limiter.release_on_behalf_of(hedge_holder)
