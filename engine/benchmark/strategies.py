@@ -20,7 +20,6 @@ from typing import Any, final
 
 import anyio
 import attrs
-import trio
 
 from ..agents.base import Agent, AgentRequest
 from ..agents.simulated import SimulatedAgent
