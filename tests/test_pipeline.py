@@ -403,3 +403,18 @@ async def test_the_scene_gives_the_builder_the_npcs_present(
         await dm.player_action("s", "I look around")
         await dm.player_action("s", "I look around again")
     assert seen == [[], ["Skrit"]]
+
+
+async def test_tokens_are_counted_per_call_and_per_action(module_dir: Path, tmp_path: Path) -> None:
+    config = make_config(module_dir)
+    async with engine.open_engine(config, state_path=tmp_path / "s.sqlite", time_scale=0.02) as dm:
+        result = await dm.player_action("s1", "I attack the skeleton")
+        text = dm.metrics.metrics_text() if dm.metrics is not None else ""
+    spans = [s for s in result.span.walk() if s.name == "agent_query"]
+    usages = [s.attributes["usage"] for s in spans]
+    assert usages and all(
+        {"input_tokens", "cached_tokens", "output_tokens"} <= set(u) for u in usages
+    )
+    assert result.tokens["prompt"] == sum(u["input_tokens"] for u in usages)
+    assert result.tokens["generated"] == sum(u["output_tokens"] for u in usages)
+    assert 'dm_agent_prompt_tokens_total{agent="narrator",cache="uncached"}' in text

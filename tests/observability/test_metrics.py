@@ -167,3 +167,19 @@ def test_MetricsExporter_from_config() -> None:
     )
     assert served.port == 9464
     _ = anyio  # anyio is the runner of the async tests above
+
+
+def test_agent_tokens_split_cached_from_prefilled_prompt_tokens() -> None:
+    metrics = MetricsExporter()
+    metrics.agent_tokens(
+        "narrator", {"input_tokens": 1000, "cached_tokens": 640, "output_tokens": 70}
+    )
+    metrics.agent_tokens(
+        "narrator", {"input_tokens": 200, "cached_tokens": None, "output_tokens": 5}
+    )
+    metrics.agent_tokens("arbiter", {"input_tokens": None, "cached_tokens": None})  # unreported
+    text = metrics.metrics_text()
+    assert sample(text, "dm_agent_prompt_tokens_total", agent="narrator", cache="uncached") == 560
+    assert sample(text, "dm_agent_prompt_tokens_total", agent="narrator", cache="cached") == 640
+    assert sample(text, "dm_agent_output_tokens_total", agent="narrator") == 75
+    assert "arbiter" not in text
