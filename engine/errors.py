@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
+
+if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
+    from exceptiongroup import BaseExceptionGroup
 
 
 class EngineError(Exception):
@@ -48,3 +52,14 @@ class SessionError(EngineError):
 
 class AgentError(EngineError):
     """An agent could not produce an answer (used by the HTTP agents)."""
+
+
+def lone_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one error inside nested single-member groups (None if there are several):
+    what a nursery wrapped, to be re-raised as itself."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        if len(error.exceptions) != 1:
+            return None
+        error = error.exceptions[0]
+    return error

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import trio.testing
+from servers import redis_url  # noqa: F401  (a real redis-server, one per test session)
 
 
 @pytest.fixture(

@@ -1,0 +1,622 @@
+"""Global LLM-call limits shared by many engine processes, kept in Redis.
+
+:class:`RedisLimiter` bounds, across every process that uses the same Redis and
+limiter ``name``, how many LLM calls run at once and how many calls and tokens start
+per minute. The engine holds one :meth:`RedisLimiter.slot` per agent call, inside the
+process's own limits (the executor's ``CapacityLimiter`` and the per-server limits).
+
+Guarantees:
+
+* **Bounded concurrency, across processes.** At most ``max_concurrent`` leases exist
+  at any instant in Redis (one atomic Lua script admits, on Redis's own clock
+  ``TIME``). A lease is a sorted-set member whose score is its expiry; the holder's
+  process renews its leases every ``lease_seconds / 3`` while they are held.
+* **Leases die with their holder.** A process that is SIGKILLed, frozen or cut off
+  from Redis stops renewing; its slots expire at most ``lease_seconds`` after its
+  last renewal and are reclaimed by the next admission attempt. The price: a live holder that cannot renew for
+  ``lease_seconds`` (Redis unreachable that long, a stalled event loop) loses its
+  lease and the global bound can be exceeded by it until it ends; such leases are
+  counted as ``lost`` in :meth:`RedisLimiter.statistics`.
+* **Rates (GCRA).** Requests per minute and tokens per minute are enforced with the
+  generic cell rate algorithm, one theoretical-arrival-time key per rate, checked
+  and advanced in the same script as the concurrency slot, so a call is counted
+  when it actually starts. In any window of ``W`` seconds at most
+  ``burst + W * rate / 60`` requests (tokens) are admitted. A call whose token cost
+  exceeds ``tokens_burst`` is admitted only when the token bucket is full and then
+  leaves a debt that later calls wait for, so the long-run rate still holds.
+* **Waiting, and fairness between processes.** A call that cannot be admitted
+  waits: for a rate, as long as the script says (plus up to 2 ms of jitter); for a
+  slot, until a holder in this process releases one or a jittered backoff (5 ms
+  doubling to 50 ms) expires; then it asks Redis again. Within a process waiters are
+  served FIFO and only the head of that queue asks Redis. The heads of the waiting
+  processes queue in Redis (a sorted set of tickets, ordered by when each head first
+  asked, dropped when not refreshed for ``min(lease_seconds, 2 s)``), and a slot
+  goes to a head only if every head queued before it can have one too. So freed
+  slots go to the waiting processes in turn: a process with a backlog (whose own
+  releases wake its own waiters at once) cannot starve the others. It is not FIFO
+  across all individual waiters. A head waiting for a rate keeps its place (and so
+  one free slot); heads behind it may take the other free slots, and with smaller
+  token costs the token budget too. A slot freed in another process is noticed at
+  the next poll, so under contention a hand-off between processes leaves the slot
+  idle for up to 50 ms (25 ms on average).
+* **Cancellation-safe.** A lease id is chosen before the admission script runs and
+  each admission call is shielded (bounded by ``redis_timeout``), so its outcome is
+  always known: a caller cancelled while waiting holds nothing, and a caller
+  cancelled at any point after the script admitted it releases the lease before
+  the cancellation propagates. Release is idempotent (``ZREM``) and also gives up the
+  caller's place in the queue.
+* **Failures are loud.** An unreachable Redis at :meth:`RedisLimiter.connect` raises
+  :class:`GlobalLimitUnavailable` naming the URL (without its password). When Redis
+  goes away mid-run, :meth:`RedisLimiter.slot` raises :class:`GlobalLimitUnavailable`
+  too, and the executor turns it into the agent's ``ERROR`` response: the limiter
+  never falls back to local limits, because N processes each admitting on their own
+  would exceed the shared budget N-fold, and that budget (a provider's rate limit,
+  a cost ceiling) is the reason the limiter exists. A release or renewal that fails
+  does not fail the call: the lease then expires after ``lease_seconds``.
+
+Every process that shares a ``name`` must use the same limits: each admission is
+judged with the caller's ``max_concurrent`` and rates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import secrets
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar, final
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import anyio
+import anyio.abc
+import attrs
+import coredis
+import coredis.exceptions
+
+from ..errors import EngineError, lone_error
+from .redis_scripts import (
+    ADMIT,
+    COUNT,
+    REDIS_ERRORS,
+    RELEASE,
+    RENEW,
+    close_buffers_on_failed_connect,
+)
+
+if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = [
+    "GlobalLimitError",
+    "GlobalLimitUnavailable",
+    "GlobalLimiterStatistics",
+    "Lease",
+    "RedisLimiter",
+    "scrub_url",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: First and last delay (seconds) of the backoff while every slot is taken.
+_BACKOFF_MIN = 0.005
+_BACKOFF_MAX = 0.05
+#: Longest life of a waiting process's place in the queue without a new poll.
+_TICKET_SECONDS = 2.0
+#: Jitter added to a rate wait, so that processes told the same instant spread out.
+_RATE_JITTER = 0.002
+
+
+class GlobalLimitError(EngineError):
+    """The global limiter failed; ``url`` (password removed) and ``name`` say which."""
+
+    def __init__(self, message: str, *, url: str, name: str) -> None:
+        self.url = url
+        self.name = name
+        super().__init__(message)
+
+
+class GlobalLimitUnavailable(GlobalLimitError, ConnectionError):
+    """Redis could not be reached (at connect, or by a call mid-run)."""
+
+
+@attrs.frozen
+class Lease:
+    """One admission, as yielded by :meth:`RedisLimiter.slot`.
+
+    Attributes:
+        id: the lease's member in Redis (``None`` without a concurrency bound).
+        admitted_at: when the script admitted the call, on Redis's clock (Unix s).
+        waited: seconds spent waiting for admission (this process's clock).
+        tokens: the token cost charged.
+    """
+
+    id: str | None
+    admitted_at: float
+    waited: float
+    tokens: int
+
+
+@attrs.frozen
+class GlobalLimiterStatistics:
+    """A snapshot of one limiter (one process's view; Redis holds the global one).
+
+    Attributes:
+        held: slots this limiter holds now.
+        waiting: calls waiting for admission now.
+        acquired: admissions so far.
+        waited: admissions that had to wait (for a rate or a slot).
+        wait_seconds: total time spent waiting by admitted and abandoned calls.
+        rate_limited: admission attempts refused by a rate.
+        full: admission attempts refused because every slot was taken.
+        reclaimed: expired leases (of dead or cut-off holders) this limiter removed.
+        lost: own leases that had expired before they could be renewed.
+        errors: Redis calls that failed (admission, renewal, release).
+    """
+
+    held: int
+    waiting: int
+    acquired: int
+    waited: int
+    wait_seconds: float
+    rate_limited: int
+    full: int
+    reclaimed: int
+    lost: int
+    errors: int
+
+
+@attrs.frozen
+class _Attempt:
+    admitted: bool
+    rate_wait: float
+    reclaimed: int
+    now: float
+    full: bool
+
+
+def scrub_url(url: str) -> str:
+    """``url`` without secrets: user info becomes ``***``, password-like query values too.
+
+    >>> scrub_url("redis://:hunter2@cache:6379/0")
+    'redis://***@cache:6379/0'
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = parts.query
+    if query:
+        secret = ("pass", "secret", "token", "auth", "user")
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, "***" if any(s in k.lower() for s in secret) else v) for k, v in pairs],
+            safe="*",
+        )
+    scrubbed = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else netloc + parts.path
+    return (
+        scrubbed + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
+    )
+
+
+@final
+@attrs.define(eq=False, repr=False)
+class RedisLimiter:
+    """Global concurrency, request-rate and token-rate limits in Redis.
+
+    Open one with :meth:`connect` (it owns the Redis client and the lease renewal
+    task) and hold :meth:`slot` around each LLM call. See the module docstring for
+    the guarantees. Not for use across event loops: it lives in the loop that
+    entered :meth:`connect`.
+
+    Attributes:
+        url: the Redis URL with its password removed (for messages and metrics).
+        name: the limiter's name; processes that share it share the limits.
+        max_concurrent: leases held at once across processes (``None``: no bound).
+        requests_per_minute: call starts per minute (``None``: no limit).
+        tokens_per_minute: tokens per minute, as estimated by the callers (``None``:
+            no limit).
+        requests_burst: calls that may start at once after a quiet spell.
+        tokens_burst: tokens that may be spent at once after a quiet spell.
+        lease_seconds: how long a lease outlives its last renewal.
+        redis_timeout: the longest one Redis call may take.
+    """
+
+    url: str
+    name: str
+    max_concurrent: int | None
+    requests_per_minute: float | None
+    tokens_per_minute: float | None
+    requests_burst: int
+    tokens_burst: int
+    lease_seconds: float
+    redis_timeout: float
+    _client: coredis.Redis[bytes] = attrs.field(alias="client")
+    _keys: tuple[str, ...] = attrs.field(alias="keys")
+    _admit_script: Any = attrs.field(init=False)
+    _release_script: Any = attrs.field(init=False)
+    _renew_script: Any = attrs.field(init=False)
+    _count_script: Any = attrs.field(init=False)
+    _leases: dict[str, None] = attrs.field(init=False, factory=dict)
+    _queue: anyio.Lock = attrs.field(init=False, factory=anyio.Lock)
+    _released: anyio.Event = attrs.field(init=False, factory=anyio.Event)
+    _closed: bool = attrs.field(init=False, default=False)
+    _random: random.Random = attrs.field(init=False, factory=random.Random)
+    _lease_prefix: str = attrs.field(init=False)
+    _lease_serial: int = attrs.field(init=False, default=0)
+    _ticket_seconds: float = attrs.field(init=False)
+    _waiting: int = attrs.field(init=False, default=0)
+    _acquired: int = attrs.field(init=False, default=0)
+    _waited: int = attrs.field(init=False, default=0)
+    _wait_seconds: float = attrs.field(init=False, default=0.0)
+    _rate_limited: int = attrs.field(init=False, default=0)
+    _full: int = attrs.field(init=False, default=0)
+    _reclaimed: int = attrs.field(init=False, default=0)
+    _lost: int = attrs.field(init=False, default=0)
+    _errors: int = attrs.field(init=False, default=0)
+
+    def __attrs_post_init__(self) -> None:
+        self._admit_script = self._client.register_script(ADMIT)
+        self._release_script = self._client.register_script(RELEASE)
+        self._renew_script = self._client.register_script(RENEW)
+        self._count_script = self._client.register_script(COUNT)
+        host = socket.gethostname().replace(":", "_")
+        self._lease_prefix = f"{host}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._ticket_seconds = min(self.lease_seconds, _TICKET_SECONDS)
+
+    def __repr__(self) -> str:
+        return (
+            f"<RedisLimiter {self.name!r} at {self.url} max_concurrent={self.max_concurrent} "
+            f"held={len(self._leases)}>"
+        )
+
+    # ------------------------------------------------------------------ lifetime
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(
+        cls,
+        url: str,
+        *,
+        name: str = "llm",
+        max_concurrent: int | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        requests_burst: int | None = None,
+        tokens_burst: int | None = None,
+        lease_seconds: float = 10.0,
+        redis_timeout: float = 2.0,
+        key_prefix: str = "dm-engine:limits",
+    ) -> AsyncIterator[RedisLimiter]:
+        """Connect to Redis and run the limiter until the block ends.
+
+        ``async with RedisLimiter.connect(url, max_concurrent=8) as limiter: ...``
+
+        Args:
+            url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` or
+                ``unix://[[user]:password@]/path/to/socket?db=0``.
+            name: the limits' name; every process using it shares them.
+            max_concurrent: LLM calls running at once across processes; ``None`` or
+                0: no concurrency bound.
+            requests_per_minute: call starts per minute; ``None`` or 0: no limit.
+            tokens_per_minute: tokens (the callers' estimates) per minute; ``None`` or
+                0: no limit.
+            requests_burst: calls that may start back to back after a quiet spell
+                (default: one second's worth, at least 1).
+            tokens_burst: tokens that may be spent back to back after a quiet spell
+                (default: one second's worth, at least 1).
+            lease_seconds: a lease's lifetime without renewal; renewed every third.
+            redis_timeout: the longest a single Redis call may take (connecting included).
+            key_prefix: prefix of the Redis keys (``<prefix>:{<name>}:slots`` ...).
+
+        Raises:
+            ValueError: a bad argument (before connecting).
+            GlobalLimitUnavailable: Redis cannot be reached.
+            GlobalLimitError: Redis refused the connection (e.g. a wrong password).
+
+        On leaving, the renewal task stops and leases still held are released. An
+        error raised inside the block leaves it as itself, not in an exception group.
+        """
+        max_concurrent = max_concurrent or None
+        requests_per_minute = requests_per_minute or None
+        tokens_per_minute = tokens_per_minute or None
+        _check_positive("max_concurrent", max_concurrent)
+        _check_positive("requests_per_minute", requests_per_minute)
+        _check_positive("tokens_per_minute", tokens_per_minute)
+        _check_positive("requests_burst", requests_burst)
+        _check_positive("tokens_burst", tokens_burst)
+        _check_positive("lease_seconds", lease_seconds)
+        _check_positive("redis_timeout", redis_timeout)
+        for key, count in [
+            ("max_concurrent", max_concurrent),
+            ("requests_burst", requests_burst),
+            ("tokens_burst", tokens_burst),
+        ]:
+            if count is not None and not isinstance(count, int):
+                raise ValueError(f"{key} must be a whole number (or None), got {count!r}")
+        if not name or any(c in name for c in "{}"):
+            raise ValueError(f"name must be non-empty without braces, got {name!r}")
+        safe_url = scrub_url(url)
+        scheme = urlsplit(url).scheme if "://" in url else ""
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"not a redis://, rediss:// or unix:// URL: {safe_url!r}")
+        client: coredis.Redis[bytes] = coredis.Redis.from_url(
+            url, connect_timeout=redis_timeout, stream_timeout=redis_timeout
+        )
+        close_buffers_on_failed_connect(client)
+        tag = "{" + name + "}"  # one hash slot: the admission script spans all five keys
+        keys = tuple(f"{key_prefix}:{tag}:{k}" for k in ("slots", "queue", "tickets", "rpm", "tpm"))
+        closing = anyio.Event()
+        try:
+            async with anyio.create_task_group() as tg:
+                try:
+                    await tg.start(_serve, client, closing)
+                    limiter = cls(
+                        url=safe_url,
+                        name=name,
+                        max_concurrent=max_concurrent,
+                        requests_per_minute=requests_per_minute,
+                        tokens_per_minute=tokens_per_minute,
+                        requests_burst=requests_burst or _per_second(requests_per_minute),
+                        tokens_burst=tokens_burst or _per_second(tokens_per_minute),
+                        lease_seconds=lease_seconds,
+                        redis_timeout=redis_timeout,
+                        client=client,
+                        keys=keys,
+                    )
+                    await limiter._call(client.ping(), "connecting")
+                    async with anyio.create_task_group() as renewal:
+                        renewal.start_soon(limiter._renew_forever)
+                        try:
+                            yield limiter
+                        finally:
+                            renewal.cancel_scope.cancel()
+                            await limiter._close()
+                finally:
+                    closing.set()
+        except BaseExceptionGroup as group:
+            lone = lone_error(group)
+            if lone is None:
+                raise
+            raise lone from None
+
+    # ------------------------------------------------------------------ public API
+
+    @contextlib.asynccontextmanager
+    async def slot(self, tokens: int = 0) -> AsyncIterator[Lease]:
+        """Wait for the rates and a slot, hold it for the block, release it on exit.
+
+        Args:
+            tokens: the call's token cost for ``tokens_per_minute`` (e.g. the prompt's
+                estimated tokens plus the maximum output tokens); 0: not charged.
+
+        Raises:
+            GlobalLimitUnavailable: Redis could not be reached (or did not answer
+                within ``redis_timeout``) while admitting.
+            GlobalLimitError: Redis refused the admission script.
+            RuntimeError: the limiter is closed.
+        """
+        lease = await self._admit(tokens)
+        try:
+            yield lease
+        finally:
+            if lease.id is not None:
+                await self._release(lease.id)
+
+    def statistics(self) -> GlobalLimiterStatistics:
+        """What this limiter holds and has done (see :class:`GlobalLimiterStatistics`)."""
+        return GlobalLimiterStatistics(
+            held=len(self._leases),
+            waiting=self._waiting,
+            acquired=self._acquired,
+            waited=self._waited,
+            wait_seconds=self._wait_seconds,
+            rate_limited=self._rate_limited,
+            full=self._full,
+            reclaimed=self._reclaimed,
+            lost=self._lost,
+            errors=self._errors,
+        )
+
+    async def held_globally(self) -> int:
+        """Unexpired leases in Redis now, held by every process sharing ``name``."""
+        self._check_open()
+        count = await self._call(self._count_script(keys=[self._keys[0]]), "counting leases")
+        return int(count)
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"the global limiter {self.name!r} is closed")
+
+    def _new_lease_id(self) -> str:
+        self._lease_serial += 1
+        return f"{self._lease_prefix}:{self._lease_serial}"
+
+    async def _admit(self, tokens: int) -> Lease:
+        self._check_open()
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, got {tokens}")
+        lease_id = self._new_lease_id() if self.max_concurrent else None
+        start = anyio.current_time()
+        asked = False  # whether an admission script may have run for lease_id
+        waited = False
+        self._waiting += 1
+        try:
+            async with self._queue:  # FIFO within the process; only the head polls
+                backoff = _BACKOFF_MIN
+                while True:
+                    asked = True
+                    attempt = await self._try_admit(lease_id, tokens)
+                    if attempt.admitted:
+                        break
+                    waited = True
+                    if attempt.rate_wait > 0:
+                        self._rate_limited += 1
+                        delay = attempt.rate_wait + self._random.uniform(0, _RATE_JITTER)
+                        if lease_id is not None:  # ask again before the ticket expires
+                            delay = min(delay, self._ticket_seconds / 3)
+                        await anyio.sleep(delay)
+                    else:
+                        self._full += 1
+                        delay = backoff * self._random.uniform(0.5, 1.0)
+                        delay = min(delay, self._ticket_seconds / 3)
+                        backoff = min(backoff * 2, _BACKOFF_MAX)
+                        with anyio.move_on_after(delay):
+                            await self._released.wait()  # a local release: ask again now
+        except BaseException:
+            # Cancelled or failed, perhaps after the script admitted us: hold nothing.
+            if lease_id is not None and asked:
+                await self._release(lease_id)
+            raise
+        finally:
+            self._waiting -= 1
+            if waited:
+                self._wait_seconds += anyio.current_time() - start
+        self._acquired += 1
+        self._waited += waited
+        return Lease(lease_id, attempt.now, anyio.current_time() - start, tokens)
+
+    async def _try_admit(self, lease_id: str | None, tokens: int) -> _Attempt:
+        """One run of the admission script, shielded: its outcome is always known."""
+        args: list[str | int | float] = [
+            lease_id or "",
+            self.max_concurrent or 0,
+            round(self.lease_seconds * 1e6),
+            round(self._ticket_seconds * 1e6),
+            _interval_us(self.requests_per_minute),
+            self.requests_burst,
+            1,
+            _interval_us(self.tokens_per_minute),
+            self.tokens_burst,
+            tokens,
+        ]
+        with anyio.CancelScope(shield=True):
+            reply = await self._call(
+                self._admit_script(keys=list(self._keys), args=args), "admitting a call"
+            )
+        admitted, wait_us, reclaimed, _held, now_us, full = (int(x) for x in reply)
+        self._reclaimed += reclaimed
+        if admitted and lease_id is not None:
+            self._leases[lease_id] = None
+        return _Attempt(bool(admitted), wait_us / 1e6, reclaimed, now_us / 1e6, bool(full))
+
+    async def _release(self, lease_id: str) -> None:
+        """Remove the lease (idempotent, shielded); failures only count as errors."""
+        self._leases.pop(lease_id, None)
+        if self._closed:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._call(
+                    self._release_script(keys=list(self._keys[:3]), args=[lease_id]), "releasing"
+                )
+            except GlobalLimitError as exc:
+                log.warning("%s; the lease expires in %gs", exc, self.lease_seconds)
+        released, self._released = self._released, anyio.Event()
+        released.set()
+
+    async def _renew_forever(self) -> None:
+        """Extend every held lease every ``lease_seconds / 3`` (one script call)."""
+        lease_us = round(self.lease_seconds * 1e6)
+        while True:
+            await anyio.sleep(self.lease_seconds / 3)
+            if not self._leases:
+                continue
+            ids = list(self._leases)
+            try:
+                lost = await self._call(
+                    self._renew_script(keys=[self._keys[0]], args=[lease_us, *ids]),
+                    "renewing leases",
+                )
+            except GlobalLimitError as exc:
+                log.warning("%s; retrying in %gs", exc, self.lease_seconds / 3)
+                continue
+            for raw in lost:
+                lease_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+                if lease_id in self._leases:  # not released meanwhile: it had expired
+                    del self._leases[lease_id]
+                    self._lost += 1
+                    log.warning(
+                        "global limiter %r: lease %s expired before renewal", self.name, lease_id
+                    )
+
+    async def _close(self) -> None:
+        """Release what is still held (bounded, shielded); later releases do nothing."""
+        if self._leases and not self._closed:
+            ids = list(self._leases)
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._call(self._client.zrem(self._keys[0], ids), "closing")
+                except GlobalLimitError as exc:
+                    log.warning("%s; %d leases expire in %gs", exc, len(ids), self.lease_seconds)
+        self._leases.clear()
+        self._closed = True
+
+    async def _call(self, request: Awaitable[T], doing: str) -> T:
+        """Await one Redis call within ``redis_timeout``; translate its failures."""
+        try:
+            with anyio.fail_after(self.redis_timeout):
+                return await request
+        except REDIS_ERRORS as exc:
+            self._errors += 1
+            where = f"global limiter {self.name!r} at {self.url}"
+            if not isinstance(exc, coredis.exceptions.RedisError) or isinstance(
+                exc, coredis.exceptions.ConnectionError
+            ):
+                reason = "no answer within" if isinstance(exc, TimeoutError) else "cannot reach"
+                detail = str(exc) or type(exc).__name__
+                if isinstance(exc, TimeoutError):
+                    detail = f"{self.redis_timeout:g}s"
+                raise GlobalLimitUnavailable(
+                    f"{where}: {reason} Redis ({doing}): {detail}", url=self.url, name=self.name
+                ) from exc
+            raise GlobalLimitError(
+                f"{where}: Redis failed ({doing}): {type(exc).__name__}: {exc}",
+                url=self.url,
+                name=self.name,
+            ) from exc
+
+
+async def _serve(
+    client: coredis.Redis[bytes],
+    closing: anyio.Event,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Keep ``client`` open until ``closing`` is set, whatever is cancelled meanwhile.
+
+    coredis runs each connection's reader and writer in the task group of the
+    ``async with client:`` block. Entered in the caller's task, that group would be
+    cancelled together with the caller's scope, and the shielded releases of the
+    holders being cancelled with it would find their connection gone. Shielded here,
+    the connections outlive every holder; ``connect`` sets ``closing`` last.
+    """
+    with anyio.CancelScope(shield=True):
+        async with client:
+            task_status.started()
+            await closing.wait()
+
+
+def _check_positive(key: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{key} must be > 0 (or None), got {value!r}")
+
+
+def _per_second(per_minute: float | None) -> int:
+    return max(1, math.ceil(per_minute / 60)) if per_minute else 1
+
+
+def _interval_us(per_minute: float | None) -> float:
+    """Microseconds per unit at ``per_minute`` units per minute (0: no limit)."""
+    return 60e6 / per_minute if per_minute else 0.0

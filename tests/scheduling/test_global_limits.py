@@ -1,0 +1,564 @@
+"""RedisLimiter against a real redis-server (tests/servers.py), on trio and asyncio.
+
+The server is real, so these tests run on the real clock (no MockClock); time bounds
+come from Redis's own clock (the scripts' ``TIME``) where they matter, and every
+test stays within a few seconds (leases of about a second).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import coredis
+import crashkit
+import pytest
+import servers
+
+from engine.errors import EngineError
+from engine.scheduling.global_limits import (
+    GlobalLimitError,
+    GlobalLimitUnavailable,
+    Lease,
+    RedisLimiter,
+    scrub_url,
+)
+
+pytestmark = pytest.mark.anyio
+
+#: The session's redis-server fixture. Drop this line once tests/conftest.py imports it
+#: (``from servers import redis_url``), or this module gets a server of its own.
+
+
+@pytest.fixture(params=["trio", "asyncio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Both backends on their real clocks (the conftest's MockClock cannot drive Redis)."""
+    return str(request.param)
+
+
+def fresh_name() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+async def redis_now(client: coredis.Redis[bytes]) -> float:
+    """Redis's clock (coredis 6.9's ``time()`` divides the microseconds by 1000)."""
+    seconds, micros = await client.register_script("return redis.call('TIME')")()
+    return int(seconds) + int(micros) / 1e6
+
+
+def kill(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=10)
+
+
+# ---------------------------------------------------------------------- basics
+
+
+async def test_slot_holds_one_lease_and_releases_it(redis_url: str) -> None:
+    async with RedisLimiter.connect(redis_url, name=fresh_name(), max_concurrent=2) as limiter:
+        assert await limiter.held_globally() == 0
+        async with limiter.slot() as lease:
+            assert isinstance(lease, Lease) and lease.id is not None
+            assert lease.admitted_at == pytest.approx(time.time(), abs=5.0)  # Redis's clock
+            assert await limiter.held_globally() == 1
+            assert limiter.statistics().held == 1
+        assert await limiter.held_globally() == 0
+        stats = limiter.statistics()
+        assert (stats.held, stats.acquired, stats.waited, stats.errors) == (0, 1, 0, 0)
+
+
+async def test_never_more_than_n_holders_across_limiters(redis_url: str) -> None:
+    """Four limiters (four clients, as four processes would have) and 4x N contenders."""
+    name, n, rounds = fresh_name(), 3, 6
+    inside = peak = 0
+    seen_globally: list[int] = []
+
+    async def worker(limiter: RedisLimiter) -> None:
+        nonlocal inside, peak
+        for _ in range(rounds):
+            async with limiter.slot():
+                inside += 1
+                peak = max(peak, inside)
+                seen_globally.append(await limiter.held_globally())
+                await anyio.sleep(0.01)
+                inside -= 1
+
+    async with (
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=n) as a,
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=n) as b,
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=n) as c,
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=n) as d,
+    ):
+        limiters = [a, b, c, d]
+        async with anyio.create_task_group() as tg:
+            for limiter in limiters:
+                for _ in range(n):  # 4 limiters x n tasks = 4n contenders for n slots
+                    tg.start_soon(worker, limiter)
+        assert peak == n
+        assert max(seen_globally) <= n
+        assert sum(x.statistics().acquired for x in limiters) == 4 * n * rounds
+        assert sum(x.statistics().waited for x in limiters) > 0
+        assert await a.held_globally() == 0
+
+
+CHILD_LOAD = """
+import sys, trio, coredis
+from engine.scheduling.global_limits import RedisLimiter
+
+async def main(url, name, processes, tasks, rounds):
+    peak = 0
+    inside, ready = f"{name}:inside", f"{name}:ready"
+    async with coredis.Redis.from_url(url) as probe, RedisLimiter.connect(
+        url, name=name, max_concurrent=2
+    ) as limiter:
+        await probe.incr(ready)
+        while int(await probe.get(ready)) < processes:  # start together
+            await trio.sleep(0.005)
+
+        async def worker():
+            nonlocal peak
+            for _ in range(rounds):
+                async with limiter.slot():
+                    peak = max(peak, await probe.incr(inside))
+                    await trio.sleep(0.01)
+                    await probe.decr(inside)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(tasks):
+                nursery.start_soon(worker)
+    print("peak", peak, limiter.statistics().acquired, flush=True)
+
+trio.run(main, sys.argv[1], sys.argv[2], *map(int, sys.argv[3:]))
+"""
+
+
+def test_never_more_than_n_holders_across_processes(redis_url: str) -> None:
+    """Three real processes, four tasks each, N = 2; holders count themselves in Redis."""
+    name, processes, tasks, rounds = fresh_name(), 3, 4, 8
+    args = (redis_url, name, str(processes), str(tasks), str(rounds))
+    children = [crashkit.spawn(CHILD_LOAD, *args) for _ in range(processes)]
+    try:
+        outputs = [child.communicate(timeout=60) for child in children]
+    finally:
+        for child in children:
+            kill(child)
+    peaks = []
+    for child, (out, err) in zip(children, outputs, strict=True):
+        assert child.returncode == 0, err
+        _, peak, acquired = out.split()
+        assert int(acquired) == tasks * rounds
+        peaks.append(int(peak))
+    assert max(peaks) == 2, peaks  # never 3 holders at once, across the processes
+
+
+# ---------------------------------------------------------------------- leases
+
+
+CHILD_HOLD = """
+import sys, trio
+from engine.scheduling.global_limits import RedisLimiter
+
+async def main(url, name):
+    async with RedisLimiter.connect(url, name=name, max_concurrent=1, lease_seconds=1.0) as limiter:
+        async with limiter.slot() as lease:
+            print("held", lease.id, flush=True)
+            await trio.sleep(60)
+
+trio.run(main, sys.argv[1], sys.argv[2])
+"""
+
+
+async def test_a_killed_holders_slot_frees_itself_after_the_lease(redis_url: str) -> None:
+    name = fresh_name()
+    child = crashkit.spawn(CHILD_HOLD, redis_url, name)
+    try:
+        assert child.stdout is not None
+        line = await anyio.to_thread.run_sync(child.stdout.readline)
+        assert line.startswith("held "), child.communicate()[1]
+        async with (
+            coredis.Redis.from_url(redis_url) as probe,
+            RedisLimiter.connect(redis_url, name=name, max_concurrent=1) as limiter,
+        ):
+            assert await limiter.held_globally() == 1
+            await anyio.sleep(1.2)  # past one lease: the living child renews it
+            assert await limiter.held_globally() == 1
+            os.kill(child.pid, signal.SIGKILL)
+            killed_at = await redis_now(probe)
+            assert await limiter.held_globally() == 1  # still leased: no renewal yet missed
+            with anyio.fail_after(3.0):
+                async with limiter.slot() as lease:
+                    pass
+            freed_after = lease.admitted_at - killed_at  # both on Redis's clock
+            # the child renewed at most a third of a lease (0.33 s) before it died
+            assert 0.5 < freed_after < 1.0 + 0.5, freed_after
+            assert limiter.statistics().reclaimed == 1
+    finally:
+        kill(child)
+
+
+async def test_renewal_keeps_a_lease_alive_beyond_its_lifetime(redis_url: str) -> None:
+    name = fresh_name()
+    async with (
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=1, lease_seconds=0.6) as a,
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=1, lease_seconds=0.6) as b,
+    ):
+        async with a.slot():
+            with anyio.move_on_after(1.5):  # 2.5 leases
+                async with b.slot():
+                    pytest.fail("admitted while the only slot was held")
+            assert await a.held_globally() == 1
+        with anyio.fail_after(1.0):
+            async with b.slot() as lease:
+                assert lease.waited < 0.5
+        assert a.statistics().lost == 0
+        assert b.statistics().reclaimed == 0  # released, never expired
+
+
+async def test_a_lease_that_could_not_be_renewed_is_lost_and_counted(redis_url: str) -> None:
+    name = fresh_name()
+    async with (
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=1, lease_seconds=0.3) as a,
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=1, lease_seconds=0.3) as b,
+        coredis.Redis.from_url(redis_url) as probe,
+        a.slot(),
+    ):
+        # another process reclaims it as if ``a`` had stopped renewing: expire it now
+        await probe.zadd(a._keys[0], {next(iter(a._leases)): 0})
+        async with b.slot():
+            assert b.statistics().reclaimed == 1
+            await anyio.sleep(0.2)  # a's next renewal finds its lease gone
+            assert a.statistics().lost == 1
+            assert a.statistics().held == 0
+        assert await a.held_globally() == 0
+
+
+# ---------------------------------------------------------------------- cancellation
+
+
+async def test_cancelled_while_waiting_holds_nothing(redis_url: str) -> None:
+    name = fresh_name()
+    async with (
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=1) as a,
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=1) as b,
+    ):
+        async with a.slot():
+            with anyio.move_on_after(0.2) as scope:
+                async with b.slot():
+                    pytest.fail("admitted while the only slot was held")
+            assert scope.cancelled_caught
+            stats = b.statistics()
+            assert (stats.held, stats.waiting, stats.acquired) == (0, 0, 0)
+            assert stats.full > 0 and stats.wait_seconds >= 0.2
+            assert await b.held_globally() == 1
+        assert await b.held_globally() == 0
+        async with b.slot():  # and b can still get in
+            assert await b.held_globally() == 1
+
+
+async def test_cancelled_after_the_script_admitted_releases(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The script added the lease, then the caller was cancelled before it returned."""
+    original = RedisLimiter._try_admit
+    scope = anyio.CancelScope()
+
+    async def admit_then_cancel(self: RedisLimiter, lease_id: str | None, tokens: int) -> Any:
+        attempt = await original(self, lease_id, tokens)
+        assert attempt.admitted and await self.held_globally() == 1
+        scope.cancel()
+        await anyio.lowlevel.checkpoint()  # raises the cancellation here
+        pytest.fail("not cancelled")
+
+    async with RedisLimiter.connect(redis_url, name=fresh_name(), max_concurrent=1) as limiter:
+        monkeypatch.setattr(RedisLimiter, "_try_admit", admit_then_cancel)
+        with scope:
+            async with limiter.slot():
+                pytest.fail("entered a cancelled slot")
+        monkeypatch.undo()
+        assert scope.cancelled_caught
+        assert await limiter.held_globally() == 0
+        assert limiter.statistics().held == 0
+        async with limiter.slot():  # the slot is free again
+            pass
+
+
+async def test_cancelling_the_whole_block_releases_everything(redis_url: str) -> None:
+    name = fresh_name()
+    entered = 0
+    with anyio.move_on_after(0.3) as scope:
+        async with RedisLimiter.connect(redis_url, name=name, max_concurrent=3) as limiter:
+
+            async def hold() -> None:
+                nonlocal entered
+                async with limiter.slot():
+                    entered += 1
+                    await anyio.sleep_forever()
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(5):  # 3 hold a slot, 2 wait
+                    tg.start_soon(hold)
+    assert scope.cancelled_caught and entered == 3
+    async with RedisLimiter.connect(redis_url, name=name, max_concurrent=3) as other:
+        assert await other.held_globally() == 0
+
+
+async def test_cancellation_at_any_moment_leaks_nothing(redis_url: str) -> None:
+    """Cancel contended acquisitions at assorted moments, in and around the script."""
+    name = fresh_name()
+    async with (
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=2) as a,
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=2) as b,
+    ):
+
+        async def contender(limiter: RedisLimiter, delay: float) -> None:
+            with anyio.move_on_after(delay):
+                async with limiter.slot():
+                    await anyio.sleep(0.002)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(120):
+                tg.start_soon(contender, a if i % 2 else b, (i % 12) * 0.0004)
+                if i % 6 == 5:
+                    await anyio.sleep(0.001)
+        assert a.statistics().held == b.statistics().held == 0
+        assert a.statistics().waiting == b.statistics().waiting == 0
+        assert await a.held_globally() == 0
+
+
+# ---------------------------------------------------------------------- rates
+
+
+async def _admissions(
+    limiters: list[RedisLimiter], per_limiter: int, window: float, tokens: int = 0
+) -> list[float]:
+    """Redis-clock admission times of contenders hammering ``limiters`` for ``window`` s."""
+    admitted: list[float] = []
+
+    async def hammer(limiter: RedisLimiter) -> None:
+        while True:
+            async with limiter.slot(tokens) as lease:
+                admitted.append(lease.admitted_at)
+
+    with anyio.move_on_after(window):
+        async with anyio.create_task_group() as tg:
+            for limiter in limiters:
+                for _ in range(per_limiter):
+                    tg.start_soon(hammer, limiter)
+    return sorted(admitted)
+
+
+async def test_request_rate_is_never_exceeded(redis_url: str) -> None:
+    """600/min with a burst of 1: admissions are >= 100 ms apart on Redis's clock."""
+    name = fresh_name()
+    async with (
+        RedisLimiter.connect(redis_url, name=name, requests_per_minute=600, requests_burst=1) as a,
+        RedisLimiter.connect(redis_url, name=name, requests_per_minute=600, requests_burst=1) as b,
+    ):
+        times = await _admissions([a, b], per_limiter=3, window=1.0)
+        gaps = [t2 - t1 for t1, t2 in itertools.pairwise(times)]
+        assert min(gaps) >= 0.1 - 1e-6, gaps
+        span = times[-1] - times[0]
+        assert len(times) <= 1 + span / 0.1 + 1e-6
+        assert len(times) >= 5  # and it does admit (about 10 in the second)
+        assert a.statistics().rate_limited + b.statistics().rate_limited > 0
+
+
+async def test_request_burst_then_rate(redis_url: str) -> None:
+    """A burst of 5 goes at once; any window of W seconds admits at most 5 + 10 W."""
+    async with RedisLimiter.connect(
+        redis_url, name=fresh_name(), requests_per_minute=600, requests_burst=5
+    ) as limiter:
+        times = await _admissions([limiter], per_limiter=8, window=0.8)
+        assert times[4] - times[0] < 0.05  # the burst
+        for i in range(len(times)):
+            for j in range(i, len(times)):
+                assert j - i + 1 <= 5 + (times[j] - times[i]) * 10 + 1e-6
+
+
+async def test_token_rate_counts_each_calls_cost(redis_url: str) -> None:
+    """60 000 tokens/min (1 per ms), burst 100, calls of 50 tokens: <= 100 + 1000 W."""
+    async with RedisLimiter.connect(
+        redis_url, name=fresh_name(), tokens_per_minute=60_000, tokens_burst=100
+    ) as limiter:
+        times = await _admissions([limiter], per_limiter=4, window=0.8, tokens=50)
+        assert len(times) >= 6
+        for i in range(len(times)):
+            for j in range(i, len(times)):
+                assert 50 * (j - i + 1) <= 100 + (times[j] - times[i]) * 1000 + 1e-6
+
+
+async def test_a_call_costing_more_than_the_burst_waits_for_its_debt(redis_url: str) -> None:
+    async with RedisLimiter.connect(
+        redis_url, name=fresh_name(), tokens_per_minute=60_000, tokens_burst=100
+    ) as limiter:
+        async with limiter.slot(300) as first:  # admitted at once: the bucket is full
+            assert first.waited < 0.05
+        async with limiter.slot(10) as second:  # waits for the 300-token debt
+            pass
+        # 300 tokens at 1 per ms, less the 90 ms the burst lends a 10-token call
+        assert second.admitted_at - first.admitted_at >= 0.3 - 0.09 - 1e-6
+
+
+async def test_no_limits_means_no_waiting(redis_url: str) -> None:
+    async with RedisLimiter.connect(redis_url, name=fresh_name(), tokens_per_minute=0) as limiter:
+        async with limiter.slot(10**9) as lease:
+            assert lease.id is None and lease.tokens == 10**9
+        assert limiter.statistics().acquired == 1
+
+
+# ---------------------------------------------------------------------- failures
+
+
+async def test_unreachable_redis_is_a_clear_error_without_the_password() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nobody listens
+    url = f"redis://:hunter2@127.0.0.1:{port}/0"
+    with pytest.raises(GlobalLimitUnavailable) as caught:
+        async with RedisLimiter.connect(url, max_concurrent=1):
+            pytest.fail("connected to nothing")
+    message = str(caught.value)
+    assert f"redis://***@127.0.0.1:{port}/0" in message and "hunter2" not in message
+    assert isinstance(caught.value, EngineError) and isinstance(caught.value, ConnectionError)
+    assert caught.value.url == f"redis://***@127.0.0.1:{port}/0"
+
+
+async def test_redis_going_away_fails_the_call_not_the_holder(tmp_path: Path) -> None:
+    with servers.start_redis(tmp_path) as server:
+        async with RedisLimiter.connect(
+            server, name=fresh_name(), max_concurrent=2, redis_timeout=0.5
+        ) as limiter:
+            async with limiter.slot():
+                server.stop()
+                result = "the agent's answer"
+            # the failed release did not fail the call; the lease would expire in Redis
+            assert result == "the agent's answer" and limiter.statistics().held == 0
+            with pytest.raises(GlobalLimitUnavailable, match="cannot reach Redis"):
+                async with limiter.slot():
+                    pytest.fail("admitted without Redis")
+            assert limiter.statistics().errors >= 2
+            assert limiter.statistics().waiting == 0
+    # leaving the limiter (renewal stopped, client closed) raised nothing
+
+
+async def test_an_error_in_the_block_leaves_as_itself(redis_url: str) -> None:
+    with pytest.raises(KeyError):
+        async with (
+            RedisLimiter.connect(redis_url, name=fresh_name(), max_concurrent=1) as lim,
+            lim.slot(),
+        ):
+            raise KeyError("x")
+    async with RedisLimiter.connect(redis_url, name=fresh_name(), max_concurrent=1) as lim:
+        pass
+    with pytest.raises(RuntimeError, match="closed"):
+        async with lim.slot():
+            pass
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"url": "http://localhost:6379"}, "not a redis"),
+        ({"max_concurrent": -1}, "max_concurrent"),
+        ({"max_concurrent": 2.5}, "whole number"),
+        ({"lease_seconds": 0}, "lease_seconds"),
+        ({"requests_burst": 0}, "requests_burst"),
+        ({"name": "a{b}"}, "name"),
+    ],
+)
+async def test_bad_arguments_are_refused_before_connecting(
+    kwargs: dict[str, Any], match: str
+) -> None:
+    kwargs = {"url": "redis://127.0.0.1:1/0", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        async with RedisLimiter.connect(**kwargs):
+            pass
+
+
+def test_scrub_url() -> None:
+    assert scrub_url("redis://:pw@h:1/0") == "redis://***@h:1/0"
+    assert scrub_url("rediss://user:pw@h/2") == "rediss://***@h/2"
+    assert scrub_url("redis://h:6379/0") == "redis://h:6379/0"
+    assert (
+        scrub_url("unix:///tmp/r.sock?db=1&password=pw") == "unix:///tmp/r.sock?db=1&password=***"
+    )
+    assert issubclass(GlobalLimitUnavailable, GlobalLimitError)
+
+
+# ---------------------------------------------------------------------- cost
+
+
+async def test_cost_per_acquire_release(redis_url: str, anyio_backend: str) -> None:
+    """Prints the cost of an uncontended acquire + release (run with ``-s``); no assert.
+
+    ``.venv/bin/python -m pytest tests/scheduling/test_global_limits.py -k cost -s``
+    """
+    n = 2000
+
+    async def measure(enter: Callable[[], Any]) -> list[float]:
+        samples = []
+        for _ in range(n):
+            start = time.perf_counter()
+            async with enter():
+                pass
+            samples.append((time.perf_counter() - start) * 1000)
+        return samples
+
+    local = anyio.CapacityLimiter(4)
+    results = {"local CapacityLimiter": await measure(lambda: local)}
+    async with RedisLimiter.connect(redis_url, name=fresh_name(), max_concurrent=4) as lim:
+        results["RedisLimiter slot"] = await measure(lim.slot)
+    async with RedisLimiter.connect(
+        redis_url,
+        name=fresh_name(),
+        max_concurrent=4,
+        requests_per_minute=10**9,
+        tokens_per_minute=10**12,
+    ) as lim:
+        results["RedisLimiter slot + rates"] = await measure(lambda: lim.slot(500))
+    print(f"\nacquire+release over {n} uncontended calls ({anyio_backend}, loopback):")
+    for label, samples in results.items():
+        q = statistics.quantiles(samples, n=100)
+        print(f"  {label:28s} p50 {q[49]:.4f} ms  p95 {q[94]:.4f} ms")
+    assert all(math.isfinite(s) for s in results["RedisLimiter slot"])
+
+
+async def test_processes_take_turns_for_freed_slots(redis_url: str) -> None:
+    """Two limiters (two processes' worth) with backlogs share one slot in turns.
+
+    Each limiter's own release wakes its own next waiter at once; the queue of heads
+    in Redis still hands the slot to the other, which asked first.
+    """
+    name, rounds = fresh_name(), 4
+    order: list[str] = []
+
+    async def worker(label: str, limiter: RedisLimiter) -> None:
+        for _ in range(rounds):
+            async with limiter.slot():
+                order.append(label)
+                await anyio.sleep(0.01)
+
+    async with (
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=1) as a,
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=1) as b,
+        anyio.create_task_group() as tg,
+    ):
+        for _ in range(3):
+            tg.start_soon(worker, "a", a)
+            tg.start_soon(worker, "b", b)
+    both_waiting = order[: min(len(order) - order[::-1].index(x) for x in "ab")]
+    runs = [len(list(group)) for _, group in itertools.groupby(both_waiting)]
+    assert max(runs) <= 2, "".join(order)
