@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Final
 
 from ..errors import ModuleError
+from .query import words
 from .sources import (
     FORMAT_VERSION,
     Chunk,
@@ -36,7 +37,7 @@ from .tokens import DEFAULT_COUNTER
 
 __all__ = ["SCHEMA_VERSION", "compile_module", "connect_read_only", "locate_module", "read_meta"]
 
-SCHEMA_VERSION: Final = "dm-engine-module-2"
+SCHEMA_VERSION: Final = "dm-engine-module-3"
 _SCHEMA_FAMILY: Final = "dm-engine-module-"  # every version ever written
 
 _SCHEMA = """
@@ -51,6 +52,7 @@ CREATE TABLE chunk_keys(key TEXT NOT NULL, chunk INTEGER NOT NULL, PRIMARY KEY (
 CREATE VIRTUAL TABLE chunks_fts USING fts5(
     title, keys, text, content='chunks', content_rowid='rowid',
     tokenize='porter unicode61');
+CREATE TABLE vocab(word TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -61,6 +63,7 @@ def _write(path: Path, name: str, fingerprint: str, chunks: Iterable[Chunk]) -> 
         n = 0
         seen: set[str] = set()
         sections: dict[str, None] = {}
+        vocab: dict[str, int] = {}
         with conn:
             for c in chunks:
                 if c.id in seen:
@@ -68,6 +71,8 @@ def _write(path: Path, name: str, fingerprint: str, chunks: Iterable[Chunk]) -> 
                 seen.add(c.id)
                 sections[c.section] = None
                 n += 1
+                for w in words(c.title + " " + c.text):  # the typo repair's vocabulary
+                    vocab[w] = vocab.get(w, 0) + 1
                 conn.execute(
                     "INSERT INTO chunks VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (
@@ -91,6 +96,7 @@ def _write(path: Path, name: str, fingerprint: str, chunks: Iterable[Chunk]) -> 
                 "SELECT rowid, title, keys, text FROM chunks"
             )
             conn.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('optimize')")
+            conn.executemany("INSERT INTO vocab VALUES (?, ?)", sorted(vocab.items()))
             conn.executemany(
                 "INSERT INTO meta VALUES (?, ?)",
                 [

@@ -34,6 +34,7 @@ build of the same builder is fetching is awaited, not fetched again.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -132,6 +133,22 @@ _WORD = re.compile(r"[a-z0-9]+")
 def _stems(text: str) -> set[str]:
     """Cheap stems: lower-case words of 2+ letters cut to 5 characters."""
     return {w[:5] for w in _WORD.findall(text.lower()) if len(w) > 1}
+
+
+_TITLE_WEIGHT = 0.3
+_TITLE_STOP = frozenset({"the", "of", "and", "a", "an", "to", "in", "on", "or", "for", "with"})
+
+
+@functools.lru_cache(maxsize=8192)
+def _title_stems(title: str) -> frozenset[str]:
+    last = title.rsplit(" > ", 1)[-1]
+    return frozenset(w[:5] for w in _WORD.findall(last.lower()) if w not in _TITLE_STOP)
+
+
+def _title_cover(title: str, query: set[str]) -> float:
+    """Share of the title's last part's words (5-letter stems) that the query has."""
+    stems = _title_stems(title)
+    return len(stems & query) / len(stems) if stems else 0.0
 
 
 def _default_priorities() -> Mapping[str, Sequence[str]]:
@@ -266,6 +283,12 @@ class OptimizedContextBuilder:
             for cid in bm25:
                 if cid not in entries:
                     entries[cid] = catalogue[cid]
+        # title boost: the share of the chunk's own heading (the last part of its
+        # title) that the query (repaired and expanded) names, so "Shield" the spell
+        # outranks "Arrow-Catching Shield" for "I cast shield"
+        expand = getattr(module, "expand", None)
+        segments = expand(action) if expand is not None and action else (action,)
+        qstems = _stems(" ".join(segments))
         loc = location.lower()
         npc_keys = set(keyed[1:] if location else keyed)
         sections = self.priorities.get(action_type, ()) if action_type else ()
@@ -280,6 +303,8 @@ class OptimizedContextBuilder:
                 boost = _BOOST_SECTION
             else:
                 boost = 0.0
+            if qstems:
+                b = (1 - _TITLE_WEIGHT) * b + _TITLE_WEIGHT * _title_cover(e.title, qstems)
             ranked.append((cid, min(1.0, _BM25_WEIGHT * b + _BOOST_WEIGHT * boost)))
         ranked.sort(key=lambda x: (-x[1], x[0]))
         return ranked, entries, texts

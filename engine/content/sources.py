@@ -34,8 +34,9 @@ __all__ = [
     "srd_fingerprint",
 ]
 
-FORMAT_VERSION = "chunks-v1"  # bump when the chunking changes: compiled modules are rebuilt
+FORMAT_VERSION = "chunks-v2"  # bump when the chunking changes: compiled modules are rebuilt
 MAX_CHUNK_TOKENS = 450  # longer prose is split at paragraph boundaries
+PASSAGE_TOKENS = 180  # SRD chunks longer than this are cut into passages under their heading
 
 ADVENTURE_SECTIONS = ("chapters", "locations", "npcs", "encounters")
 SRD_SECTIONS = ("rules", "spells", "monsters", "equipment", "magic_items", "conditions")
@@ -363,7 +364,54 @@ def srd_chunks(data: Path, counter: TokenCounter = DEFAULT_COUNTER) -> Iterator[
                 text = render(d)
             except (KeyError, TypeError, AttributeError) as e:
                 raise ModuleError(f"{f}: unexpected SRD record shape: {e!r}") from e
-            yield Chunk(base, section, d["name"], text, counter.count(text), source)
+            yield from _passages(
+                Chunk(base, section, d["name"], text, counter.count(text), source), counter
+            )
+
+
+def _passages(chunk: Chunk, counter: TokenCounter) -> Iterator[Chunk]:
+    """``chunk`` cut into passages of at most ``PASSAGE_TOKENS`` under its heading line.
+
+    Small budgets need small units: a whole stat block or rules section does not fit
+    300 tokens next to anything else. The text after the heading line (the first line,
+    e.g. ``Troll (monster) — Large giant``) is cut at blank lines, then at line breaks
+    inside a part still too long (a line is never cut); every passage repeats the
+    heading line. The first passage keeps the chunk's id, the others get ``~2``, ``~3``.
+    """
+    if chunk.tokens <= PASSAGE_TOKENS:
+        yield chunk
+        return
+    head, _, body = chunk.text.partition("\n")
+    units: list[str] = []
+    for para in re.split(r"\n\s*\n", body):
+        para = para.strip()
+        if not para:
+            continue
+        if counter.count(para) <= PASSAGE_TOKENS:
+            units.append(para)
+        else:
+            units.extend(line for line in para.split("\n") if line.strip())
+    budget = PASSAGE_TOKENS - counter.count(head)
+    groups: list[list[str]] = []
+    size = 0
+    for u in units:
+        t = counter.count(u)
+        if groups and size + t <= budget:
+            groups[-1].append(u)
+            size += t
+        else:
+            groups.append([u])
+            size = t
+    if len(groups) <= 1:
+        yield chunk
+        return
+    for i, group in enumerate(groups):
+        sep = "\n\n" if "\n\n" in body else "\n"
+        text = head + "\n" + sep.join(group)
+        cid = chunk.id if i == 0 else f"{chunk.id}~{i + 1}"
+        yield Chunk(
+            cid, chunk.section, chunk.title, text, counter.count(text), chunk.source, chunk.keys
+        )
 
 
 def _rule_chunks(
@@ -379,7 +427,9 @@ def _rule_chunks(
             seen[key] = n + 1
             cid = f"{base}#{key}" + (f"-{n + 1}" if n else "")
             text = f"{title} (rules)\n{part}"
-            yield Chunk(cid, "rules", title, text, counter.count(text), source)
+            yield from _passages(
+                Chunk(cid, "rules", title, text, counter.count(text), source), counter
+            )
 
 
 # ---------------------------------------------------------------- adventure Markdown

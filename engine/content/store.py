@@ -38,6 +38,7 @@ import attrs
 
 from ..errors import LoadError, ModuleError
 from .compiler import compile_module, connect_read_only, locate_module, read_meta
+from .query import aliases, edits1, words
 from .sources import (
     ADVENTURE_SECTIONS,
     SRD_SECTIONS,
@@ -144,10 +145,9 @@ class SectionContent:
         return iter(self.chunks)
 
 
-@functools.lru_cache(maxsize=1024)
-def fts_query(text: str) -> str:
-    """An FTS5 MATCH expression from free text: its terms (stop words dropped) and each
-    pair of adjacent terms as a phrase, OR-ed and quoted; '' when there are no terms."""
+def query_terms(text: str) -> list[str]:
+    """The query terms of free text: lower-case words of 2+ characters, stop words
+    dropped, in order, without repeats."""
     terms: dict[str, None] = {}
     word: list[str] = []
     for ch in text.lower() + " ":
@@ -158,10 +158,65 @@ def fts_query(text: str) -> str:
             word.clear()
             if len(w) > 1 and w not in _STOPWORDS:
                 terms[w] = None
-    words = list(terms)
-    # adjacent pairs as phrases too: a chunk saying "hold person" beats one saying "hold"
-    phrases = [f"{a} {b}" for a, b in itertools.pairwise(words)]
-    return " OR ".join(f'"{t}"' for t in words + phrases)
+    return list(terms)
+
+
+@functools.lru_cache(maxsize=1024)
+def fts_query(text: str, *more: str) -> str:
+    """An FTS5 MATCH expression from free text: its terms (stop words dropped) and each
+    pair of adjacent terms as a phrase, OR-ed and quoted; '' when there are no terms.
+
+    ``more``: further segments (alias expansions) whose terms and pairs are OR-ed in;
+    pairs never span two segments."""
+    out: dict[str, None] = {}
+    pairs: dict[str, None] = {}
+    for segment in (text, *more):
+        words = query_terms(segment)
+        out.update(dict.fromkeys(words))
+        # adjacent pairs as phrases too: a chunk saying "hold person" beats one saying "hold"
+        pairs.update(dict.fromkeys(f"{a} {b}" for a, b in itertools.pairwise(words)))
+    return " OR ".join(f'"{t}"' for t in [*out, *pairs])
+
+
+def expand_query(text: str, known: Callable[[Sequence[str]], Mapping[str, int]]) -> tuple[str, ...]:
+    """``text`` with its typos repaired, then the alias table's expansions of it.
+
+    ``known(words)`` returns which of ``words`` the module's vocabulary has (with
+    their frequencies). A query word of 4+ letters it lacks is replaced by the most
+    frequent known word one edit away (ties: alphabetical); two adjacent words whose
+    concatenation it knows ("owl bear") are replaced by that word. One call for the
+    words and pairs, one more only when some word is unknown."""
+    tokens = words(text)
+    if not tokens:
+        return (text,)
+    joined = [a + b for a, b in itertools.pairwise(tokens) if a.isalpha() and b.isalpha()]
+    checkable = [w for w in tokens if len(w) >= 4 and w.isalpha()]
+    found = known(list(dict.fromkeys([*checkable, *joined])))
+    unknown = [w for w in dict.fromkeys(checkable) if w not in found]
+    fixes: dict[str, str] = {}
+    if unknown:
+        neighbours = {w: edits1(w) for w in unknown}
+        pool = known(sorted(set().union(*neighbours.values())))
+        for w, near in neighbours.items():
+            best = sorted((-pool[c], c) for c in near if c in pool)
+            if best:
+                fixes[w] = best[0][1]
+    out: list[str] = []
+    i = 0
+    changed = False
+    while i < len(tokens):
+        w = tokens[i]
+        if i + 1 < len(tokens) and w + tokens[i + 1] in found and w.isalpha():
+            out.append(w + tokens[i + 1])
+            i += 2
+            changed = True
+            continue
+        if w in fixes:
+            changed = True
+        out.append(fixes.get(w, w))
+        i += 1
+    repaired = " ".join(out) if changed else text
+    return (repaired, *aliases(repaired))
 
 
 _COLUMNS: Final = "c.id, c.section, c.title, c.tokens, c.keys, c.digest, c.rowid, c.units"
@@ -278,6 +333,7 @@ class ModuleStore:
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _catalogue: Catalogue = attrs.field(init=False)
     _by_key: dict[str, list[str]] = attrs.field(factory=dict, init=False)
+    _expansions: dict[str, tuple[str, ...]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._catalogue = Catalogue((e for _, e in self._keyed), self._read_catalogue)
@@ -383,16 +439,61 @@ class ModuleStore:
         with_text: bool = False,
     ) -> tuple[list[tuple[CatalogueEntry, float]], dict[str, str]]:
         """``search`` in one query that also returns the hits' catalogue entries and,
-        ``with_text``, their text: ``(hits, {chunk id: text})``."""
-        expr = fts_query(query)
-        if not expr or limit <= 0:
+        ``with_text``, their text: ``(hits, {chunk id: text})``.
+
+        The query is repaired and expanded first (``expression``): words the module's
+        vocabulary does not know are replaced by their most frequent neighbour one
+        edit away, and the alias table's SRD phrasing is OR-ed in."""
+        if limit <= 0 or not query_terms(query):
             await anyio.lowlevel.checkpoint()
             return [], {}
-        rows = await self._query(_SEARCH_TEXT if with_text else _SEARCH, (*weights, expr, limit))
+        sql = _SEARCH_TEXT if with_text else _SEARCH
+        if self.query_in_thread:
+            rows = await anyio.to_thread.run_sync(self._search_rows, sql, query, weights, limit)
+        else:
+            await anyio.lowlevel.checkpoint()
+            rows = self._search_rows(sql, query, weights, limit)
         remember = self._catalogue._remember
         hits = [(remember(r), r[8]) for r in rows]
         texts = {r[0]: r[9] for r in rows} if with_text else {}
         return hits, texts
+
+    def _search_rows(
+        self, sql: str, query: str, weights: tuple[float, float, float], limit: int
+    ) -> list[tuple[Any, ...]]:
+        expr = fts_query(*self._expand(query))
+        if not expr:
+            return []
+        return self._run(sql, (*weights, expr, limit))
+
+    def _expand(self, query: str) -> tuple[str, ...]:
+        segments = self._expansions.get(query)
+        if segments is None:
+            segments = expand_query(query, self._known_words)
+            if len(self._expansions) >= 1024:
+                self._expansions.clear()
+            self._expansions[query] = segments
+        return segments
+
+    def expand(self, query: str) -> tuple[str, ...]:
+        """``query`` repaired, then its alias expansions (what ``search`` looks for);
+        cached per query text (vocabulary look-ups run as store queries)."""
+        return self._expand(query)
+
+    def _known_words(self, candidates: Sequence[str]) -> dict[str, int]:
+        """Which of ``candidates`` the module's text uses, with their frequencies."""
+        out: dict[str, int] = {}
+        for start in range(0, len(candidates), 900):
+            batch = candidates[start : start + 900]
+            rows = self._run(
+                f"SELECT word, n FROM vocab WHERE word IN ({','.join('?' * len(batch))})", batch
+            )
+            out.update(rows)
+        return out
+
+    def expression(self, query: str) -> str:
+        """The FTS5 expression ``search`` runs for ``query`` (repaired and expanded)."""
+        return fts_query(*self.expand(query))
 
     async def fetch_chunks(self, ids: Iterable[str]) -> dict[str, Chunk]:
         """The chunks named by ``ids`` (unknown ids raise ``KeyError``), one query per

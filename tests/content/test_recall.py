@@ -95,7 +95,9 @@ def recall_at_budget(srd_dir: Path, budget: int = BUDGET) -> tuple[float, list[s
                 result = await builder.build_context(request, budget)
                 assert result.tokens <= budget
                 alternatives = {want} if isinstance(want, str) else set(want)
-                if not alternatives & {cid for cid, _ in result.sources}:
+                # a chunk cut into passages: its passages are "<id>~2", "<id>~3" …
+                got = {cid.split("~", 1)[0] for cid, _ in result.sources}
+                if not alternatives & got:
                     misses.append(f"{text!r} -> {want}")
             return 1 - len(misses) / len(LABELLED), misses
 

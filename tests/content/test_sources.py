@@ -41,8 +41,17 @@ def test_srd_chunks_cover_every_section_with_unique_ids(srd: dict[str, sources.C
         assert c.source.startswith("srd:")
 
 
+def whole(srd: dict[str, sources.Chunk], cid: str) -> str:
+    """A chunk's text with its later passages ("<id>~2", ...) joined back on."""
+    parts = [c for k, c in srd.items() if k.split("~", 1)[0] == cid]
+    head = parts[0].text.split("\n", 1)[0]
+    assert all(c.text.startswith(head) for c in parts)  # each passage keeps the heading
+    assert len(parts) == 1 or all(c.tokens <= sources.PASSAGE_TOKENS for c in parts)
+    return "\n".join(c.text for c in parts)
+
+
 def test_monster_reads_as_a_stat_block(srd: dict[str, sources.Chunk]) -> None:
-    text = srd["srd/monsters/goblin"].text
+    text = whole(srd, "srd/monsters/goblin")
     for fact in (
         "Goblin",
         "Armor Class 15",
@@ -53,12 +62,12 @@ def test_monster_reads_as_a_stat_block(srd: dict[str, sources.Chunk]) -> None:
         "Scimitar. Melee Weapon Attack",
     ):
         assert fact in text
-    dragon = srd["srd/monsters/adult-red-dragon"].text
+    dragon = whole(srd, "srd/monsters/adult-red-dragon")
     assert "Legendary Actions:" in dragon and "Frightful Presence." in dragon
 
 
 def test_spell_has_level_range_and_description(srd: dict[str, sources.Chunk]) -> None:
-    text = srd["srd/spells/fireball"].text
+    text = whole(srd, "srd/spells/fireball")
     assert text.startswith("Fireball (spell) — 3rd-level evocation")
     assert "Range: 150 feet" in text and "8d6 fire damage" in text and "At Higher Levels." in text
     assert "evocation cantrip" in srd["srd/spells/fire-bolt"].text
@@ -67,14 +76,14 @@ def test_spell_has_level_range_and_description(srd: dict[str, sources.Chunk]) ->
 def test_rule_sections_split_at_headings(srd: dict[str, sources.Chunk]) -> None:
     grappling = srd["srd/rules/making-an-attack#grappling"]
     assert grappling.title == "Making an Attack > Melee Attacks > Grappling"
-    assert "grapple check" in grappling.text
-    assert "Shoving a Creature" not in grappling.text  # the next heading is its own chunk
+    assert "grapple check" in whole(srd, grappling.id)
+    assert "Shoving a Creature" not in whole(srd, grappling.id)  # the next heading is its own chunk
     assert "srd/rules/making-an-attack#shoving-a-creature" in srd
 
 
 def test_only_official_srd_monsters(srd: dict[str, sources.Chunk]) -> None:
     monsters = [c for c in srd.values() if c.section == "monsters"]
-    assert len(monsters) == 332
+    assert len({c.id.split("~", 1)[0] for c in monsters}) == 332
     assert all(c.source.startswith("srd:monsters/official/") for c in monsters)
 
 

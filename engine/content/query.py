@@ -1,0 +1,150 @@
+"""Player phrasing to the module's vocabulary: a curated alias table and typo repair.
+
+Players type "dual wield", "AoO", "nat 20", "hold my breath"; the SRD says
+"two-weapon fighting", "opportunity attack", "rolling 1 or 20", "suffocating".
+:func:`aliases` returns the SRD phrasing of every alias found in a text (matched as
+whole words, case-insensitive); the store adds them to the FTS5 query as extra
+segments (their terms and adjacent pairs, OR-ed with the player's own).
+
+Typos: :func:`edits1` gives the words one edit (delete, transpose, replace, insert)
+away from a word; the store keeps the compiled module's vocabulary (every word of
+its text with its frequency) and replaces a query word the vocabulary does not know
+by its most frequent neighbour one edit away, and two adjacent words whose
+concatenation it knows ("owl bear", "fire ball") by that word.
+
+The table is small on purpose: game vocabulary a player uses that the rules text
+does not, not a thesaurus. Each entry is (pattern, expansion); a pattern is a
+regular expression over the lower-cased text, anchored at word boundaries.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable
+from typing import Final
+
+__all__ = ["ALIASES", "aliases", "edits1", "words"]
+
+ALIASES: Final[tuple[tuple[str, str], ...]] = (
+    # ---- combat slang
+    (
+        r"dual[- ]?wield\w*|(?:weapon|dagger|sword|axe)s? in (?:each|both|either) hands?|"
+        r"off[- ]?hand|two weapons",
+        "two-weapon fighting light melee weapon",
+    ),
+    (r"aoos?|attacks? of opportunity|run(?:ning)? past|provoke\w*", "opportunity attacks"),
+    (r"nat(?:ural)? ?20|crit(?:s|ical)?(?! fail)|crit!", "critical hits rolling 20"),
+    (r"nat(?:ural)? ?1|fumble\w*|crit(?:ical)? fail\w*", "rolling 1 attack misses"),
+    (
+        r"hold\w* (?:my |your |his |her |their |our |its )?breath|drown\w*|suffocat\w*",
+        "suffocating hold its breath",
+    ),
+    (r"temp(?:orary)? ?hp|thp", "temporary hit points"),
+    (r"hp", "hit points"),
+    (r"ac", "armor class"),
+    (r"death sav\w*|bleed\w* out|dying", "death saving throws"),
+    (r"(?:0|zero) ?(?:hp|hit points)|go(?:es)? down|downed", "dropping to 0 hit points"),
+    (
+        r"up[- ]?cast\w*|higher[- ]level slot|\d(?:st|nd|rd|th)[- ]level slot",
+        "casting a spell at a higher level",
+    ),
+    (r"concentrat\w*", "concentration"),
+    (r"breather|short rest", "short rest hit dice"),
+    (r"sleep for the night|long rest|make camp|camp for the night", "long rest"),
+    (r"knock\w* (?:him|her|them|it) out|knock\w* out|non-?lethal", "knocking a creature out"),
+    (r"jump\w* (?:off|down)|fall\w*", "falling bludgeoning damage every 10 feet"),
+    (r"leap\w*|jump\w*", "jumping high jump long jump"),
+    (r"get\w* up|stand\w* up|off the (?:floor|ground)", "standing up being prone"),
+    (r"punch\w*|kick\w*|head-?butt\w*|fists?|brawl\w*", "unarmed strike"),
+    (r"sneak\w*|stealth\w*|hid(?:e|ing)", "hiding stealth"),
+    (r"wrestl\w*|grab\w*|tackl\w*|grapple\w*", "grappling"),
+    (r"shove\w*|push\w*", "shoving a creature"),
+    (r"passive (?:perception|insight|investigation)", "passive checks"),
+    (r"who goes first|turn order", "initiative"),
+    (r"ambush\w*|surprise\w*|catch (?:them|him|her) off guard", "surprise"),
+    (
+        r"(?:hop|get|climb)s? (?:on|onto|off) (?:my |the )?(?:horse|mount)|mount\w*|dismount\w*",
+        "mounting and dismounting mounted combat",
+    ),
+    (r"swamp|mud|rubble|wad(?:e|ing)|undergrowth", "difficult terrain"),
+    (r"climb\w*|scal(?:e|ing) the", "climbing swimming and crawling"),
+    (r"(?:cast\w*|wizard|spells?) in (?:plate |heavy |my )?armou?r", "casting in armor"),
+    (r"two spells|same turn|cantrip", "bonus action cantrip casting time of 1 action"),
+    (r"team up|work\w* (?:together|with)|help\w*", "working together help"),
+    (r"craft\w*|forg(?:e|ing)", "crafting downtime"),
+    (r"carry\w*|encumb\w*|how much can (?:i|we) (?:lift|carry)", "lifting and carrying capacity"),
+    (r"food|rations?|starv\w*|thirst\w*", "food and water"),
+    (r"far away|long range|out of range|past (?:my |its )?\w*\s?range", "range long range"),
+    (r"next to me|point[- ]blank|adjacent", "ranged attacks in close combat"),
+    (r"can'?t see|in the dark|unseen|invisible (?:enemy|attacker)", "unseen attackers and targets"),
+    (
+        r"insta-?kill\w*|instant(?:ly)? (?:death|kill)|kill \w+ outright|one[- ]shot\w*",
+        "instant death massive damage",
+    ),
+    (r"stabili[sz]\w*|first aid", "stabilizing a creature medicine"),
+    (r"full defen[cs]e", "dodge action"),
+    (r"back off|retreat\w*|withdraw\w*|disengag\w*", "disengage"),
+    (r"wait for|hold my action|when the \w+ (?:opens|comes|appears)", "ready action"),
+    # ---- conditions
+    (r"tied up|stuck in|webbed|entangled", "restrained"),
+    (r"turn\w* (?:\w+ )?(?:to|into) stone|petrif\w*|stoned", "petrified"),
+    (r"knocked (?:down|over)|on the (?:ground|floor)|knocked prone", "prone"),
+    (r"exhausted|tired|fatigue\w*", "exhaustion"),
+    # ---- monsters, spells, items
+    (r"regenerat\w*|keeps? (?:getting|coming) back|heals? itself", "regeneration"),
+    (r"drains? (?:my |your |his |her )?life", "life drain"),
+    (r"breathes? fire|fire breath|breath weapon", "fire breath"),
+    (r"go(?:es)? invisible|turn\w* invisible|become\w* invisible", "invisibility"),
+    (r"(?:check|sense|scan)\w* (?:\w+ ){0,3}for magic|is it magic\w*", "detect magic"),
+    (r"talk to the (?:corpse|dead|body)|question the (?:corpse|dead|body)", "speak with dead"),
+    (r"put (?:\w+ ){0,3}to sleep", "sleep"),
+    (r"bring (?:\w+ ){0,3}back|resurrect\w*|raise (?:him|her|them) from", "revivify raise dead"),
+    (r"plate", "plate armor"),
+    (r"lock ?pick\w*|pick\w* (?:the |a )?lock", "thieves' tools"),
+    # ---- adventure and roleplay
+    (r"bribe\w*|pay (?:him|her|them) off", "bargaining gp trade"),
+    (r"gossip\w*|rumou?rs?", "rumours"),
+    (r"reward\w*|paid|pay", "offers gp"),
+    (r"nun|priestess", "ghost priestess"),
+    (r"diary", "journal"),
+    (r"kid|lad|the boy", "son"),
+    (r"tavern|pub|bar", "inn"),
+)
+
+_COMPILED: Final = tuple((re.compile(rf"(?<![a-z0-9])(?:{p})(?![a-z0-9])"), e) for p, e in ALIASES)
+
+_WORD: Final = re.compile(r"[a-z0-9]+")
+_LETTERS: Final = "abcdefghijklmnopqrstuvwxyz"
+
+
+@functools.lru_cache(maxsize=1024)
+def aliases(text: str) -> tuple[str, ...]:
+    """The SRD phrasing of every alias in ``text``, in table order, without repeats."""
+    low = text.lower()
+    return tuple(dict.fromkeys(e for rx, e in _COMPILED if rx.search(low)))
+
+
+def words(text: str) -> list[str]:
+    """Lower-case alphanumeric words of ``text`` (the vocabulary's unit)."""
+    return _WORD.findall(text.lower())
+
+
+def edits1(word: str) -> set[str]:
+    """Words one delete, adjacent transpose, replace or insert away from ``word``."""
+    splits = [(word[:i], word[i:]) for i in range(len(word) + 1)]
+    out = {a + b[1:] for a, b in splits if b}
+    out.update(a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1)
+    out.update(a + c + b[1:] for a, b in splits if b for c in _LETTERS)
+    out.update(a + c + b for a, b in splits for c in _LETTERS)
+    out.discard(word)
+    return out
+
+
+def vocabulary(texts: Iterable[str]) -> dict[str, int]:
+    """Word -> number of occurrences over ``texts`` (what the compiler stores)."""
+    counts: dict[str, int] = {}
+    for t in texts:
+        for w in _WORD.findall(t.lower()):
+            counts[w] = counts.get(w, 0) + 1
+    return counts
