@@ -2,12 +2,13 @@
 
 Run: ``.venv/bin/python -m bench.bench_state`` (``--sessions N --actions K``,
 ``--busy T`` to add T tasks that keep the event loop busy, ``--rounds R``,
-``--on-loop`` for ``in_thread=False``).
+``--on-loop`` for ``in_thread=False``; ``--url postgresql://user@host:port/db``
+with ``--password-env NAME`` for the PostgreSQL store instead of SQLite).
 
 Real time on trio: ``--sessions`` tasks each record ``--actions`` actions one after
 the other (the pipeline serializes a session's actions), all sessions at once,
-through ONE store in a fresh temporary file; sessions are created beforehand and
-are not timed. Reported per ``synchronous`` mode: wall time, actions per second,
+through ONE store in a fresh temporary file (PostgreSQL: new sessions of their own
+in the given database); sessions are created beforehand and are not timed. Reported per ``synchronous`` mode: wall time, actions per second,
 and p50/p95/p99/max of the latency of each ``record_action`` call (around the
 ``await``, so it includes queueing, the thread hop and the fsync). With ``--busy``,
 T extra tasks each burn ~0.2 ms of CPU per loop pass, like the engine's context
@@ -17,15 +18,20 @@ building does, so each loop pass is slower (the load test's situation).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from engine.state import SessionStore
+from engine.state import AnySessionStore, PostgresSessionStore, SessionStore
 
 NARRATIVE = "The blade bites deep and the goblin staggers back. " * 14  # ~700 bytes
 
@@ -35,17 +41,38 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
+@contextlib.contextmanager
+def _store(
+    url: str, password: str | None, sync: str, in_thread: bool
+) -> Iterator[AbstractAsyncContextManager[AnySessionStore]]:
+    """A fresh SQLite store in a temporary folder, or the PostgreSQL store at ``url``."""
+    if url:
+        yield PostgresSessionStore.open(
+            url,
+            password=password,
+            synchronous=sync,  # type: ignore[arg-type]
+            in_thread=in_thread,
+        )
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield SessionStore.open(
+            Path(tmp) / "s.sqlite",
+            synchronous=sync,  # type: ignore[arg-type]
+            in_thread=in_thread,
+        )
+
+
 async def _run(
-    path: Path, sync: str, sessions: int, actions: int, busy: int, in_thread: bool
+    opener: AbstractAsyncContextManager[AnySessionStore],
+    sessions: int,
+    actions: int,
+    busy: int,
 ) -> dict[str, Any]:
     latencies: list[float] = []
-    async with SessionStore.open(
-        path,
-        synchronous=sync,  # type: ignore[arg-type]
-        **({} if in_thread else {"in_thread": False}),
-    ) as store:
+    prefix = uuid.uuid4().hex[:8]  # PostgreSQL: this run's own sessions
+    async with opener as store:
         for i in range(sessions):
-            await store.ensure_session(f"s{i}")
+            await store.ensure_session(f"{prefix}-s{i}")
 
         async def session(sid: str) -> None:
             for turn in range(actions):
@@ -75,10 +102,11 @@ async def _run(
             t0 = time.perf_counter()
             async with trio.open_nursery() as nursery:
                 for i in range(sessions):
-                    nursery.start_soon(session, f"s{i}")
+                    nursery.start_soon(session, f"{prefix}-s{i}")
             wall = time.perf_counter() - t0
             done.set()
-        assert await store.count_actions() == sessions * actions
+        for i in range(0, sessions, max(1, sessions // 10)):
+            assert await store.count_actions(f"{prefix}-s{i}") == actions
         stats_fn = getattr(store, "statistics", None)
         stats = stats_fn() if stats_fn is not None else None
     latencies.sort()
@@ -101,28 +129,23 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=0, help="extra CPU-burning tasks")
     parser.add_argument("--rounds", type=int, default=3, help="runs per mode (median shown)")
     parser.add_argument(
-        "--on-loop", action="store_true", help="in_thread=False: SQLite on the event loop"
+        "--on-loop", action="store_true", help="in_thread=False: store work on the event loop"
     )
+    parser.add_argument("--url", default="", help="a PostgreSQL URL (no password) instead")
+    parser.add_argument("--password-env", default="", help="variable holding its password")
     args = parser.parse_args()
+    password = os.environ.get(args.password_env) if args.password_env else None
     print(
-        f"{args.sessions} sessions x {args.actions} record_action, trio, "
-        f"busy tasks {args.busy}, {'on the loop' if args.on_loop else 'in a thread'}, median of {args.rounds} runs; latency in ms"
+        f"{args.sessions} sessions x {args.actions} record_action, "
+        f"{'PostgreSQL' if args.url else 'SQLite'}, trio, busy tasks {args.busy}, "
+        f"{'on the loop' if args.on_loop else 'in a thread'}, median of {args.rounds} runs; "
+        "latency in ms"
     )
     for sync in ("FULL", "NORMAL"):
         runs = []
         for _ in range(args.rounds):
-            with tempfile.TemporaryDirectory() as tmp:
-                runs.append(
-                    trio.run(
-                        _run,
-                        Path(tmp) / "s.sqlite",
-                        sync,
-                        args.sessions,
-                        args.actions,
-                        args.busy,
-                        not args.on_loop,
-                    )
-                )
+            with _store(args.url, password, sync, not args.on_loop) as opener:
+                runs.append(trio.run(_run, opener, args.sessions, args.actions, args.busy))
         med = {k: statistics.median(r[k] for r in runs) for k in ("wall", "rate", "p50", "p95")}
         med |= {k: statistics.median(r[k] for r in runs) for k in ("p99", "max")}
         batches = [r["batches"] for r in runs]

@@ -35,6 +35,9 @@ from .config_checks import (
     one_of,
     port,
     positive,
+    postgres_url,
+    redis_url,
+    variable_name,
 )
 from .errors import ConfigError
 
@@ -97,6 +100,7 @@ def _frozen_map(value: Mapping[str, Any]) -> Mapping[str, Any]:
 # Bounds of the number fields (see config_checks): durations up to one day, sizes up
 # to one TiB, a log-normal sigma small enough that exp() cannot overflow.
 _seconds = number(0, DAY_SECONDS, low_open=True, unit="seconds, at most one day")
+_rate = number(0, 1e12, unit="per minute; 0 = no limit")
 _seconds_or_zero = number(0, DAY_SECONDS, unit="seconds, at most one day")
 #: the hedging tracker keeps an agent's last 200 latencies (scheduling/hedging.py)
 _P95_WINDOW = 200
@@ -150,6 +154,12 @@ class ParallelizationConfig:
     max_concurrent_agents: int = attrs.field(default=4, validator=positive)
     agent_timeout_seconds: float = attrs.field(default=5.0, validator=_seconds)
     action_deadline_seconds: float = attrs.field(default=10.0, validator=_seconds)
+    # one budget of LLM calls shared by every engine process (Redis); "" = per process
+    redis_url: str = attrs.field(default="", validator=redis_url)
+    global_max_concurrent_agents: int = attrs.field(default=0, validator=non_negative)
+    global_requests_per_minute: float = attrs.field(default=0.0, validator=_rate)
+    global_tokens_per_minute: float = attrs.field(default=0.0, validator=_rate)
+    global_lease_seconds: float = attrs.field(default=10.0, validator=_seconds)
 
 
 @attrs.frozen
@@ -399,7 +409,22 @@ class StateConfig:
     path: str = attrs.field(default="", validator=no_nul)
     max_action_chars: int = attrs.field(default=2000, validator=positive)
     synchronous: str = attrs.field(default="FULL", validator=one_of("FULL", "NORMAL"))
-    write_in_thread: bool = True  # SQLite writes in a worker thread (false: on the loop)
+    write_in_thread: bool = True  # store work in a worker thread (false: on the loop)
+    # PostgreSQL session store shared by engine processes; empty: the SQLite store
+    url: str = attrs.field(default="", validator=postgres_url)
+    password_env: str = attrs.field(default="", validator=variable_name)  # holds the password
+    # a PostgreSQL session's lease: how long a killed engine can block the session
+    session_lease_seconds: float = attrs.field(
+        default=30.0, validator=number(1.0, 3600.0, unit="seconds")
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.url and self.path:
+            raise Invalid(
+                "path", "must be empty when url is set (path names the SQLite store's file)"
+            )
+        if self.password_env and not self.url:
+            raise Invalid("password_env", "is only read for a PostgreSQL store: set url too")
 
 
 @attrs.frozen

@@ -14,9 +14,10 @@ log-normal draw): durations up to one day, sizes up to one TiB.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import attrs
 
@@ -45,7 +46,11 @@ __all__ = [
     "one_of",
     "port",
     "positive",
+    "postgres_url",
+    "postgres_url_problem",
+    "redact_url",
     "url_problem",
+    "variable_name",
 ]
 
 DAY_SECONDS = 86_400
@@ -131,6 +136,13 @@ def non_empty_path(_inst: object, attr: attrs.Attribute[Any], value: str) -> Non
         raise Invalid(attr.name, "must not be empty")
 
 
+def redis_url(_inst: object, attr: attrs.Attribute[Any], value: str) -> None:
+    """Empty (no global limits), or a ``redis://``, ``rediss://`` or ``unix://`` URL."""
+    no_nul(_inst, attr, value)
+    if value and not value.startswith(("redis://", "rediss://", "unix://")):
+        raise Invalid(attr.name, 'must be "" or a redis://host:port/db (rediss://, unix://) URL')
+
+
 def url_problem(url: str) -> str | None:
     """Why ``url`` is not an http(s) URL with a host, or None."""
     allowed = "must be an http:// or https:// URL with a host"
@@ -142,6 +154,72 @@ def url_problem(url: str) -> str | None:
     except ValueError:
         return allowed
     return None if parts.hostname else allowed
+
+
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+_NO_PASSWORD = (
+    "must not contain a password: put the password in an environment variable and "
+    "name that variable in [state] password_env"
+)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password (``user:password@`` or ``password=`` in the query)
+    replaced by ``***``: what a message may show of a URL."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "***" if ("@" in url or "password" in url.lower()) else url
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        if ":" in userinfo:
+            netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    path = re.sub(r"(?i)(password=)[^&#]*", r"\1***", path)
+    return f"{scheme}{sep}{netloc}{slash}{path}"
+
+
+def postgres_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a password-free PostgreSQL URL
+    (``postgresql://user@host:port/database``), or None."""
+    allowed = (
+        "must be a PostgreSQL URL such as postgresql://user@host:5432/database "
+        "(or empty for the embedded SQLite store)"
+    )
+    if not url.startswith(_POSTGRES_SCHEMES):
+        return allowed
+    try:
+        parts = urlsplit(url)
+        has_password = parts.password is not None or any(
+            key.lower() == "password" for key, _ in parse_qsl(parts.query)
+        )
+    except ValueError:
+        return allowed
+    if has_password or "password=" in url.lower():
+        return _NO_PASSWORD
+    if not url.isprintable() or " " in url:
+        return allowed
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return allowed
+    return None
+
+
+def postgres_url(_inst: object, attr: attrs.Attribute[Any], value: str) -> None:
+    """``[state] url``: empty, or a PostgreSQL URL without a password. Raises the
+    ConfigError itself, showing the URL with its password redacted (an ``Invalid``
+    would be reported with the raw value)."""
+    problem = postgres_url_problem(value) if value else None
+    if problem:
+        raise ConfigError(f"state.{attr.name}", redact_url(value), problem)
+
+
+def variable_name(_inst: object, attr: attrs.Attribute[Any], value: str) -> None:
+    """Empty, or the name of an environment variable (letters, digits, ``_``)."""
+    if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise Invalid(
+            attr.name, "must be the name of an environment variable (letters, digits and _)"
+        )
 
 
 def name_problem(name: str) -> str | None:

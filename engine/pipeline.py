@@ -4,8 +4,10 @@
 path; every step is traced under one ``player_action`` root span, so the result
 carries the action's span tree. Guarantees:
 
-* actions of one session run one at a time (a per-session lock, FIFO); different
-  sessions run concurrently and share the agents, the cache and the limiter;
+* actions of one session run one at a time (a per-session lock, FIFO, and on a store
+  shared by several engine processes the session's lease in the store, so processes
+  never interleave a session's actions); different sessions run concurrently and share
+  the agents, the cache and the limiter;
 * the action returns within ``action_deadline_seconds`` (plus the state update):
   an agent that times out or fails costs its own part only, and the result says in
   one plain line per missing part what the player is not getting;
@@ -39,7 +41,7 @@ from .errors import SessionError
 from .observability.metrics import MetricsExporter
 from .observability.profiler import PerformanceProfiler, Span
 from .scheduling.executor import ParallelAgentExecutor
-from .state import SessionStore
+from .state import AnySessionStore
 from .streaming import ActionStream, Narrative
 
 __all__ = ["ActionResult", "ActionStream", "DungeonMaster", "TracedAgent"]
@@ -153,7 +155,7 @@ class DungeonMaster:
     builder: OptimizedContextBuilder
     lazy: LazyLoadManager
     executor: ParallelAgentExecutor
-    store: SessionStore
+    store: AnySessionStore
     cache: ModuleCache
     metrics: MetricsExporter | None = None
     session_cache_size: int = 10_000
@@ -228,10 +230,11 @@ class DungeonMaster:
     async def _serialized(
         self, session_id: str, text: str, sink: DeltaSink | None, told: list[bool] | None
     ) -> ActionResult:
-        """Run the action under its session's lock (FIFO)."""
+        """Run the action under its session's lock (FIFO in this process) and, on a
+        store shared by several processes, the session's lease in the store."""
         lock = self._locks.acquire_ref(session_id)
         try:
-            async with lock:
+            async with lock, self.store.session_lease(session_id):
                 try:
                     return await self._run(session_id, text, sink, told)
                 except BaseException:
@@ -244,8 +247,9 @@ class DungeonMaster:
     async def _session(self, session_id: str) -> tuple[int, dict[str, Any]]:
         """The session's turn and state: from memory when recently active (this
         engine serializes a session's actions, so its copy is current), else read
-        (or created) in the store."""
-        cached = self._sessions.get(session_id)
+        (or created) in the store. A store shared with other processes is always
+        read: another process may have played the session since."""
+        cached = None if self.store.shared else self._sessions.get(session_id)
         if cached is not None:
             self._sessions.move_to_end(session_id)
             return cached

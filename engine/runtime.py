@@ -28,13 +28,14 @@ from .content.cache import ModuleCache
 from .content.context import OptimizedContextBuilder
 from .content.lazy import LazyLoadManager
 from .content.store import from_config as open_configured_module
+from .errors import lone_error
 from .observability.metrics import MetricsExporter
 from .observability.profiler import PerformanceProfiler
 from .observability.spanlog import SpanLog
 from .pipeline import DungeonMaster, TracedAgent
 from .scheduling.executor import ParallelAgentExecutor
-from .scheduling.limits import ServerLimitedAgent
-from .state import SessionStore
+from .scheduling.limits import GloballyLimitedAgent, ServerLimitedAgent
+from .state import open_session_store
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup
@@ -71,20 +72,10 @@ async def open_engine(
         async with _open(config, agents, module, state_path, profiler, time_scale) as dm:
             yield dm
     except BaseExceptionGroup as group:
-        lone = _lone_error(group)
+        lone = lone_error(group)
         if lone is None:
             raise
         raise lone from None
-
-
-def _lone_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one error inside nested single-member groups (None if there are several)."""
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        if len(error.exceptions) != 1:
-            return None
-        error = error.exceptions[0]
-    return error
 
 
 @contextlib.asynccontextmanager
@@ -116,6 +107,7 @@ async def _open(
         )
         if agents is None:
             agents = await _build_agents(config, stack, time_scale)
+        agents = await _globally_limited(config, stack, agents)
         metrics = MetricsExporter.from_config(config, profiler)
         on_usage = metrics.agent_tokens if metrics is not None else None
         traced = {
@@ -133,20 +125,21 @@ async def _open(
         if span_log is not None:
             await stack.enter_async_context(span_log)
 
-        sessions: contextlib.AbstractAsyncContextManager[SessionStore]
-        if state_path is not None:
-            sessions = SessionStore.open(
-                state_path,
-                max_action_chars=config.state.max_action_chars,
-                synchronous="FULL" if config.state.synchronous == "FULL" else "NORMAL",
-                in_thread=config.state.write_in_thread,
-            )
-        else:
-            sessions = SessionStore.from_config(config.state, config.module.cache_dir)
-        session_store = await stack.enter_async_context(sessions)
+        # [state] url: PostgreSQL, else SQLite (state_path: SQLite in that file)
+        session_store = await stack.enter_async_context(
+            open_session_store(config.state, config.module.cache_dir, path=state_path)
+        )
         streams = await stack.enter_async_context(anyio.create_task_group())
         yield DungeonMaster(
-            config, profiler, builder, lazy, executor, session_store, cache, metrics, tasks=streams
+            config,
+            profiler,
+            builder,
+            lazy,
+            executor,
+            session_store,
+            cache,
+            metrics,
+            tasks=streams,
         )
 
 
@@ -198,6 +191,36 @@ async def _build_agents(
             agent = RetrievalFirstAgent(agent)
         agents[name] = agent
     return agents
+
+
+async def _globally_limited(
+    config: Config, stack: contextlib.AsyncExitStack, agents: Mapping[str, Agent]
+) -> Mapping[str, Agent]:
+    """With ``redis_url``, every model call holds a slot of the limiter that all engine
+    processes share (a retrieval answer calls no model, so only its fallback does)."""
+    par = config.performance.parallelization
+    if not par.redis_url:
+        return agents
+    from .scheduling.global_limits import RedisLimiter  # coredis: only when used
+
+    limiter = await stack.enter_async_context(
+        RedisLimiter.connect(
+            par.redis_url,
+            max_concurrent=par.global_max_concurrent_agents or None,
+            requests_per_minute=par.global_requests_per_minute or None,
+            tokens_per_minute=par.global_tokens_per_minute or None,
+            lease_seconds=par.global_lease_seconds,
+        )
+    )
+    limited: dict[str, Agent] = {}
+    for name, agent in agents.items():
+        spec = config.agents.get(name)
+        tokens = spec.budget_tokens + spec.max_tokens if spec is not None else 0
+        if isinstance(agent, RetrievalFirstAgent):
+            limited[name] = RetrievalFirstAgent(GloballyLimitedAgent(agent.inner, limiter, tokens))
+        else:
+            limited[name] = GloballyLimitedAgent(agent, limiter, tokens)
+    return limited
 
 
 def _occupancy(executor: ParallelAgentExecutor) -> Any:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import engine
@@ -46,6 +47,34 @@ def kill_after(
         timer.cancel()
     assert proc.returncode == -signal.SIGKILL, err
     return lines + rest.splitlines()
+
+
+def kill_all_after(
+    plans: Sequence[tuple[subprocess.Popen[str], int, float]], watchdog: float = 30.0
+) -> list[list[str]]:
+    """``kill_after`` for several children running at once, each in its own thread
+    (so one child's lines never wait for another's); each child's lines, in order."""
+    results: list[list[str] | BaseException] = [[] for _ in plans]
+
+    def run(index: int, proc: subprocess.Popen[str], n_lines: int, delay: float) -> None:
+        try:
+            results[index] = kill_after(proc, n_lines, delay, watchdog)
+        except BaseException as exc:  # re-raised below, in the caller
+            results[index] = exc
+
+    threads = [
+        threading.Thread(target=run, args=(i, *plan), daemon=True) for i, plan in enumerate(plans)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    lines = []
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+        lines.append(result)
+    return lines
 
 
 def done_lines(lines: list[str]) -> list[tuple[str, int]]:

@@ -1,4 +1,10 @@
-"""Tests of the durable session store (engine.state)."""
+"""Tests of the durable session store (engine.state): its contract on both backends.
+
+Tests taking ``store_at`` run on SQLite and on a real PostgreSQL server
+(``tests/pg_server.py``; skipped without one, failed in CI); the others are about
+the SQLite file itself. PostgreSQL-only behaviour (leases, passwords, its schema
+checks) is in ``test_state_postgres*.py``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +25,24 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import attrs
+import pg_server
+import psycopg
 import pytest
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pg_server import PostgresServer
 
 from engine.config import StateConfig
 from engine.errors import SessionError
-from engine.state import APPLICATION_ID, SCHEMA_VERSION, SessionState, SessionStore
+from engine.state import (
+    APPLICATION_ID,
+    SCHEMA_VERSION,
+    AnySessionStore,
+    PostgresSessionStore,
+    SessionState,
+    SessionStore,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -49,17 +66,59 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
+postgres_server = pg_server.postgres_server  # the session's server, started when first asked
+
+
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
     return tmp_path / "sessions.sqlite"
 
 
+@attrs.frozen
+class Backend:
+    """Where a test's store lives: a SQLite file, or a fresh PostgreSQL schema."""
+
+    kind: str
+    target: Any  # the SQLite file's Path, or the schema's URL (no password)
+    server: PostgresServer | None = None
+
+    def open(self, **options: Any) -> AbstractAsyncContextManager[AnySessionStore]:
+        if self.server is None:
+            return SessionStore.open(self.target, **options)
+        return PostgresSessionStore.open(self.target, password=self.server.password, **options)
+
+    def execute(self, *statements: str) -> None:
+        """Run SQL on the store's tables behind the store's back (a second connection)."""
+        if self.server is None:
+            with contextlib.closing(sqlite3.connect(self.target)) as conn:
+                for statement in statements:
+                    conn.execute(statement)
+                conn.commit()
+        else:
+            with self.server.connect(self.target) as pg:
+                for statement in statements:
+                    pg.execute(statement)
+
+
+def _backend(kind: str, request: pytest.FixtureRequest, folder: Path) -> Backend:
+    if kind == "sqlite":
+        return Backend(kind, folder / "sessions.sqlite")
+    server = request.getfixturevalue("postgres_server")  # only now: SQLite runs without it
+    return Backend(kind, server.schema_url(), server)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_at(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """A place for a store: each test runs on SQLite and on PostgreSQL."""
+    return _backend(request.param, request, tmp_path)
+
+
 # ------------------------------------------------------------------ happy path
 
 
-async def test_SessionStore_records_actions_and_state(db: Path) -> None:
+async def test_SessionStore_records_actions_and_state(store_at: Backend) -> None:
     clock = itertools.count(100).__next__
-    async with SessionStore.open(db, clock=lambda: float(clock())) as store:
+    async with store_at.open(clock=lambda: float(clock())) as store:
         fresh = await store.ensure_session("s1")
         assert fresh == SessionState("s1", 0, {}, 100.0, 100.0)
         assert await store.record_action("s1", **_action("A", hp=10, door="open")) == 1
@@ -83,8 +142,10 @@ async def test_SessionStore_records_actions_and_state(db: Path) -> None:
         assert await store.session_ids() == ["s0", "s1"]
 
 
-async def test_SessionStore_ensure_is_idempotent_and_create_refuses_duplicates(db: Path) -> None:
-    async with SessionStore.open(db) as store:
+async def test_SessionStore_ensure_is_idempotent_and_create_refuses_duplicates(
+    store_at: Backend,
+) -> None:
+    async with store_at.open() as store:
         created = await store.create_session("s")
         await store.record_action("s", **_action(x=1))
         again = await store.ensure_session("s")
@@ -94,24 +155,26 @@ async def test_SessionStore_ensure_is_idempotent_and_create_refuses_duplicates(d
         assert (await store.get_session("s")).turn == 1
 
 
-async def test_SessionStore_persists_across_reopen(db: Path) -> None:
-    async with SessionStore.open(db) as store:
+async def test_SessionStore_persists_across_reopen(store_at: Backend) -> None:
+    async with store_at.open() as store:
         await store.ensure_session("s")
         for i in range(3):
             await store.record_action("s", **_action(f"act {i}", i=i))
-    async with SessionStore.open(db) as store:
+    async with store_at.open() as store:
         assert (await store.get_session("s")).state == {"i": 2}
         assert [e.action_text for e in await store.transcript("s")] == ["act 0", "act 1", "act 2"]
         assert await store.record_action("s", **_action()) == 4
-    with sqlite3.connect(db) as conn:
+    if store_at.kind != "sqlite":
+        return
+    with sqlite3.connect(store_at.target) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
 
 
-async def test_SessionStore_turn_expected_detects_interleaved_actions(db: Path) -> None:
-    async with SessionStore.open(db) as store:
+async def test_SessionStore_turn_expected_detects_interleaved_actions(store_at: Backend) -> None:
+    async with store_at.open() as store:
         seen = await store.ensure_session("s")
         assert await store.record_action("s", turn_expected=seen.turn, **_action()) == 1
         with pytest.raises(SessionError, match="at turn 1, not 0"):
@@ -142,8 +205,10 @@ async def test_SessionStore_from_config(tmp_path: Path) -> None:
         ("x" * 11, "11 characters long; the limit is 10"),
     ],
 )
-async def test_SessionStore_rejects_bad_action_text(db: Path, text: str, message: str) -> None:
-    async with SessionStore.open(db, max_action_chars=10) as store:
+async def test_SessionStore_rejects_bad_action_text(
+    store_at: Backend, text: str, message: str
+) -> None:
+    async with store_at.open(max_action_chars=10) as store:
         await store.ensure_session("s")
         with pytest.raises(SessionError, match=message):
             await store.record_action("s", **_action(text, hp=1))
@@ -152,8 +217,8 @@ async def test_SessionStore_rejects_bad_action_text(db: Path, text: str, message
         assert (await store.get_session("s")).state == {}
 
 
-async def test_SessionStore_rejects_unknown_sessions(db: Path) -> None:
-    async with SessionStore.open(db) as store:
+async def test_SessionStore_rejects_unknown_sessions(store_at: Backend) -> None:
+    async with store_at.open() as store:
         with pytest.raises(SessionError, match="unknown session 'nope'"):
             await store.get_session("nope")
         with pytest.raises(SessionError, match="unknown session 'nope'"):
@@ -171,17 +236,19 @@ async def test_SessionStore_rejects_unknown_sessions(db: Path) -> None:
     [("", "empty"), ("   ", "empty"), ("x" * 201, "201 characters"), ("a\x00b", "NUL"), (7, "str")],
 )
 async def test_SessionStore_rejects_bad_session_ids(
-    db: Path, session_id: Any, message: str
+    store_at: Backend, session_id: Any, message: str
 ) -> None:
-    async with SessionStore.open(db) as store:
+    async with store_at.open() as store:
         with pytest.raises(SessionError, match=message):
             await store.ensure_session(session_id)
         assert await store.session_ids() == []
         await store.ensure_session("x" * 200)
 
 
-async def test_SessionStore_rejects_unserialisable_changes_writing_nothing(db: Path) -> None:
-    async with SessionStore.open(db) as store:
+async def test_SessionStore_rejects_unserialisable_changes_writing_nothing(
+    store_at: Backend,
+) -> None:
+    async with store_at.open() as store:
         await store.ensure_session("s")
         with pytest.raises(SessionError, match="state_changes is not JSON-serialisable"):
             await store.record_action("s", **_action(hp=object()))
@@ -206,10 +273,10 @@ async def test_SessionStore_rejects_unserialisable_changes_writing_nothing(db: P
     ],
 )
 async def test_SessionStore_rejects_text_UTF8_cannot_encode_before_any_write(
-    db: Path, field: str, what: str
+    store_at: Backend, field: str, what: str
 ) -> None:
     """A lone surrogate cannot be bound by SQLite: refused up front, nothing queued."""
-    async with SessionStore.open(db) as store:
+    async with store_at.open() as store:
         await store.ensure_session("s")
         bad = _action("I sing \ud800 loudly", hp=1)
         if field == "narrative":
@@ -236,6 +303,57 @@ async def test_SessionStore_rejects_text_UTF8_cannot_encode_before_any_write(
         with pytest.raises(SessionError, match="session id contains '\\\\udc00' at index 1"):
             await store.ensure_session("s\udc00")
         assert await store.session_ids() == ["s"]
+
+
+@pytest.mark.parametrize(
+    ("field", "what"),
+    [
+        ("action_text", "action text"),
+        ("narrative", "narrative"),
+        ("action_type", "action type"),
+        ("state_changes", "state_changes key"),
+    ],
+)
+async def test_SessionStore_rejects_NUL_characters_before_any_write(
+    store_at: Backend, field: str, what: str
+) -> None:
+    """PostgreSQL text cannot hold NUL: refused up front on every backend, alike."""
+    async with store_at.open() as store:
+        await store.ensure_session("s")
+        bad: dict[str, Any] = {
+            "action_text": _action("I sing \x00 loudly"),
+            "narrative": {**_action(), "narrative": "You sing.\x00"},
+            "action_type": {**_action(), "action_type": "so\x00ng"},
+            "state_changes": _action(**{"note\x00": 1}),
+        }[field]
+        before = store.statistics()
+        with pytest.raises(SessionError, match=rf"^{what} contains a NUL character at index"):
+            await store.record_action("s", **bad)
+        assert store.statistics() == before
+        # in JSON values and responses a NUL is an escape: accepted, round-trips
+        odd = {**_action(note="a\x00b"), "responses": {"n\x00": "\x00"}}
+        assert await store.record_action("s", **odd) == 1
+        entry = (await store.transcript("s"))[-1]
+        assert (entry.state_changes, entry.responses) == ({"note": "a\x00b"}, {"n\x00": "\x00"})
+        assert (await store.get_session("s")).state == {"note": "a\x00b"}
+        with pytest.raises(SessionError, match="turn_expected must be an int or None"):
+            await store.record_action("s", turn_expected="1", **_action())  # type: ignore[arg-type]
+
+
+async def test_SessionStore_shared_and_session_lease(store_at: Backend) -> None:
+    """``shared`` tells the pipeline whether other processes write; ``session_lease``
+    exists on both (on SQLite, one process per store, it returns at once)."""
+    async with store_at.open() as store:
+        assert store.shared is (store_at.kind == "postgres")
+        async with store.session_lease("s"):
+            state = await store.ensure_session("s")
+            assert await store.record_action("s", turn_expected=state.turn, **_action()) == 1
+        with pytest.raises(SessionError, match="session id must not be empty"):
+            async with store.session_lease(" "):
+                pass  # pragma: no cover
+        if store_at.kind == "sqlite":
+            async with store.session_lease("s"), store.session_lease("s"):
+                pass  # a no-op: nesting cannot deadlock
 
 
 async def test_SessionStore_refuses_random_bytes_untouched(tmp_path: Path, db: Path) -> None:
@@ -310,29 +428,30 @@ async def test_SessionStore_refuses_a_damaged_store_untouched(tmp_path: Path, db
     assert _snapshot(tmp_path) == before
 
 
-async def test_SessionStore_refuses_calls_after_close(db: Path) -> None:
-    async with SessionStore.open(db) as store:
+async def test_SessionStore_refuses_calls_after_close(store_at: Backend) -> None:
+    async with store_at.open() as store:
         await store.ensure_session("s")
     await store.aclose()  # idempotent
     with pytest.raises(SessionError, match="is closed"):
         await store.get_session("s")
 
 
-async def test_SessionStore_open_validates_arguments(db: Path) -> None:
+async def test_SessionStore_open_validates_arguments(store_at: Backend) -> None:
     with pytest.raises(ValueError, match="max_action_chars must be >= 1"):
-        async with SessionStore.open(db, max_action_chars=0):
+        async with store_at.open(max_action_chars=0):
             pass  # pragma: no cover
     with pytest.raises(ValueError, match="synchronous"):
-        async with SessionStore.open(db, synchronous="OFF"):  # type: ignore[arg-type]
+        async with store_at.open(synchronous="OFF"):
             pass  # pragma: no cover
-    assert db.name not in _snapshot(db.parent)
+    if store_at.kind == "sqlite":
+        assert store_at.target.name not in _snapshot(store_at.target.parent)
 
 
 # ------------------------------------------------------------------ cancellation
 
 
-async def test_SessionStore_cancelled_before_the_call_writes_nothing(db: Path) -> None:
-    async with SessionStore.open(db) as store:
+async def test_SessionStore_cancelled_before_the_call_writes_nothing(store_at: Backend) -> None:
+    async with store_at.open() as store:
         await store.ensure_session("s")
         with anyio.CancelScope() as scope:
             scope.cancel()
@@ -342,8 +461,8 @@ async def test_SessionStore_cancelled_before_the_call_writes_nothing(db: Path) -
         assert await store.count_actions("s") == 0
 
 
-async def test_SessionStore_cancelled_midway_is_all_or_nothing(db: Path) -> None:
-    async with SessionStore.open(db) as store:
+async def test_SessionStore_cancelled_midway_is_all_or_nothing(store_at: Backend) -> None:
+    async with store_at.open() as store:
         await store.ensure_session("s")
         returned = []
         for i in range(20):
@@ -379,17 +498,17 @@ _ops = st.builds(
 
 
 @contextlib.contextmanager
-def _fresh_db() -> Iterator[Path]:
-    # a new directory per hypothesis example (tmp_path is function-scoped)
+def _fresh(kind: str, request: pytest.FixtureRequest) -> Iterator[Backend]:
+    # a new place per hypothesis example (tmp_path is function-scoped)
     with tempfile.TemporaryDirectory() as directory:
-        yield Path(directory) / "sessions.sqlite"
+        yield _backend(kind, request, Path(directory))
 
 
-async def _run_schedule(path: Path, schedule: dict[str, list[_Op]]) -> None:
+async def _run_schedule(store_at: Backend, schedule: dict[str, list[_Op]]) -> None:
     """Every session has two writer tasks recording concurrently through ONE store."""
     returned: dict[str, dict[int, int]] = {sid: {} for sid in schedule}  # op index -> turn
 
-    async with SessionStore.open(path, synchronous="NORMAL") as store:
+    async with store_at.open(synchronous="NORMAL") as store:
 
         async def writer(sid: str, who: int) -> None:
             for index, op in enumerate(schedule[sid]):
@@ -435,18 +554,19 @@ async def _run_schedule(path: Path, schedule: dict[str, list[_Op]]) -> None:
 
 
 @pytest.mark.parametrize("backend", ["trio", "asyncio"])
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_SessionStore_concurrent_sessions_never_lose_updates(
-    backend: str, data: st.DataObject
+    kind: str, backend: str, request: pytest.FixtureRequest, data: st.DataObject
 ) -> None:
     n_sessions = data.draw(st.integers(1, 4), label="sessions")
     schedule = {
         f"s{i}": data.draw(st.lists(_ops, max_size=8), label=f"s{i}") for i in range(n_sessions)
     }
     options = {"clock": trio.testing.MockClock(autojump_threshold=0)} if backend == "trio" else {}
-    with _fresh_db() as path:
-        anyio.run(_run_schedule, path, schedule, backend=backend, backend_options=options)
+    with _fresh(kind, request) as store_at:
+        anyio.run(_run_schedule, store_at, schedule, backend=backend, backend_options=options)
 
 
 # ------------------------------------------------------------------ group commit
@@ -517,7 +637,7 @@ class _Call:
 
 
 def _start(
-    tg: Any, store: SessionStore, sid: str, text: str, log: list[str] | None = None, **kw: Any
+    tg: Any, store: AnySessionStore, sid: str, text: str, log: list[str] | None = None, **kw: Any
 ) -> _Call:
     """Start ``record_action(sid, ...)``; ``log`` gets ``text`` as the call queues it."""
     call = _Call()
@@ -539,10 +659,12 @@ def _start(
 
 
 @contextlib.asynccontextmanager
-async def _gated(db: Path, *sessions: str) -> AsyncIterator[tuple[SessionStore, _Gate, Any]]:
+async def _gated(
+    store_at: Backend, *sessions: str
+) -> AsyncIterator[tuple[AnySessionStore, _Gate, Any]]:
     """A store in thread mode with a gate clock, its sessions, and a task group."""
     gate = _Gate()
-    async with SessionStore.open(db, clock=gate, synchronous="NORMAL") as store:
+    async with store_at.open(clock=gate, synchronous="NORMAL") as store:
         for sid in sessions:
             await store.ensure_session(sid)
         try:
@@ -552,13 +674,13 @@ async def _gated(db: Path, *sessions: str) -> AsyncIterator[tuple[SessionStore, 
             gate.release_all()
 
 
-async def _texts(store: SessionStore, sid: str) -> list[str]:
+async def _texts(store: AnySessionStore, sid: str) -> list[str]:
     return [e.action_text for e in await store.transcript(sid)]
 
 
-async def test_SessionStore_batches_concurrent_actions_on_the_loop(db: Path) -> None:
+async def test_SessionStore_batches_concurrent_actions_on_the_loop(store_at: Backend) -> None:
     submitted: dict[str, list[str]] = {f"s{i}": [] for i in range(4)}
-    async with SessionStore.open(db, in_thread=False) as store:
+    async with store_at.open(in_thread=False) as store:
         for sid in submitted:
             await store.ensure_session(sid)
         turns: dict[str, int] = {}
@@ -581,8 +703,10 @@ async def test_SessionStore_batches_concurrent_actions_on_the_loop(db: Path) -> 
             assert (await store.get_session(sid)).turn == 5
 
 
-async def test_SessionStore_callers_during_a_flush_wait_for_the_next_batch(db: Path) -> None:
-    async with _gated(db, "s0", "s1", "s2") as (store, gate, tg):
+async def test_SessionStore_callers_during_a_flush_wait_for_the_next_batch(
+    store_at: Backend,
+) -> None:
+    async with _gated(store_at, "s0", "s1", "s2") as (store, gate, tg):
         hold = gate.hold()
         first = _start(tg, store, "s0", "first")
         await _entered(hold)
@@ -599,23 +723,33 @@ async def test_SessionStore_callers_during_a_flush_wait_for_the_next_batch(db: P
     assert (stats.batches, stats.largest_batch, stats.actions_written) == (2, 10, 11)
     assert (stats.pending, stats.flushing) == (0, False)
     assert first.outcome == 1
-    async with SessionStore.open(db) as store:
+    async with store_at.open() as store:
         for sid in ("s1", "s2"):
             mine = [t for t in log if int(t.split()[1]) % 2 == int(sid[1]) - 1]
             assert await _texts(store, sid) == mine  # submission order
             assert [calls[int(t.split()[1])].outcome for t in mine] == [1, 2, 3, 4, 5]
 
 
-async def test_SessionStore_a_failing_action_fails_alone_in_its_batch(db: Path) -> None:
-    async with SessionStore.open(db) as store:
+async def test_SessionStore_a_failing_action_fails_alone_in_its_batch(store_at: Backend) -> None:
+    async with store_at.open() as store:
         for sid in ("s0", "s1", "s2"):
             await store.ensure_session(sid)
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        conn.execute(  # fails halfway through an action: after its transcript row
+    # fails halfway through an action: after its transcript row
+    if store_at.kind == "sqlite":
+        store_at.execute(
             "CREATE TRIGGER curse BEFORE INSERT ON state WHEN NEW.key = 'cursed'"
             " BEGIN SELECT RAISE(ABORT, 'cursed key'); END"
         )
-    async with _gated(db) as (store, gate, tg):
+        cause: type[Exception] = sqlite3.IntegrityError
+    else:
+        store_at.execute(
+            "CREATE FUNCTION curse() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'cursed key'; END $$",
+            "CREATE TRIGGER curse BEFORE INSERT ON state FOR EACH ROW"
+            " WHEN (NEW.key = 'cursed') EXECUTE FUNCTION curse()",
+        )
+        cause = psycopg.errors.RaiseException
+    async with _gated(store_at) as (store, gate, tg):
         hold = gate.hold()
         _start(tg, store, "s0", "first")
         await _entered(hold)
@@ -655,7 +789,7 @@ async def test_SessionStore_a_failing_action_fails_alone_in_its_batch(db: Path) 
         assert isinstance(b, SessionError) and "unknown session 'ghost'" in str(b)
         assert isinstance(c, SessionError) and "at turn 1, not 0" in str(c)
         assert isinstance(e, SessionError) and "cursed key" in str(e)
-        assert isinstance(e.__cause__, sqlite3.IntegrityError)
+        assert isinstance(e.__cause__, cause)
         stats = store.statistics()
         assert (stats.batches, stats.largest_batch, stats.actions_written) == (2, 6, 4)
         # e's transcript row and its "mark" were written before the failure: rolled back
@@ -664,16 +798,23 @@ async def test_SessionStore_a_failing_action_fails_alone_in_its_batch(db: Path) 
         assert await _texts(store, "s2") == ["d"]
 
 
-async def test_SessionStore_a_transaction_failure_fails_the_whole_batch(db: Path) -> None:
-    async with SessionStore.open(db) as store:
+async def test_SessionStore_a_transaction_failure_fails_the_whole_batch(store_at: Backend) -> None:
+    async with store_at.open() as store:
         for sid in ("s0", "s1"):
             await store.ensure_session(sid)
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        conn.execute(  # like a full disk: SQLite rolls the whole transaction back
+    if store_at.kind == "sqlite":
+        store_at.execute(  # like a full disk: SQLite rolls the whole transaction back
             "CREATE TRIGGER doom BEFORE INSERT ON state WHEN NEW.key = 'doom'"
             " BEGIN SELECT RAISE(ROLLBACK, 'doomed'); END"
         )
-    async with _gated(db) as (store, gate, tg):
+    else:
+        store_at.execute(  # checked at COMMIT: the COMMIT fails, the transaction with it
+            "CREATE FUNCTION doom() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'doomed'; END $$",
+            "CREATE CONSTRAINT TRIGGER doom AFTER INSERT ON state DEFERRABLE INITIALLY"
+            " DEFERRED FOR EACH ROW WHEN (NEW.key = 'doom') EXECUTE FUNCTION doom()",
+        )
+    async with _gated(store_at) as (store, gate, tg):
         hold = gate.hold()
         _start(tg, store, "s0", "first")
         await _entered(hold)
@@ -695,8 +836,8 @@ async def test_SessionStore_a_transaction_failure_fails_the_whole_batch(db: Path
 # ------------------------------------------------------------------ group commit: cancellation
 
 
-async def test_SessionStore_cancelled_while_queued_is_never_written(db: Path) -> None:
-    async with _gated(db, "s0", "s1") as (store, gate, tg):
+async def test_SessionStore_cancelled_while_queued_is_never_written(store_at: Backend) -> None:
+    async with _gated(store_at, "s0", "s1") as (store, gate, tg):
         hold = gate.hold()
         first = _start(tg, store, "s0", "first")
         await _entered(hold)
@@ -713,15 +854,15 @@ async def test_SessionStore_cancelled_while_queued_is_never_written(db: Path) ->
         hold.release.set()
         await _until(lambda: first.finished and b.finished)
     assert (first.outcome, b.outcome) == (1, 1)  # b took turn 1: a is absent
-    async with SessionStore.open(db) as store:
+    async with store_at.open() as store:
         assert await _texts(store, "s1") == ["b"]
 
 
 @pytest.mark.parametrize("victim", ["flusher", "waiter"])
 async def test_SessionStore_cancelled_in_the_thread_completes_the_write(
-    db: Path, victim: str
+    store_at: Backend, victim: str
 ) -> None:
-    async with _gated(db, "s0", "s1") as (store, gate, tg):
+    async with _gated(store_at, "s0", "s1") as (store, gate, tg):
         hold1 = gate.hold()
         first = _start(tg, store, "s0", "first")
         await _entered(hold1)
@@ -747,8 +888,8 @@ async def test_SessionStore_cancelled_in_the_thread_completes_the_write(
         assert store.statistics().actions_written == 3
 
 
-async def test_SessionStore_cancelled_flusher_in_the_thread_hands_over(db: Path) -> None:
-    async with _gated(db, "s0", "s1") as (store, gate, tg):
+async def test_SessionStore_cancelled_flusher_in_the_thread_hands_over(store_at: Backend) -> None:
+    async with _gated(store_at, "s0", "s1") as (store, gate, tg):
         hold = gate.hold()
         first = _start(tg, store, "s0", "first")
         await _entered(hold)
@@ -768,9 +909,9 @@ async def test_SessionStore_cancelled_flusher_in_the_thread_hands_over(db: Path)
 
 
 async def test_SessionStore_flusher_cancelled_before_taking_the_batch_hands_over(
-    db: Path,
+    store_at: Backend,
 ) -> None:
-    async with _gated(db, "s1") as (store, gate, tg):
+    async with _gated(store_at, "s1") as (store, gate, tg):
         hold = gate.hold()
         busy = _Call()
 
@@ -800,8 +941,8 @@ async def test_SessionStore_flusher_cancelled_before_taking_the_batch_hands_over
         assert (stats.batches, stats.largest_batch, stats.flushing) == (1, 2, False)
 
 
-async def test_SessionStore_promoted_caller_cancelled_before_it_runs(db: Path) -> None:
-    async with _gated(db, "s0", "s1") as (store, gate, tg):
+async def test_SessionStore_promoted_caller_cancelled_before_it_runs(store_at: Backend) -> None:
+    async with _gated(store_at, "s0", "s1") as (store, gate, tg):
         hold = gate.hold()
         a = _Call()
         b = _Call()
@@ -872,13 +1013,13 @@ def _watchdog(seconds: float) -> Iterator[anyio.CancelScope]:
         timer.cancel()
 
 
-async def _run_cancel_schedule(path: Path, subs: list[_Sub], in_thread: bool) -> None:
+async def _run_cancel_schedule(store_at: Backend, subs: list[_Sub], in_thread: bool) -> None:
     sessions = ["s0", "s1", "s2"]
     seq = itertools.count()
     outcome: dict[int, Any] = {}  # sub index -> turn, SessionError or "cancelled"
     submitted: dict[int, int] = {}  # sub index -> submission sequence number
 
-    async with SessionStore.open(path, synchronous="NORMAL", in_thread=in_thread) as store:
+    async with store_at.open(synchronous="NORMAL", in_thread=in_thread) as store:
         for sid in sessions:
             await store.ensure_session(sid)
 
@@ -947,14 +1088,20 @@ async def _run_cancel_schedule(path: Path, subs: list[_Sub], in_thread: bool) ->
 
 @pytest.mark.parametrize("in_thread", [False, True], ids=["on-loop", "in-thread"])
 @pytest.mark.parametrize("backend", ["trio", "asyncio"])
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_SessionStore_group_commit_with_cancellations_matches_the_model(
-    backend: str, in_thread: bool, data: st.DataObject
+    kind: str, backend: str, in_thread: bool, request: pytest.FixtureRequest, data: st.DataObject
 ) -> None:
     subs = data.draw(st.lists(_subs, max_size=14), label="subs")
     options = {"clock": trio.testing.MockClock(autojump_threshold=0)} if backend == "trio" else {}
-    with _fresh_db() as path:
+    with _fresh(kind, request) as store_at:
         anyio.run(
-            _run_cancel_schedule, path, subs, in_thread, backend=backend, backend_options=options
+            _run_cancel_schedule,
+            store_at,
+            subs,
+            in_thread,
+            backend=backend,
+            backend_options=options,
         )

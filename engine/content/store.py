@@ -400,13 +400,19 @@ class ModuleStore:
     # ----- queries (worker thread, or the event loop with query_in_thread=False)
 
     def _run(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
-        with self._lock:
+        # a query takes milliseconds: a lock still held after 30 s is a bug, and an
+        # error names it where a plain ``with`` would hang the event loop for good
+        if not self._lock.acquire(timeout=30.0):
+            raise ModuleError(f"module {self.name!r}: its connection stayed busy for 30 s")
+        try:
             if self._conn is None:
                 raise ModuleError(f"module {self.name!r} is closed")
             try:
                 return self._conn.execute(sql, params).fetchall()
             except sqlite3.Error as e:
                 raise ModuleError(f"{self.path}: query failed: {e}") from e
+        finally:
+            self._lock.release()
 
     async def _query(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
         if self.query_in_thread:

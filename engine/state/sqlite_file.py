@@ -1,5 +1,5 @@
-"""The session store's SQLite file: its schema, opening and checking a file, and the
-synchronous row operations that ``SessionStore`` runs off the event loop.
+"""The SQLite session store's file: its schema, opening and checking a file, and the
+lock that keeps it to one engine process (the row operations are in ``rows``).
 
 A file is ours when its ``application_id`` and ``user_version`` say so and
 ``PRAGMA quick_check`` passes; an empty file is initialised; anything else is
@@ -12,31 +12,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import sqlite3
 import stat
 import threading
 from pathlib import Path
-from typing import Any, final
+from typing import final
 
-import attrs
+from ..errors import SessionError
 
-from .errors import SessionError
-
-__all__ = [
-    "APPLICATION_ID",
-    "SCHEMA_VERSION",
-    "ActionRow",
-    "SessionState",
-    "StoreLock",
-    "TranscriptEntry",
-    "apply_action",
-    "connect",
-    "load_session",
-    "require_session",
-    "session_row",
-]
+__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "StoreLock", "connect"]
 
 #: ``PRAGMA application_id`` of a session store ("dmS1"); other SQLite files are foreign.
 APPLICATION_ID = 0x646D5331
@@ -69,109 +54,6 @@ CREATE TABLE state (
     PRIMARY KEY (session_id, key)
 );
 """
-
-
-@attrs.frozen
-class SessionState:
-    """A snapshot of one session: ``turn`` actions recorded so far, and its state."""
-
-    session_id: str
-    turn: int
-    state: dict[str, Any]
-    created: float  # wall-clock seconds since the epoch (persisted across processes)
-    updated: float
-
-
-@attrs.frozen
-class TranscriptEntry:
-    """One recorded action, exactly as ``record_action`` received it."""
-
-    turn: int
-    action_text: str
-    action_type: str
-    narrative: str
-    state_changes: dict[str, Any]
-    responses: dict[str, Any]
-    created: float
-
-
-@attrs.frozen
-class ActionRow:
-    """A validated ``record_action`` call, serialized so the thread only does SQL."""
-
-    session_id: str
-    turn_expected: int | None
-    action_text: str
-    action_type: str
-    narrative: str
-    changes_json: str
-    responses_json: str
-    values: tuple[tuple[str, str | None], ...]  # state key -> JSON value, None deletes
-
-
-def apply_action(conn: sqlite3.Connection, action: ActionRow, now: float) -> int:
-    """Insert the transcript row, apply the state changes, bump the turn; return it."""
-    session_id = action.session_id
-    turn = int(require_session(conn, session_id)[0])
-    if action.turn_expected is not None and turn != action.turn_expected:
-        raise SessionError(
-            f"session {session_id!r} is at turn {turn}, not {action.turn_expected}: "
-            "another action was recorded in between"
-        )
-    new_turn = turn + 1
-    conn.execute(
-        "INSERT INTO transcript (session_id, turn, action_text, action_type, narrative,"
-        " state_changes, responses, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            session_id,
-            new_turn,
-            action.action_text,
-            action.action_type,
-            action.narrative,
-            action.changes_json,
-            action.responses_json,
-            now,
-        ),
-    )
-    for key, value in action.values:
-        if value is None:
-            conn.execute("DELETE FROM state WHERE session_id = ? AND key = ?", (session_id, key))
-        else:
-            conn.execute(
-                "INSERT INTO state (session_id, key, value) VALUES (?, ?, ?)"
-                " ON CONFLICT (session_id, key) DO UPDATE SET value = excluded.value",
-                (session_id, key, value),
-            )
-    conn.execute(
-        "UPDATE sessions SET turn = ?, updated = ? WHERE session_id = ?",
-        (new_turn, now, session_id),
-    )
-    return new_turn
-
-
-def session_row(conn: sqlite3.Connection, session_id: str) -> tuple[Any, ...] | None:
-    row: tuple[Any, ...] | None = conn.execute(
-        "SELECT turn, created, updated FROM sessions WHERE session_id = ?", (session_id,)
-    ).fetchone()
-    return row
-
-
-def require_session(conn: sqlite3.Connection, session_id: str) -> tuple[Any, ...]:
-    row = session_row(conn, session_id)
-    if row is None:
-        raise SessionError(f"unknown session {session_id!r}")
-    return row
-
-
-def load_session(conn: sqlite3.Connection, session_id: str) -> SessionState:
-    turn, created, updated = require_session(conn, session_id)
-    state = {
-        key: json.loads(value)
-        for key, value in conn.execute(
-            "SELECT key, value FROM state WHERE session_id = ? ORDER BY key", (session_id,)
-        )
-    }
-    return SessionState(session_id, int(turn), state, float(created), float(updated))
 
 
 # --------------------------------------------------------------------------- opening

@@ -1,0 +1,254 @@
+"""Group commit: concurrent ``record_action`` calls share one transaction.
+
+One caller at a time holds the **flusher** role: it waits for the store's
+connection (the batching window: callers arriving meanwhile join the queue), takes
+every queued action and writes them in ONE transaction, each in its own SAVEPOINT
+(:func:`write_batch`); every caller returns once the transaction holding its action
+has committed. Backend-independent: a store supplies the connection slot (its
+``CapacityLimiter``) and a function that writes a batch with its :class:`Driver`.
+See docs/state.md ("Group commit") for the design and the cancellation table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import Callable
+from typing import TypeVar
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+import attrs
+
+from ..errors import SessionError
+from .records import ActionRow
+from .rows import Connection, Driver
+
+__all__ = ["GroupCommit", "Pending", "SessionStoreStatistics", "write_batch"]
+
+C = TypeVar("C", bound=Connection)
+
+
+@attrs.frozen
+class SessionStoreStatistics:
+    """A snapshot of a store's group commit (``statistics()`` of either backend).
+
+    Attributes:
+        batches: write transactions run by ``record_action`` flushes so far.
+        actions_written: actions committed by them (failed actions excluded).
+        largest_batch: most actions taken into one transaction (failed ones included).
+        pending: actions queued now, not yet taken into a transaction.
+        withdrawn: actions removed from the queue unwritten because their caller
+            was cancelled.
+        flushing: whether a caller holds the flusher role now.
+    """
+
+    batches: int
+    actions_written: int
+    largest_batch: int
+    pending: int
+    withdrawn: int
+    flushing: bool
+
+
+class Phase(enum.Enum):
+    QUEUED = "queued"  # in the queue, nobody will write it unless it is taken
+    PROMOTED = "promoted"  # still queued, and its caller holds the flusher role
+    TAKEN = "taken"  # in a batch being written; the write will finish
+    DONE = "done"  # written or failed: ``result`` or ``error`` is set
+    WITHDRAWN = "withdrawn"  # its caller was cancelled while it was queued
+
+
+@attrs.define(eq=False)
+class Pending:
+    """One queued action and its caller's wake-up (set once: promoted, or done)."""
+
+    action: ActionRow
+    phase: Phase = Phase.QUEUED
+    result: int | None = None
+    error: BaseException | None = None
+    wakeup: anyio.Event = attrs.field(factory=anyio.Event)
+
+
+@attrs.define(eq=False)
+class GroupCommit:
+    """The queue and the flusher role of one store.
+
+    Args:
+        limiter: the store's connection slot, which every store call holds while it
+            uses the connection; the flusher holds it from before it takes the batch
+            until the batch is written.
+        write: writes a batch, setting each action's ``result`` or ``error`` (in a
+            worker thread, or on the loop when ``in_thread`` is False).
+        where: names the store in messages.
+    """
+
+    limiter: anyio.CapacityLimiter
+    write: Callable[[list[Pending]], None]
+    where: str
+    in_thread: bool = True
+    # queued actions in submission order (a dict: O(1) withdrawal)
+    _queue: dict[Pending, None] = attrs.field(factory=dict, init=False)
+    _flushing: bool = attrs.field(default=False, init=False)
+    # the flusher already holds ``limiter``; this one only carries its thread job
+    _thread_slot: anyio.CapacityLimiter = attrs.field(
+        factory=lambda: anyio.CapacityLimiter(1), init=False
+    )
+    _batches: int = attrs.field(default=0, init=False)
+    _written: int = attrs.field(default=0, init=False)
+    _largest: int = attrs.field(default=0, init=False)
+    _withdrawn: int = attrs.field(default=0, init=False)
+
+    def statistics(self) -> SessionStoreStatistics:
+        return SessionStoreStatistics(
+            batches=self._batches,
+            actions_written=self._written,
+            largest_batch=self._largest,
+            pending=len(self._queue),
+            withdrawn=self._withdrawn,
+            flushing=self._flushing,
+        )
+
+    async def submit(self, action: ActionRow) -> int:
+        """Queue ``action``; flush it (as the flusher) or wait until a flusher has.
+
+        Bookkeeping is synchronous and all-or-nothing; every await undoes it when
+        cancelled: a queued (or promoted) action is withdrawn unwritten, handing the
+        flusher role on; a taken action is waited for (shielded), since its
+        transaction will commit or roll back whatever the caller does.
+        """
+        pending = Pending(action)
+        self._queue[pending] = None
+        if not self._flushing:
+            self._flushing = True
+            pending.phase = Phase.PROMOTED
+        try:
+            if pending.phase is Phase.QUEUED:
+                await pending.wakeup.wait()  # set when promoted or done
+            if pending.phase is Phase.PROMOTED:
+                await self._flush()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                if pending.phase in (Phase.QUEUED, Phase.PROMOTED):
+                    self._withdraw(pending)
+                elif pending.phase is Phase.TAKEN:  # in another flusher's transaction
+                    await pending.wakeup.wait()
+            raise
+        assert pending.phase is Phase.DONE
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    async def _flush(self) -> None:
+        """Write every queued action in ONE transaction; the caller is the flusher.
+
+        Waiting for the connection (``limiter``) is the batching window: actions
+        queued meanwhile join the batch. Cancellation before the batch is taken
+        leaves everything queued (the caller withdraws); after it, the write runs
+        shielded to the end and ``Cancelled`` is raised afterwards.
+        """
+        if self.in_thread:
+            await self.limiter.acquire()
+        else:
+            await anyio.lowlevel.checkpoint()  # let callers of this loop pass join
+        batch = list(self._queue)
+        self._queue.clear()
+        for pending in batch:
+            pending.phase = Phase.TAKEN
+        self._batches += 1
+        self._largest = max(self._largest, len(batch))
+        try:
+            with anyio.CancelScope(shield=True):
+                if self.in_thread:
+                    await anyio.to_thread.run_sync(self.write, batch, limiter=self._thread_slot)
+                else:
+                    self.write(batch)
+        finally:
+            if self.in_thread:
+                self.limiter.release()
+            for pending in batch:
+                if pending.result is None and pending.error is None:  # the write raised
+                    pending.error = SessionError(
+                        f"record_action on {self.where!r} failed: the write was interrupted"
+                    )
+                self._written += pending.error is None
+                pending.phase = Phase.DONE
+                pending.wakeup.set()
+            self._handoff()
+        await anyio.lowlevel.checkpoint_if_cancelled()
+
+    def _withdraw(self, pending: Pending) -> None:
+        """Remove a cancelled caller's queued action; pass on its flusher role."""
+        del self._queue[pending]
+        promoted = pending.phase is Phase.PROMOTED
+        pending.phase = Phase.WITHDRAWN
+        self._withdrawn += 1
+        if promoted:
+            self._handoff()
+
+    def _handoff(self) -> None:
+        """The flusher role is free: give it to the oldest queued caller, if any."""
+        for first in self._queue:
+            first.phase = Phase.PROMOTED
+            first.wakeup.set()
+            return
+        self._flushing = False
+
+
+def write_batch(driver: Driver[C], batch: list[Pending], clock: Callable[[], float]) -> None:
+    """One transaction; each action in its own SAVEPOINT (runs holding the connection).
+
+    Sets each action's ``result`` or ``error``. A backend may apply the whole batch
+    faster first (``Driver.apply_batch``, PostgreSQL's pipeline); if it cannot (one
+    of its statements failed) it changes nothing and the savepoint loop runs. An action's own failure rolls back
+    that action only; a failure of the transaction itself (BEGIN, COMMIT, or an
+    error after which the backend aborted the whole transaction, such as a full
+    disk or a lost connection) fails every action of the batch and writes none —
+    except that when a COMMIT is lost with the connection, PostgreSQL may have
+    committed it: the message then says the outcome is unknown.
+    """
+    where = driver.where
+    committing = False
+    conn: C | None = None
+    try:
+        conn = driver.begin(write=True)
+        driver.lock_sessions(conn, sorted({p.action.session_id for p in batch}))
+        for pending in [] if driver.apply_batch(conn, batch, clock) else batch:
+            conn.execute("SAVEPOINT action")
+            try:
+                pending.result = driver.rows.apply_action(conn, pending.action, clock())
+            except Exception as exc:
+                if not driver.in_transaction(conn):
+                    raise  # the backend aborted the whole transaction
+                conn.execute("ROLLBACK TO SAVEPOINT action")
+                pending.error = exc
+                if driver.is_driver_error(exc):
+                    pending.error = SessionError(
+                        f"record_action on {where!r} failed: {driver.describe(exc)}"
+                    )
+                    pending.error.__cause__ = exc
+            conn.execute("RELEASE SAVEPOINT action")
+        committing = True
+        driver.commit(conn)
+    except BaseException as exc:
+        if conn is not None and driver.in_transaction(conn):
+            with contextlib.suppress(Exception):
+                driver.rollback(conn)
+        if committing and conn is not None and driver.commit_outcome_unknown(conn, exc):
+            what = (
+                f"the connection was lost while committing the batch of {len(batch)} "
+                "actions: whether they were stored is unknown; reread the session"
+            )
+        else:
+            what = f"the whole batch of {len(batch)} actions was rolled back"
+        for pending in batch:
+            if pending.error is None:  # written in the transaction rolled back
+                pending.result = None
+                pending.error = SessionError(
+                    f"record_action on {where!r} failed: {driver.describe(exc)} ({what})"
+                )
+                pending.error.__cause__ = exc
+        if not isinstance(exc, Exception):
+            raise

@@ -1,0 +1,317 @@
+"""The shared backend: session state in PostgreSQL, for many engine processes.
+
+Same contract as the SQLite store (one transaction per group-commit batch, one
+SAVEPOINT per action; nothing reported done is lost; turn counters equal
+transcript rows; ``turn_expected`` compare-and-set), plus **session leases**:
+``async with store.session_lease(session_id)`` holds a row of ``session_leases``
+that only one holder at a time can have, so engine processes never run actions of
+one session at the same time. psycopg 3's blocking API runs in a worker thread
+(its async API is asyncio-only; the engine runs on trio too), behind the same lock
+and ``CapacityLimiter(1)`` as SQLite's. See docs/state.md ("PostgreSQL").
+
+Usage::
+
+    async with PostgresSessionStore.open("postgresql://dm@db:5432/dm",
+                                         password=os.environ["DM_PG_PASSWORD"]) as store:
+        async with store.session_lease("s1"):
+            state = await store.ensure_session("s1")
+            await store.record_action("s1", turn_expected=state.turn, ...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, ClassVar, Literal, final
+
+import anyio
+import anyio.to_thread
+import attrs
+import psycopg
+
+from ..config import StateConfig
+from ..config_checks import postgres_url_problem, redact_url
+from ..errors import SessionError
+from .base import SessionStoreBase
+from .postgres_driver import PostgresDriver
+from .postgres_schema import Scrubber, connect, prepare
+from .records import DEFAULT_MAX_ACTION_CHARS, check_session_id
+from .sqlite import validated
+
+__all__ = ["DEFAULT_LEASE_SECONDS", "PostgresSessionStore"]
+
+DEFAULT_LEASE_SECONDS = 30.0
+# waiting for a lease: the first poll after ~5 ms, doubling to ~100 ms, each jittered
+_FIRST_POLL = 0.005
+_MAX_POLL = 0.1
+
+# Take the lease if it is free, expired, or already held by this holder; the server's
+# clock decides expiry, so the engines' clocks need not agree.
+_TAKE = """
+INSERT INTO session_leases AS l (session_id, holder, expires_at)
+VALUES (%s, %s, clock_timestamp() + make_interval(secs => %s))
+ON CONFLICT (session_id) DO UPDATE
+    SET holder = excluded.holder, expires_at = excluded.expires_at
+    WHERE l.holder = excluded.holder OR l.expires_at <= clock_timestamp()
+RETURNING l.holder
+"""
+_RENEW = """
+UPDATE session_leases SET expires_at = clock_timestamp() + make_interval(secs => %s)
+WHERE session_id = %s AND holder = %s
+"""
+_RELEASE = "DELETE FROM session_leases WHERE session_id = %s AND holder = %s"
+
+
+@final
+@attrs.define(eq=False, repr=False)
+class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
+    """The PostgreSQL session store; ``async with PostgresSessionStore.open(url)``.
+
+    Attributes:
+        url: the server's URL, without a password (safe to show).
+        lease_seconds: how long a lease lasts without renewal: the longest a killed
+            engine blocks the sessions it was serving.
+    """
+
+    shared: ClassVar[bool] = True
+
+    url: str = attrs.field(kw_only=True)
+    lease_seconds: float = attrs.field(kw_only=True)
+    _holder: str = attrs.field(
+        init=False,
+        factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}",
+    )
+    _leases: itertools.count[int] = attrs.field(init=False, factory=itertools.count)
+    # per session: a FIFO lock for this store's waiters (one of them polls the server)
+    _waiting: dict[str, tuple[anyio.Lock, int]] = attrs.field(init=False, factory=dict)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        url: str,
+        *,
+        password: str | None = None,
+        max_action_chars: int = DEFAULT_MAX_ACTION_CHARS,
+        synchronous: Literal["NORMAL", "FULL"] = "FULL",
+        clock: Callable[[], float] = time.time,
+        in_thread: bool = True,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        connect_timeout: float = 10.0,
+    ) -> AsyncIterator[PostgresSessionStore]:
+        """Connect to the store at ``url`` (creating its tables in an empty schema);
+        close the connection on exit.
+
+        Args:
+            url: ``postgresql://user@host:port/database`` — no password in it.
+            password: the login's password (``None``: libpq's own means, such as
+                ``~/.pgpass``). It is never shown: errors name the URL only.
+            synchronous: ``"FULL"`` (``synchronous_commit = on``): a commit waits
+                for the server's WAL flush, so a returned action survives a crash
+                of the server too; ``"NORMAL"`` (``off``): it survives a crash of
+                the engine, not of the server.
+            lease_seconds: see ``session_lease``.
+            connect_timeout: seconds to wait for the server at (re)connection.
+
+        Raises:
+            ValueError: a bad argument, such as a URL holding a password.
+            SessionError: the server cannot be reached or refuses the login; the
+                schema holds our table names but is not our store, has another
+                schema version or lacks tables; the login cannot write the tables.
+        """
+        validated(max_action_chars)
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
+        problem = postgres_url_problem(url) if isinstance(url, str) else "must be a str"
+        if problem:
+            raise ValueError(f"url {redact_url(str(url))!r} {problem}")
+        if not (isinstance(lease_seconds, (int, float)) and 0 < lease_seconds < math.inf):
+            raise ValueError(f"lease_seconds must be a number > 0, got {lease_seconds!r}")
+        scrub = Scrubber(password)
+
+        def reconnect() -> psycopg.Connection[Any]:
+            return connect(
+                url, password, scrub, synchronous=synchronous, connect_timeout=connect_timeout
+            )
+
+        def first() -> psycopg.Connection[Any]:
+            conn = reconnect()
+            try:
+                prepare(conn, url, scrub)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        conn = await anyio.to_thread.run_sync(first)
+        driver = PostgresDriver(url, conn, reconnect, scrub)
+        store = cls(
+            max_action_chars, driver, clock, in_thread, url=url, lease_seconds=float(lease_seconds)
+        )
+        try:
+            yield store
+        finally:
+            await store.aclose()
+
+    @classmethod
+    def from_config(
+        cls, config: StateConfig, environ: Mapping[str, str] | None = None
+    ) -> contextlib.AbstractAsyncContextManager[PostgresSessionStore]:
+        """``open`` the store of ``[state] url``, with the password from the
+        environment variable ``[state] password_env`` names (if any).
+
+        Raises:
+            SessionError: that variable is not set, or is empty.
+        """
+        environ = os.environ if environ is None else environ
+        password = None
+        if config.password_env:
+            password = environ.get(config.password_env)
+            if not password:
+                raise SessionError(
+                    f"the environment variable {config.password_env} named by [state] "
+                    f"password_env is {'empty' if password == '' else 'not set'}; set it to "
+                    f"the password of the PostgreSQL session store {config.url!r}"
+                )
+        return cls.open(
+            config.url,
+            password=password,
+            max_action_chars=config.max_action_chars,
+            synchronous="NORMAL" if config.synchronous == "NORMAL" else "FULL",
+            in_thread=config.write_in_thread,
+            lease_seconds=config.session_lease_seconds,
+        )
+
+    # ------------------------------------------------------------------ leases
+
+    @contextlib.asynccontextmanager
+    async def session_lease(self, session_id: str) -> AsyncIterator[None]:
+        """Hold the session's lease while the block runs; wait for it first.
+
+        While one holder (a task of any engine process on this store) has the
+        lease, every other waits: this store's tasks in FIFO order, other
+        processes by polling with a short jittered backoff. The holder renews the
+        lease every ``lease_seconds / 3`` in the background and deletes it on
+        exit, also on error or cancellation. A holder killed without deleting it
+        blocks the session until it expires: ``lease_seconds`` at most.
+
+        If the lease is lost while held — renewals failed for ``lease_seconds``
+        (the server was unreachable, the process stalled) and another holder took
+        the expired lease — the block is cancelled and ``SessionError`` raised:
+        two holders may then have overlapped, which is why an action must also
+        pass the turn it read under the lease as ``record_action``'s
+        ``turn_expected`` (the stale one then fails instead of taking a turn).
+
+        Raises:
+            SessionError: the id is invalid, the lease was lost, or the server
+                failed while taking it.
+        """
+        check_session_id(session_id)
+        lock, refs = self._waiting.get(session_id, (None, 0))
+        if lock is None:
+            lock = anyio.Lock()
+        self._waiting[session_id] = (lock, refs + 1)
+        try:
+            async with lock:
+                token = await self._take(session_id)
+                try:
+                    lost: list[str] = []
+                    body = anyio.CancelScope()
+                    error: BaseException | None = None
+                    # the body's own exception is kept out of the task group (which
+                    # would wrap it in an exception group) and re-raised below
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._renew, session_id, token, body, lost)
+                        try:
+                            with body:
+                                yield
+                        except BaseException as exc:
+                            error = exc
+                        finally:
+                            tg.cancel_scope.cancel()
+                    if error is not None and (not lost or not isinstance(error, Exception)):
+                        raise error
+                    if lost:
+                        raise SessionError(lost[0]) from error
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self._give_back(session_id, token)
+        finally:
+            lock, refs = self._waiting[session_id]
+            if refs == 1:
+                del self._waiting[session_id]
+            else:
+                self._waiting[session_id] = (lock, refs - 1)
+
+    async def _take(self, session_id: str) -> str:
+        """Poll until the lease is ours; return its holder token."""
+        token = f"{self._holder}#{next(self._leases)}"
+        delay = _FIRST_POLL
+        while True:
+            took: list[bool] = []
+
+            def attempt(conn: psycopg.Connection[Any], took: list[bool] = took) -> bool:
+                row = conn.execute(_TAKE, (session_id, token, self.lease_seconds)).fetchone()
+                took.append(row is not None)
+                return row is not None
+
+            try:
+                if await self._run("session_lease", attempt, write=True):
+                    return token
+            except BaseException:
+                if took and took[0]:  # taken, then cancelled before we learnt it
+                    with anyio.CancelScope(shield=True):
+                        await self._give_back(session_id, token)
+                raise
+            await anyio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, _MAX_POLL)
+
+    async def _renew(
+        self, session_id: str, token: str, body: anyio.CancelScope, lost: list[str]
+    ) -> None:
+        """Extend the lease every ``lease_seconds / 3``; on loss cancel ``body``."""
+        confirmed = time.monotonic()
+        while True:
+            await anyio.sleep(self.lease_seconds / 3)
+            sent = time.monotonic()
+
+            def renew(conn: psycopg.Connection[Any]) -> bool:
+                cursor = conn.execute(_RENEW, (self.lease_seconds, session_id, token))
+                return bool(cursor.rowcount == 1)
+
+            try:
+                ours = await self._run("session_lease", renew, write=True)
+            except SessionError as exc:
+                if time.monotonic() - confirmed < self.lease_seconds:
+                    continue  # try again; the lease has not expired yet
+                lost.append(
+                    f"the lease on session {session_id!r} could not be renewed for "
+                    f"{self.lease_seconds:g} s ({exc}); another engine may run the session"
+                )
+                body.cancel()
+                return
+            if ours:
+                confirmed = sent
+                continue
+            lost.append(
+                f"the lease on session {session_id!r} was lost: it expired before it was "
+                "renewed and another engine took it"
+            )
+            body.cancel()
+            return
+
+    async def _give_back(self, session_id: str, token: str) -> None:
+        """Delete the lease if it is still ours (a failure leaves it to expire)."""
+
+        def release(conn: psycopg.Connection[Any]) -> None:
+            conn.execute(_RELEASE, (session_id, token))
+
+        with contextlib.suppress(SessionError):
+            await self._run("session_lease", release, write=True)

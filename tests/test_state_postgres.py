@@ -1,0 +1,427 @@
+"""The PostgreSQL session store against a real server: its schema checks, the
+password (never shown), the ``[state]`` keys that select it, reconnection.
+
+The store's whole contract (actions, group commit, cancellation) runs on both
+backends in ``test_state.py``; leases are in ``test_state_postgres_lease.py``,
+crash safety in ``test_state_postgres_crash.py``. Real clock, trio and asyncio.
+"""
+
+from __future__ import annotations
+
+import re
+import traceback
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+import pg_server
+import pytest
+from pg_server import PASSWORD_ENV, PostgresServer
+
+import engine
+from engine.config import Config, StateConfig, parse_config
+from engine.errors import ConfigError, SessionError
+from engine.state import PostgresSessionStore, SessionStore, open_session_store
+from engine.state.postgres_driver import PostgresDriver
+
+pytestmark = pytest.mark.anyio
+
+# the server fixtures (bound here, not imported: test parameters would shadow an import)
+postgres_server = pg_server.postgres_server
+pg_url = pg_server.pg_url
+
+TABLES = ["dm_engine_meta", "session_leases", "sessions", "state", "transcript"]
+
+
+@pytest.fixture(params=["trio", "asyncio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """The real clock: the server answers in real time."""
+    return str(request.param)
+
+
+def _action(text: str = "I search the altar", **changes: Any) -> dict[str, Any]:
+    return {
+        "action_text": text,
+        "action_type": "exploration",
+        "narrative": f"You {text.lower()}.",
+        "state_changes": changes,
+        "responses": {},
+    }
+
+
+def _schema(url: str) -> str:
+    options = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["options"][0]
+    return options.removeprefix("-csearch_path=")
+
+
+def _dump(server: PostgresServer, url: str) -> dict[str, list[Any]]:
+    """Every table of the URL's schema with its rows: 'nothing touched'."""
+    schema = _schema(url)
+    with server.connect() as conn:
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s"
+                " ORDER BY table_name",
+                (schema,),
+            )
+        ]
+        return {
+            name: sorted(map(repr, conn.execute(f'SELECT * FROM "{schema}"."{name}"')))
+            for name in names
+        }
+
+
+def _no_secret(server: PostgresServer, *texts: str) -> None:
+    forms = {server.password, urllib.parse.quote(server.password, safe="")}
+    for text in texts:
+        for form in forms:
+            assert form not in text, f"the password leaked into: {text}"
+
+
+def _everything(exc: BaseException) -> str:
+    """The exception's message, its whole traceback and every chained exception."""
+    return "".join(traceback.format_exception(exc)) + repr(exc.__cause__) + repr(exc.__context__)
+
+
+async def _open(server: PostgresServer, url: str, **options: Any) -> None:
+    async with PostgresSessionStore.open(url, password=server.password, **options):
+        pass
+
+
+# ------------------------------------------------------------------ the schema
+
+
+async def test_open_creates_the_schema_once(postgres_server: PostgresServer, pg_url: str) -> None:
+    async with anyio.create_task_group() as tg:  # engines starting together on an empty schema
+        for _ in range(4):
+            tg.start_soon(_open, postgres_server, pg_url)
+    tables = _dump(postgres_server, pg_url)
+    assert sorted(tables) == TABLES
+    assert tables["dm_engine_meta"] == sorted(
+        [repr(("application", "dm-engine session store")), repr(("schema_version", "1"))]
+    )
+    ids = ["Zeta", "alpha", "Ärger", "beta", "_x", "10", "9"]
+    async with PostgresSessionStore.open(pg_url, password=postgres_server.password) as store:
+        for sid in ids:
+            await store.ensure_session(sid)
+        assert await store.session_ids() == sorted(ids)  # code point order, as SQLite
+
+
+async def test_refuses_another_schema_version_untouched(
+    postgres_server: PostgresServer, pg_url: str
+) -> None:
+    async with PostgresSessionStore.open(pg_url, password=postgres_server.password) as store:
+        await store.ensure_session("s")
+        await store.record_action("s", **_action(hp=1))
+    with postgres_server.connect(pg_url) as conn:
+        conn.execute("UPDATE dm_engine_meta SET value = '2' WHERE key = 'schema_version'")
+    before = _dump(postgres_server, pg_url)
+    with pytest.raises(SessionError) as info:
+        await _open(postgres_server, pg_url)
+    message = str(info.value)
+    assert "has schema version 2; this engine reads version 1 only" in message
+    assert repr(pg_url) in message and _schema(pg_url) in message
+    assert _dump(postgres_server, pg_url) == before
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (
+            "CREATE TABLE sessions (id INTEGER, owner TEXT)",
+            r"has tables \['sessions'\] but no dm_engine_meta table: they belong to another "
+            "application; refusing",
+        ),
+        (
+            "CREATE TABLE dm_engine_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+            " INSERT INTO dm_engine_meta VALUES ('application', 'other'),"
+            " ('schema_version', '1')",
+            "names application 'other'",
+        ),
+    ],
+    ids=["foreign-tables", "other-application"],
+)
+async def test_refuses_a_schema_of_another_application_untouched(
+    postgres_server: PostgresServer, pg_url: str, setup: str, message: str
+) -> None:
+    with postgres_server.connect(pg_url) as conn:
+        conn.execute(setup)
+    before = _dump(postgres_server, pg_url)
+    with pytest.raises(SessionError, match=message):
+        await _open(postgres_server, pg_url)
+    assert _dump(postgres_server, pg_url) == before
+
+
+async def test_refuses_a_store_missing_a_table(
+    postgres_server: PostgresServer, pg_url: str
+) -> None:
+    await _open(postgres_server, pg_url)
+    with postgres_server.connect(pg_url) as conn:
+        conn.execute("DROP TABLE session_leases")
+    with pytest.raises(SessionError, match=r"lacks tables \['session_leases'\]"):
+        await _open(postgres_server, pg_url)
+
+
+async def test_refuses_a_login_that_cannot_write(
+    postgres_server: PostgresServer, pg_url: str
+) -> None:
+    await _open(postgres_server, pg_url)
+    role = f"reader_{_schema(pg_url)}"
+    schema = _schema(pg_url)
+    secret = "-".join(["reader", schema, "pw"])  # not spelt out in this (traced) source
+    with postgres_server.connect(pg_url) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{secret}'")
+        conn.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO {role}')
+        conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO {role}')
+    url = pg_url.replace("postgresql://dm@", f"postgresql://{role}@")
+    with pytest.raises(SessionError) as info:
+        async with PostgresSessionStore.open(url, password=secret):
+            pass  # pragma: no cover
+    message = str(info.value)
+    assert f"cannot be written: user '{role}' lacks INSERT on sessions" in message
+    assert "grant them or choose another [state] url" in message
+    assert secret not in _everything(info.value)
+
+
+async def test_refuses_a_search_path_without_a_schema(postgres_server: PostgresServer) -> None:
+    url = f"{postgres_server.url}?options={urllib.parse.quote('-csearch_path=nowhere')}"
+    with pytest.raises(SessionError, match="its search_path names no existing schema"):
+        await _open(postgres_server, url)
+
+
+# ------------------------------------------------------------------ the password
+
+
+async def test_wrong_password_is_refused_without_showing_it(
+    postgres_server: PostgresServer, pg_url: str
+) -> None:
+    wrong = postgres_server.password + "-not"
+    with pytest.raises(SessionError) as info:
+        async with PostgresSessionStore.open(pg_url, password=wrong):
+            pass  # pragma: no cover
+    message = str(info.value)
+    assert f"PostgreSQL session store {pg_url!r} cannot be reached" in message
+    assert "password authentication failed" in message
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    _no_secret(postgres_server, _everything(info.value))
+    assert wrong not in _everything(info.value)
+
+
+async def test_the_password_never_shows_in_reprs_or_errors(
+    postgres_server: PostgresServer, pg_url: str
+) -> None:
+    password = postgres_server.password
+    async with PostgresSessionStore.open(pg_url, password=password) as store:
+        _no_secret(postgres_server, repr(store), str(store), store.url, repr(attrs.asdict(store)))
+        assert repr(store) == f"<PostgresSessionStore {pg_url!r}>"
+        with pytest.raises(SessionError) as info:
+            await store.get_session("nope")
+        _no_secret(postgres_server, _everything(info.value))
+        # an error whose text holds the password (here the server echoes it) is scrubbed
+        literal = password.replace("'", "''")
+        with postgres_server.connect(pg_url) as conn:
+            conn.execute(
+                "CREATE FUNCTION echo() RETURNS trigger LANGUAGE plpgsql AS $body$ BEGIN"
+                f" RAISE EXCEPTION 'login %', '{literal}'; END $body$"
+            )
+            conn.execute(
+                "CREATE TRIGGER echo BEFORE INSERT ON state FOR EACH ROW EXECUTE FUNCTION echo()"
+            )
+        await store.ensure_session("s")
+        with pytest.raises(SessionError) as info:
+            await store.record_action("s", **_action(hp=1))
+        assert "login ***" in str(info.value)
+        _no_secret(postgres_server, str(info.value))
+    assert "closed" in repr(store)
+
+
+def test_a_url_with_a_password_is_refused_by_the_configuration() -> None:
+    secret = "hunter2-secret"
+    for url in (
+        f"postgresql://dm:{secret}@db.example:5432/dm",
+        f"postgres://dm@db.example/dm?sslmode=require&password={secret}",
+    ):
+        for build in (
+            lambda u: parse_config({"state": {"url": u}}),
+            lambda u: StateConfig(url=u),
+        ):
+            with pytest.raises(ConfigError) as info:
+                build(url)
+            message = str(info.value)
+            assert message.startswith("state.url = 'postgres")
+            assert "must not contain a password" in message and "[state] password_env" in message
+            assert secret not in message and secret not in repr(info.value.value)
+            assert "***" in message
+
+
+@pytest.mark.parametrize(
+    ("state", "key", "reason"),
+    [
+        ({"url": "mysql://dm@db/dm"}, "state.url", "must be a PostgreSQL URL"),
+        ({"url": "postgresql://dm@db:99999/dm"}, "state.url", "must be a PostgreSQL URL"),
+        ({"url": "postgresql://dm@db/dm", "path": "/x.sqlite"}, "state.path", "must be empty"),
+        ({"password_env": "PGPASS"}, "state.password_env", "only read for a PostgreSQL store"),
+        (
+            {"url": "postgresql://dm@db/dm", "password_env": "PG-PASS"},
+            "state.password_env",
+            "name of an environment variable",
+        ),
+        ({"session_lease_seconds": 0.5}, "state.session_lease_seconds", ">= 1.0"),
+        ({"session_lease_seconds": 7200}, "state.session_lease_seconds", "<= 3600"),
+    ],
+)
+def test_state_keys_are_validated(state: dict[str, Any], key: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"state": state})
+    assert info.value.key == key and reason in str(info.value)
+
+
+def test_state_defaults_select_sqlite() -> None:
+    config = Config().state
+    assert (config.url, config.password_env, config.session_lease_seconds) == ("", "", 30.0)
+    ok = parse_config(
+        {"state": {"url": "postgresql://dm@db:5432/dm", "password_env": "DM_PG_PASSWORD"}}
+    )
+    assert ok.state.url == "postgresql://dm@db:5432/dm"
+
+
+# ------------------------------------------------------------------ selecting the store
+
+
+async def test_open_session_store_picks_the_backend(
+    postgres_server: PostgresServer, pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = StateConfig(url=pg_url, password_env=PASSWORD_ENV, session_lease_seconds=2)
+    async with open_session_store(config, tmp_path) as store:
+        assert isinstance(store, PostgresSessionStore) and store.shared
+        assert (store.url, store.lease_seconds) == (pg_url, 2.0)
+        await store.ensure_session("s")
+    # state_path (open_engine's) means the SQLite file, whatever url says
+    async with open_session_store(config, tmp_path, path=tmp_path / "x.sqlite") as store:
+        assert isinstance(store, SessionStore) and not store.shared
+    async with open_session_store(StateConfig(), tmp_path) as store:
+        assert isinstance(store, SessionStore)
+        assert store.path == tmp_path / "sessions.sqlite"
+    monkeypatch.delenv(PASSWORD_ENV)
+    with pytest.raises(SessionError) as info:
+        open_session_store(config, tmp_path)
+    assert f"the environment variable {PASSWORD_ENV} named by [state] password_env is not set" in (
+        str(info.value)
+    )
+    with pytest.raises(SessionError, match="is empty"):
+        open_session_store(config, tmp_path, environ={PASSWORD_ENV: ""})
+
+
+async def test_open_engine_runs_on_postgres(
+    postgres_server: PostgresServer, pg_url: str, tmp_path: Path
+) -> None:
+    config = Config()
+    config = attrs.evolve(
+        config,
+        module=attrs.evolve(config.module, include_srd=False, cache_dir=str(tmp_path)),
+        state=attrs.evolve(config.state, url=pg_url, password_env=PASSWORD_ENV),
+    )
+    async with engine.open_engine(config, time_scale=0.001) as dm:
+        assert isinstance(dm.store, PostgresSessionStore)
+        result = await dm.player_action("s1", "I search the altar for traps")
+        assert result.turn == 1
+    async with PostgresSessionStore.open(pg_url, password=postgres_server.password) as store:
+        assert [e.action_text for e in await store.transcript("s1")] == [
+            "I search the altar for traps"
+        ]
+
+
+# ------------------------------------------------------------------ the connection
+
+
+async def test_synchronous_maps_to_synchronous_commit(
+    postgres_server: PostgresServer, pg_url: str
+) -> None:
+    for synchronous, setting in (("FULL", "on"), ("NORMAL", "off")):
+        async with PostgresSessionStore.open(
+            pg_url, password=postgres_server.password, synchronous=synchronous
+        ) as store:
+            shown = await store._run(
+                "show",
+                lambda conn: conn.execute("SHOW synchronous_commit").fetchone()[0],
+                write=False,
+            )
+            assert shown == setting
+
+
+async def test_a_dropped_connection_is_replaced(
+    postgres_server: PostgresServer, pg_url: str
+) -> None:
+    async with PostgresSessionStore.open(pg_url, password=postgres_server.password) as store:
+        await store.ensure_session("s")
+        for round_ in range(2):
+            pid = await store._run(
+                "pid",
+                lambda conn: conn.execute("SELECT pg_backend_pid()").fetchone()[0],
+                write=False,
+            )
+            with postgres_server.connect() as admin:  # as a server restart or a proxy would
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            if round_ == 0:
+                assert await store.record_action("s", **_action(hp=1)) == 1  # a write first
+            else:
+                assert (await store.get_session("s")).turn == 1  # a read first
+        assert await store.count_actions("s") == 1
+
+
+async def test_batches_take_the_pipeline_and_fall_back_on_a_failure(
+    postgres_server: PostgresServer, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unknown session or a stale ``turn_expected`` fails alone inside the pipelined
+    batch; a failing statement sends the batch to the one-savepoint-per-action path."""
+    taken: list[bool] = []
+    real = PostgresDriver.apply_batch
+
+    def spy(self: PostgresDriver, *args: Any) -> bool:
+        taken.append(real(self, *args))
+        return taken[-1]
+
+    monkeypatch.setattr(PostgresDriver, "apply_batch", spy)
+    async with PostgresSessionStore.open(
+        pg_url, password=postgres_server.password, in_thread=False
+    ) as store:
+        await store.ensure_session("s")
+        await store.ensure_session("t")
+        outcomes: dict[str, Any] = {}
+
+        async def act(name: str, sid: str, turn_expected: int | None) -> None:
+            changes = {"hp": "x" * 10} if name == "big" else {"hp": name}
+            try:
+                outcomes[name] = await store.record_action(
+                    sid, turn_expected=turn_expected, **_action(name, **changes)
+                )
+            except SessionError as exc:
+                outcomes[name] = str(exc)
+
+        async def batch(*calls: tuple[Any, ...]) -> None:
+            async with anyio.create_task_group() as tg:  # on the loop: one batch
+                for call in calls:
+                    tg.start_soon(act, *call)
+
+        # in any order: a and b take turn 1 of s and t; ghost and stale fail alone
+        await batch(("a", "s", 0), ("ghost", "nope", None), ("stale", "s", 99), ("b", "t", None))
+        assert (outcomes["a"], outcomes["b"], outcomes["ghost"]) == (1, 1, "unknown session 'nope'")
+        assert re.fullmatch(
+            "session 's' is at turn [01], not 99: another action was recorded in between",
+            outcomes["stale"],
+        )
+        assert taken == [True]
+        with postgres_server.connect(pg_url) as conn:
+            conn.execute("ALTER TABLE state ADD CONSTRAINT small CHECK (length(value) < 5)")
+        await batch(("c", "s", 1), ("big", "s", None), ("d", "t", 1))
+        assert taken == [True, False]
+        assert (outcomes["c"], outcomes["d"]) == (2, 2)
+        assert "violates check constraint" in outcomes["big"]
+        for sid, texts in (("s", ["a", "c"]), ("t", ["b", "d"])):
+            assert [e.action_text for e in await store.transcript(sid)] == texts
+            state = await store.get_session(sid)
+            assert (state.turn, state.state) == (2, {"hp": texts[-1]})
+        assert store.statistics().batches == 2
