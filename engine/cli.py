@@ -50,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--think-time", type=float, default=10.0, help="--load: seconds between a player's actions"
     )
+    bench.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="--load: N engine processes sharing --config's PostgreSQL and Redis, "
+        "actions sent to random ones, one SIGKILLed mid-run (docs/scale-out.md)",
+    )
     bench.add_argument("--backend", choices=("trio", "asyncio"), default="trio")
     bench.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
     bench.add_argument(

@@ -89,6 +89,10 @@ def run_load_command(config: Config, args: argparse.Namespace) -> int:
     ``args.seed``, ``args.scenario`` and, when present, ``args.actions``,
     ``args.time_scale`` and ``args.think_time``.
     """
+    if getattr(args, "processes", None) is not None:  # N engine processes: processes.py
+        from .processes import run_processes_command
+
+        return run_processes_command(args, OVERHEAD_P95_GOAL)
     console = Console()
     sessions = DEFAULT_SESSIONS if args.sessions is None else int(args.sessions)
     actions = int(getattr(args, "actions", None) or 5)
