@@ -241,7 +241,7 @@ class SimulatedAgent:
             await anyio.sleep(latency)
         else:
             await anyio.sleep(first)
-            pieces = _pieces(answer["text"])
+            pieces = _pieces(answer["text"], latency - first)
             step = (latency - first) / max(len(pieces), 1)
             for i, piece in enumerate(pieces):
                 if i:
@@ -257,10 +257,24 @@ class SimulatedAgent:
         return answer
 
 
-def _pieces(text: str) -> list[str]:
-    """``text`` in word-sized pieces (each but the first with its leading space)."""
+#: Pieces come at least this far apart: word by word at real token rates, in groups of
+#: words when latencies are scaled down (the load test), where a wake-up per word
+#: would make the harness, not the engine, the load on the event loop.
+_MIN_PIECE_SECONDS = 0.001
+
+
+def _pieces(text: str, decode_seconds: float) -> list[str]:
+    """``text`` in word-sized pieces (each but the first with its leading space),
+    grouped so that ``decode_seconds`` gives each at least ``_MIN_PIECE_SECONDS``."""
+    if not text:
+        return []
     words = text.split(" ")
-    return [words[0], *(" " + w for w in words[1:])] if text else []
+    pieces = [words[0], *(" " + w for w in words[1:])]
+    most = max(1, int(decode_seconds / _MIN_PIECE_SECONDS))
+    if len(pieces) <= most:
+        return pieces
+    size = -(-len(pieces) // most)  # ceil
+    return ["".join(pieces[i : i + size]) for i in range(0, len(pieces), size)]
 
 
 def _gist(text: str, title: str, limit: int = 160) -> str:
