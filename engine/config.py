@@ -429,8 +429,16 @@ class StateConfig:
 
 @attrs.frozen
 class SimulationConfig:
+    """The simulated agents: their latency scenario, the seed of their draws, and
+    ``time_scale``, which multiplies every simulated latency (the load test and
+    ``dm-engine play --time-scale`` shrink real time with it; HTTP agents ignore it;
+    ``0`` makes every simulated call answer at once)."""
+
     scenario: str = "targets"
     seed: int = 20261126
+    time_scale: float = attrs.field(
+        default=1.0, validator=number(0, 1000, unit="x the scenario's latencies; 0: no latency")
+    )
 
 
 @attrs.frozen

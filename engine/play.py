@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterable, Mapping
 
 import anyio
+import attrs
 import trio
 from rich.console import Console
 from rich.text import Text
@@ -78,7 +79,7 @@ async def _act(console: Console, dm: DungeonMaster, session: str, text: str) -> 
 
 
 async def _play(config: Config, args: argparse.Namespace, console: Console) -> int:
-    async with open_engine(config, time_scale=args.time_scale) as dm:
+    async with open_engine(config) as dm:
         if args.text:
             await _act(console, dm, args.session, args.text)
             return 0
@@ -102,6 +103,12 @@ def _read_line() -> str:
 
 def run_play_command(config: Config, args: argparse.Namespace) -> int:
     console = Console()
+    try:  # --time-scale is [simulation] time_scale
+        sim = attrs.evolve(config.simulation, time_scale=args.time_scale)
+    except ValueError as exc:
+        console.print(f"[red]--time-scale {args.time_scale!r}: {exc}[/red]")
+        return 2
+    config = attrs.evolve(config, simulation=sim)
     if isinstance(sys.stdin, io.TextIOWrapper):
         # undecodable input bytes become lone surrogates, which the engine rejects with
         # a clear line, instead of ending the session with a UnicodeDecodeError

@@ -51,7 +51,6 @@ async def open_engine(
     module: Any = None,
     state_path: str | os.PathLike[str] | None = None,
     profiler: PerformanceProfiler | None = None,
-    time_scale: float = 1.0,
 ) -> AsyncIterator[DungeonMaster]:
     """Open the whole engine; ``async with open_engine(config) as dm: ...``.
 
@@ -65,11 +64,10 @@ async def open_engine(
         state_path: the session store file, instead of ``[state] path``.
         profiler: a profiler to record into (default: one from the config, on the
             event loop's clock, so virtual-time runs record virtual latencies).
-        time_scale: multiplies the simulated agents' latencies (the load test).
     """
     config = config or Config()
     try:
-        async with _open(config, agents, module, state_path, profiler, time_scale) as dm:
+        async with _open(config, agents, module, state_path, profiler) as dm:
             yield dm
     except BaseExceptionGroup as group:
         lone = lone_error(group)
@@ -85,7 +83,6 @@ async def _open(
     module: Any,
     state_path: str | os.PathLike[str] | None,
     profiler: PerformanceProfiler | None,
-    time_scale: float,
 ) -> AsyncIterator[DungeonMaster]:
     async with contextlib.AsyncExitStack() as stack:
         if profiler is None:
@@ -106,7 +103,7 @@ async def _open(
             on_lookup=lambda seconds: profiler.record("cache_lookup", seconds),
         )
         if agents is None:
-            agents = await _build_agents(config, stack, time_scale)
+            agents = await _build_agents(config, stack)
         agents = await _globally_limited(config, stack, agents)
         metrics = MetricsExporter.from_config(config, profiler)
         on_usage = metrics.agent_tokens if metrics is not None else None
@@ -158,9 +155,7 @@ async def _warm_up(config: Config, lazy: LazyLoadManager) -> None:
             lazy.load_background(section)
 
 
-async def _build_agents(
-    config: Config, stack: contextlib.AsyncExitStack, time_scale: float
-) -> dict[str, Agent]:
+async def _build_agents(config: Config, stack: contextlib.AsyncExitStack) -> dict[str, Agent]:
     """The agents of ``[agents.*]``: simulated ones share one simulated prompt cache;
     HTTP ones share one client and queue per server (``[servers.*] max_concurrent``);
     ``from_retrieval`` ones answer from their context first."""
@@ -172,7 +167,8 @@ async def _build_agents(
     for name, agent_config in config.agents.items():
         agent: Agent
         if agent_config.backend == "simulated":
-            agent = SimulatedAgent.from_config(name, config, time_scale, prompt_cache)
+            scale = config.simulation.time_scale
+            agent = SimulatedAgent.from_config(name, config, scale, prompt_cache)
         else:
             if client is None:
                 # enough connections for every agent call plus its hedge

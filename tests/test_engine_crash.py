@@ -37,9 +37,10 @@ CHILD = textwrap.dedent(
     async def main(cache, state_path, sessions, actions):
         config = engine.Config()
         config = attrs.evolve(config, module=attrs.evolve(
-            config.module, include_srd=False, cache_dir=cache))
+            config.module, include_srd=False, cache_dir=cache),
+            simulation=attrs.evolve(config.simulation, time_scale=0.001))
         actions = actions.split("|")
-        async with engine.open_engine(config, state_path=state_path, time_scale=0.001) as dm:
+        async with engine.open_engine(config, state_path=state_path) as dm:
             async def play(sid):
                 i = 0
                 while True:

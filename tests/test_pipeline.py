@@ -27,7 +27,7 @@ def module_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("modules")
 
 
-def make_config(module_dir: Path, **parallel: Any) -> Config:
+def make_config(module_dir: Path, *, time_scale: float = 1.0, **parallel: Any) -> Config:
     config = Config()
     module = attrs.evolve(
         config.module, include_srd=False, cache_dir=str(module_dir), query_in_thread=False
@@ -37,7 +37,8 @@ def make_config(module_dir: Path, **parallel: Any) -> Config:
     # SQLite on the loop: a worker-thread wait would let the mock clock's autojump
     # advance virtual time mid-action and make the timing assertions flaky
     state = attrs.evolve(config.state, write_in_thread=False)
-    return attrs.evolve(config, module=module, performance=perf, state=state)
+    sim = attrs.evolve(config.simulation, time_scale=time_scale)
+    return attrs.evolve(config, module=module, performance=perf, state=state, simulation=sim)
 
 
 @attrs.define(eq=False)
@@ -68,9 +69,9 @@ def recorders(config: Config, **overrides: Recorder) -> dict[str, Recorder]:
 
 
 async def test_action_end_to_end_with_simulated_agents(module_dir: Path, tmp_path: Path) -> None:
-    config = make_config(module_dir)
     # time_scale shrinks the simulated latencies (asyncio runs on the real clock)
-    async with engine.open_engine(config, state_path=tmp_path / "s.sqlite", time_scale=0.02) as dm:
+    config = make_config(module_dir, time_scale=0.02)
+    async with engine.open_engine(config, state_path=tmp_path / "s.sqlite") as dm:
         result = await dm.player_action("s1", "I search the altar for traps")
         second = await dm.player_action("s1", "I attack the skeleton")
         transcript = await dm.store.transcript("s1")
@@ -297,8 +298,8 @@ async def test_session_state_carries_over_and_survives_cache_eviction(
 
 
 async def test_the_scene_reaches_the_next_actions_context(module_dir: Path, tmp_path: Path) -> None:
-    config = make_config(module_dir)
-    async with engine.open_engine(config, state_path=tmp_path / "s.sqlite", time_scale=0.02) as dm:
+    config = make_config(module_dir, time_scale=0.02)
+    async with engine.open_engine(config, state_path=tmp_path / "s.sqlite") as dm:
         first = await dm.player_action("s", "I search the altar for traps")
         scene = first.responses["module_keeper"].output["state_changes"]["scene"]
         second = await dm.player_action("s", "I look around")
@@ -406,8 +407,8 @@ async def test_the_scene_gives_the_builder_the_npcs_present(
 
 
 async def test_tokens_are_counted_per_call_and_per_action(module_dir: Path, tmp_path: Path) -> None:
-    config = make_config(module_dir)
-    async with engine.open_engine(config, state_path=tmp_path / "s.sqlite", time_scale=0.02) as dm:
+    config = make_config(module_dir, time_scale=0.02)
+    async with engine.open_engine(config, state_path=tmp_path / "s.sqlite") as dm:
         result = await dm.player_action("s1", "I attack the skeleton")
         text = dm.metrics.metrics_text() if dm.metrics is not None else ""
     spans = [s for s in result.span.walk() if s.name == "agent_query"]

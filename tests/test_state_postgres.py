@@ -323,8 +323,9 @@ async def test_open_engine_runs_on_postgres(
         config,
         module=attrs.evolve(config.module, include_srd=False, cache_dir=str(tmp_path)),
         state=attrs.evolve(config.state, url=pg_url, password_env=PASSWORD_ENV),
+        simulation=attrs.evolve(config.simulation, time_scale=0.001),
     )
-    async with engine.open_engine(config, time_scale=0.001) as dm:
+    async with engine.open_engine(config) as dm:
         assert isinstance(dm.store, PostgresSessionStore)
         result = await dm.player_action("s1", "I search the altar for traps")
         assert result.turn == 1

@@ -272,12 +272,13 @@ async def test_two_engines_play_the_same_sessions(
         config,
         module=attrs.evolve(config.module, include_srd=False, cache_dir=str(tmp_path)),
         state=attrs.evolve(config.state, url=pg_url, password_env=PASSWORD_ENV),
+        simulation=attrs.evolve(config.simulation, time_scale=0.001),
     )
     # two engines on one store, as two processes would be (the pipeline's per-session lock
     # and in-memory turns are per engine: only the lease and rereading keep them apart)
     async with (
-        engine.open_engine(config, time_scale=0.001) as a,
-        engine.open_engine(config, time_scale=0.001) as b,
+        engine.open_engine(config) as a,
+        engine.open_engine(config) as b,
     ):
         # in turn: each engine must see the other's turns (no stale in-memory turn)
         for dm, turn in ((a, 1), (b, 2), (a, 3), (b, 4)):

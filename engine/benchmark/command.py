@@ -5,14 +5,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import platform
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import anyio
-import attrs
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -20,31 +16,11 @@ from rich.table import Table
 from ..config import Config
 from ..observability.report import bar_chart_svg, write_report
 from .levers import LEVERS, run_levers
+from .options import environment, with_overrides
 from .strategies import STRATEGIES, compare_strategies, run_virtual
 from .suite import PerformanceBenchmark
 
-__all__ = ["environment", "run_bench_command", "with_overrides"]
-
-
-def with_overrides(config: Config, scenario: str | None, seed: int | None) -> Config:
-    sim = config.simulation
-    sim = attrs.evolve(
-        sim, scenario=scenario or sim.scenario, seed=sim.seed if seed is None else seed
-    )
-    return attrs.evolve(config, simulation=sim)
-
-
-def environment(config: Config, backend: str) -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "trio": version("trio"),
-        "anyio": version("anyio"),
-        "backend": backend,
-        "cpu_count": os.cpu_count(),
-        "seed": config.simulation.seed,
-        "scenario": config.simulation.scenario,
-        "platform": platform.platform(),
-    }
+__all__ = ["run_bench_command"]
 
 
 def _strategy_table(results: dict[str, Any], title: str) -> Table:

@@ -63,6 +63,7 @@ from ..config import Config
 from ..observability.profiler import OK, PerformanceProfiler, Span
 from ..pipeline import ActionResult
 from ..runtime import open_engine
+from .options import with_overrides
 from .strategies import percentile
 
 __all__ = [
@@ -354,7 +355,7 @@ async def _run(
     progress: Callable[[int], None] | None,
 ) -> LoadResult:
     configured = config.performance.parallelization.max_concurrent_agents
-    config = load_config(config, sessions)
+    config = with_overrides(load_config(config, sessions), None, None, time_scale=time_scale)
     # every action's span tree is needed for its overhead: sample them all
     profiler = PerformanceProfiler(config.targets, 1.0, clock=anyio.current_time)
     tally = _Tally(config, time_scale, progress)
@@ -363,9 +364,7 @@ async def _run(
     sent: dict[str, list[str]] = {sid: [] for sid in ids}
     seed = config.simulation.seed
 
-    async with open_engine(
-        config, state_path=state_path, profiler=profiler, time_scale=time_scale
-    ) as dm:
+    async with open_engine(config, state_path=state_path, profiler=profiler) as dm:
         rss_before = peak_rss_bytes()
 
         async def play(index: int) -> None:

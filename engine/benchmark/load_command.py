@@ -13,8 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..config import Config
-from .command import environment, with_overrides
 from .load import Figures, LoadResult, run_load_test
+from .options import environment, with_overrides
 
 __all__ = ["DEFAULT_SESSIONS", "load_table", "run_load_command"]
 

@@ -77,9 +77,9 @@ from rich.table import Table
 from ..config import Config, load_config
 from ..errors import lone_error
 from ..state import open_session_store
-from .command import with_overrides
 from .load import SCRIPT, ActionTiming, Figures, _backend
 from .load import load_config as sized_for
+from .options import with_overrides
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup
@@ -858,7 +858,7 @@ def run_processes_command(args: argparse.Namespace, goal: float) -> int:
     ``think_time``, ``seed``, ``scenario``, ``backend``, ``out``.
     """
     from ..cli import _config_path
-    from .command import environment
+    from .options import environment
 
     console = Console()
     processes = int(args.processes)

@@ -57,8 +57,8 @@ from ..config import Config
 from ..observability.profiler import PerformanceProfiler
 from ..pipeline import DungeonMaster
 from ..runtime import open_engine
-from .command import with_overrides
 from .load import _Tally, load_config, peak_rss_bytes
+from .options import with_overrides
 
 __all__ = ["CallLog", "RecordedAgent", "main", "serve"]
 
@@ -218,9 +218,8 @@ async def serve(
     # every action's span tree is needed for its overhead: sample them all
     profiler = PerformanceProfiler(config.targets, 1.0, clock=anyio.current_time)
     tally = _Tally(config, time_scale, None)
-    async with open_engine(
-        config, agents=agents, state_path=state_path, profiler=profiler, time_scale=time_scale
-    ) as dm:
+    # the agents are built here (scaled by time_scale): the engine builds none
+    async with open_engine(config, agents=agents, state_path=state_path, profiler=profiler) as dm:
         out.send({"ready": True, "pid": os.getpid(), "cpu": time.process_time()})
         async with anyio.create_task_group() as tg:
             async for request in _requests(requests_fd):

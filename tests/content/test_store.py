@@ -247,10 +247,11 @@ async def test_recompile_keeps_a_session_store_named_like_the_module(tmp_path: P
         state=attrs.evolve(
             config.state, path=str(cache / "game-save1.sqlite"), write_in_thread=False
         ),
+        simulation=attrs.evolve(config.simulation, time_scale=0.001),
     )
     # a store whose name even looks like a compile (24 hex digits) is not one either
     lookalike = cache / "game-0123456789abcdef01234567.sqlite"
-    async with engine.open_engine(config, time_scale=0.001) as dm:
+    async with engine.open_engine(config) as dm:
         for text in ("I look around", "I walk to the door", "I open it"):
             await dm.player_action("s1", text)
     cache.joinpath(lookalike.name).write_bytes((cache / "game-save1.sqlite").read_bytes())
@@ -260,7 +261,7 @@ async def test_recompile_keeps_a_session_store_named_like_the_module(tmp_path: P
     }
     nave = folder / "locations" / "the-sunken-nave.md"
     nave.write_text(nave.read_text() + "\nA jar of marmalade sits on the altar.\n")
-    async with engine.open_engine(config, time_scale=0.001) as dm:
+    async with engine.open_engine(config) as dm:
         result = await dm.player_action("s1", "I search the altar")
         transcript = await dm.store.transcript("s1")
     assert result.turn == 4
