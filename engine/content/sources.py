@@ -8,6 +8,7 @@ the store runs it in a worker thread.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import importlib.util
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import yaml  # type: ignore[import-untyped]
 
 from ..errors import ModuleError
 from .tokens import DEFAULT_COUNTER, TokenCounter
@@ -34,7 +36,9 @@ __all__ = [
     "srd_fingerprint",
 ]
 
-FORMAT_VERSION = "chunks-v2"  # bump when the chunking changes: compiled modules are rebuilt
+# bump when the chunking changes: compiled modules are rebuilt (v3: YAML front matter,
+# so a value with a '# comment' or a quoted comma reads differently)
+FORMAT_VERSION = "chunks-v3"
 MAX_CHUNK_TOKENS = 450  # longer prose is split at paragraph boundaries
 PASSAGE_TOKENS = 180  # SRD chunks longer than this are cut into passages under their heading
 
@@ -461,54 +465,129 @@ def adventure_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
-_FM_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(.*)$")
+class _FrontMatterLoader(yaml.SafeLoader):  # type: ignore[misc]  # yaml ships no stubs
+    """``yaml.SafeLoader`` (what ``yaml.safe_load`` uses: plain data, no object
+    construction) that refuses a key given twice, where ``safe_load`` keeps the last."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                    )
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
 
 
-def _fm_value(raw: str, where: str) -> str | list[str]:
-    raw = raw.strip()
-    if raw.startswith("["):
-        if not raw.endswith("]"):
-            raise ModuleError(f"{where}: unterminated list {raw!r}")
-        inner = raw[1:-1].strip()
-        return [_unquote(x.strip(), where) for x in inner.split(",")] if inner else []
-    return _unquote(raw, where)
+#: Front matter keys the compiler reads and what each may hold (an empty value, e.g.
+#: ``npcs:``, is YAML null and means "none"); other keys are allowed and ignored.
+_TEXT_KEYS = ("type", "name", "id", "motive")
+_LIST_KEYS = ("location", "locations", "connections", "npcs", "monsters")
+_TEXT = "a string (quote a value YAML reads as another type: 'yes', '12', '2024-01-01')"
+_LIST = 'a list of strings, e.g. [The Ossuary, "Marta, the elder"], or one string'
+#: what yaml.safe_load makes of a value, in words
+_YAML_TYPES: dict[type, str] = {
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    list: "a list",
+    dict: "a mapping",
+    set: "a set",
+    bytes: "binary data",
+    datetime.date: "a date",
+    datetime.datetime: "a date and time",
+}
 
 
-def _unquote(s: str, where: str) -> str:
-    if len(s) >= 2 and s[0] == s[-1] and s[0] in "\"'":
-        return s[1:-1]
-    if s[:1] in "\"'" or s[-1:] in "\"'":
-        raise ModuleError(f"{where}: unbalanced quotes in {s!r}")
-    return s
+def _yaml_type(value: object) -> str:
+    return _YAML_TYPES.get(type(value), type(value).__name__)
 
 
-def parse_front_matter(text: str, path: Path) -> tuple[dict[str, str | list[str]], str]:
-    """Split ``---``-delimited front matter (``key: value`` or ``key: [a, b]``) from the body.
+def _check_front_matter(meta: object, path: Path) -> dict[str, Any]:
+    """``meta`` (parsed YAML) if it is a mapping whose known keys hold what they may.
 
     Raises:
-        ModuleError: naming the file and line when the front matter is malformed.
+        ModuleError: naming the file, the key, the value and what is allowed.
+    """
+    if meta is None:  # nothing between the two '---' lines
+        return {}
+    if not isinstance(meta, dict):
+        raise ModuleError(
+            f"{path}: front matter is {_yaml_type(meta)} ({meta!r}); expected a mapping "
+            "of 'key: value' lines"
+        )
+    for key, value in meta.items():
+        if not isinstance(key, str):
+            raise ModuleError(
+                f"{path}: front matter key {key!r} is {_yaml_type(key)}; keys are names"
+            )
+        if value is None:
+            continue
+        if key in _TEXT_KEYS and not isinstance(value, str):
+            raise ModuleError(
+                f"{path}: front matter {key}: {value!r} is {_yaml_type(value)}; expected {_TEXT}"
+            )
+        if key in _LIST_KEYS and not (
+            isinstance(value, str)
+            or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
+            raise ModuleError(
+                f"{path}: front matter {key}: {value!r} is {_yaml_type(value)}"
+                + (" with an item that is not a string" if isinstance(value, list) else "")
+                + f"; expected {_LIST}"
+            )
+    return meta
+
+
+_QUOTE = (
+    "quote a value that holds ': ' or ' #', or starts with one of [ ] { } , & * ! | > % @ ` "
+    "or a quote"
+)
+
+
+def _yaml_line(exc: Any) -> str:
+    """``line N: `` of a YAML error, counted in the file (its front matter starts on line 2)."""
+    mark = exc.problem_mark or exc.context_mark
+    return "" if mark is None else f"line {mark.line + 2}: "
+
+
+def parse_front_matter(text: str, path: Path) -> tuple[dict[str, Any], str]:
+    """Split ``---``-delimited YAML front matter from the Markdown body.
+
+    The front matter is YAML read as ``yaml.safe_load`` reads it (flow lists such as
+    ``npcs: ["Marta, the elder", Skrit]``, quoting, ``# comments``), and must be a
+    mapping: ``type``, ``name``, ``id`` and ``motive`` hold a string; ``location``,
+    ``locations``, ``connections``, ``npcs`` and ``monsters`` a list of strings (or
+    one string); any value may be empty (null). Other keys are kept as parsed.
+
+    Raises:
+        ModuleError: naming the file (and the line of a YAML error, or the key and
+            value of a wrong type) when the front matter is missing, unclosed, not
+            YAML, not a mapping, or holds a value of the wrong type.
     """
     lines = text.splitlines()
     if not lines or lines[0].strip() != "---":
         raise ModuleError(f"{path}: missing front matter (the file must start with '---')")
-    meta: dict[str, str | list[str]] = {}
-    for i, line in enumerate(lines[1:], start=2):
-        if line.strip() == "---":
-            body = "\n".join(lines[i:])
-            break
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        m = _FM_LINE.match(line)
-        if not m:
-            raise ModuleError(
-                f"{path}: line {i}: expected 'key: value' in front matter, got {line!r}"
-            )
-        if m.group(1) in meta:
-            raise ModuleError(f"{path}: line {i}: duplicate key {m.group(1)!r}")
-        meta[m.group(1)] = _fm_value(m.group(2), f"{path}: line {i}")
-    else:
+    end = next((i for i, line in enumerate(lines) if i and line.strip() == "---"), None)
+    if end is None:
         raise ModuleError(f"{path}: front matter is not closed by '---'")
-    return meta, body
+    try:  # a SafeLoader: yaml.safe_load's loader plus the duplicate-key check
+        meta = yaml.load("\n".join(lines[1:end]), Loader=_FrontMatterLoader)
+    except yaml.constructor.ConstructorError as exc:  # valid YAML, unusable mapping
+        raise ModuleError(f"{path}: {_yaml_line(exc)}front matter: {exc.problem}") from None
+    except yaml.MarkedYAMLError as exc:
+        problem = ": ".join(filter(None, (exc.context, exc.problem)))
+        raise ModuleError(
+            f"{path}: {_yaml_line(exc)}front matter is not valid YAML ({problem}); {_QUOTE}"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ModuleError(f"{path}: front matter is not valid YAML ({exc})") from None
+    except RecursionError:  # the composer recurses into nested lists and mappings
+        raise ModuleError(f"{path}: front matter is nested too deeply to parse") from None
+    return _check_front_matter(meta, path), "\n".join(lines[end + 1 :])
 
 
 def _as_list(v: str | list[str] | None) -> list[str]:

@@ -138,12 +138,12 @@ def _write(tmp_path: Path, text: str, name: str = "room.md") -> Path:
     [
         ("no front matter\n", "missing front matter"),
         ("---\ntype: location\nname: X\n", "not closed"),
-        ("---\ntype location\n---\n", "expected 'key: value'"),
+        ("---\ntype location\n---\n", "is a string .*expected a mapping of 'key: value'"),
         ("---\ntype: dungeon\nname: X\n---\n", "'type'"),
         ("---\ntype: location\n---\nbody\n", "'name'"),
-        ("---\ntype: location\nname: X\nconnections: [a, b\n---\n", "unterminated list"),
-        ('---\ntype: location\nname: "X\n---\n', "unbalanced quotes"),
-        ("---\ntype: location\ntype: npc\nname: X\n---\n", "duplicate key"),
+        ("---\ntype: location\nname: X\nconnections: [a, b\n---\n", "line 4: .*not valid YAML"),
+        ('---\ntype: location\nname: "X\n---\n', "line 3: .*not valid YAML"),
+        ("---\ntype: location\ntype: npc\nname: X\n---\n", "line 3: .*duplicate key 'type'"),
     ],
 )
 def test_malformed_adventure_file_names_file_and_problem(
