@@ -1,4 +1,4 @@
-"""The ``dm-engine`` command: ``bench``, ``play`` and ``config check``."""
+"""The ``dm-engine`` command: ``bench``, ``play``, ``mcp`` and ``config check``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from .config import Config, load_config
 from .errors import ConfigError
 
 __all__ = ["main"]
+
+_NO_MCP = "dm-engine mcp needs the MCP SDK (mcp 2.x): pip install 'dm-engine[mcp]'"
 
 
 def _config_path(path: str | None) -> str | None:
@@ -82,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         "--time-scale", type=float, default=1.0, help="multiply simulated latencies (e.g. 0.1)"
     )
 
+    sub.add_parser("mcp", help="serve the engine over MCP on stdio (the [mcp] extra)")
+
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate a configuration file")
@@ -103,6 +107,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .play import run_play_command
 
         return run_play_command(config, args)
+    if args.command == "mcp":
+        try:
+            from .mcp_server import run_mcp_command
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").partition(".")[0] != "mcp":
+                raise
+            print(_NO_MCP, file=sys.stderr)
+            return 1
+        return run_mcp_command(config)
     from .benchmark.command import run_bench_command
 
     return run_bench_command(config, args)
