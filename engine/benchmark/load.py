@@ -62,9 +62,9 @@ import attrs
 from ..config import Config
 from ..observability.profiler import OK, PerformanceProfiler, Span
 from ..pipeline import ActionResult
+from ..quantiles import percentile
 from ..runtime import open_engine
 from .options import with_overrides
-from .strategies import percentile
 
 __all__ = [
     "SCRIPT",

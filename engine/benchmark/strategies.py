@@ -24,6 +24,7 @@ import attrs
 from ..agents.base import Agent, AgentRequest
 from ..agents.simulated import SimulatedAgent
 from ..config import Config
+from ..quantiles import percentile
 from ..scheduling.dag import RequestGraph
 from ..scheduling.executor import ParallelAgentExecutor
 from ..scheduling.hedging import HedgePolicy
@@ -35,23 +36,15 @@ __all__ = [
     "action_requests",
     "compare_strategies",
     "measure_overhead",
-    "percentile",
     "summarize",
 ]
 
 STRATEGIES = ("sequential", "level_barrier", "eager", "eager_hedged", "critical_path")
 
 
-def percentile(sorted_values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile of an already sorted sequence (0 for an empty one)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, min(len(sorted_values), int(-(-p * len(sorted_values) // 100))))
-    return sorted_values[rank - 1]
-
-
 def summarize(samples: Sequence[float]) -> tuple[float, float, float, float]:
-    """(p50, p95, p99, mean) of ``samples`` (zeros for none)."""
+    """(p50, p95, p99, mean) of ``samples`` (zeros for none); nearest-rank
+    percentiles (``engine.quantiles``)."""
     ordered = sorted(samples)
     mean = sum(ordered) / len(ordered) if ordered else 0.0
     return percentile(ordered, 50), percentile(ordered, 95), percentile(ordered, 99), mean

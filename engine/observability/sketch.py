@@ -11,9 +11,10 @@ no exact mode for small counts, and the HTML report needs the bucket CDF, which
 ``ddsketch`` only exposes through private attributes.
 
 Guarantees:
-  * ``quantile(q)`` is within ``alpha`` relative error of the exact lower-rank
-    quantile (the sample of rank ``floor(q * (n - 1))`` in sorted order), and exact
-    while ``count <= exact_limit``.
+  * ``quantile(q)`` is within ``alpha`` relative error of the exact nearest-rank
+    quantile (the sample of 1-based rank ``max(1, ceil(q * n))`` in sorted order: the
+    engine's one percentile convention, ``engine.quantiles``), and exact while
+    ``count <= exact_limit``.
   * Memory is bounded by ``max_buckets`` whatever the number of samples; when a new
     bucket would exceed it, the lowest buckets are collapsed (low quantiles lose
     accuracy first, the tail that latency targets are about never does). With the
@@ -33,6 +34,8 @@ from collections.abc import Iterable
 from typing import final
 
 import attrs
+
+from ..quantiles import nearest_rank
 
 __all__ = ["QuantileSketch"]
 
@@ -192,7 +195,8 @@ class QuantileSketch:
         return len(self._counts)
 
     def quantile(self, q: float) -> float:
-        """The ``q``-quantile (``0 <= q <= 1``) of the samples; ``nan`` when empty.
+        """The nearest-rank ``q``-quantile (``0 <= q <= 1``) of the samples (exact, or
+        within ``alpha``: see the module docstring); ``nan`` when empty.
 
         Raises:
             ValueError: ``q`` is outside ``[0, 1]``.
@@ -202,7 +206,7 @@ class QuantileSketch:
         n = self.count
         if n == 0:
             return math.nan
-        rank = math.floor(q * (n - 1))
+        rank = nearest_rank(q, n)  # 0-based
         if rank == 0:
             return self.min
         if rank == n - 1:

@@ -9,7 +9,6 @@ hedge spends one, so hedges never exceed ``budget_fraction`` x calls.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import final
@@ -17,6 +16,7 @@ from typing import final
 import attrs
 
 from ..config import Config
+from ..quantiles import nearest_rank
 
 __all__ = ["HedgePolicy", "HedgeStatistics"]
 
@@ -50,7 +50,7 @@ class _RunningP95:
         self._count += 1
         if self._value is None or self._count % self.refresh_every == 0:
             ordered = sorted(self._window)
-            self._value = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+            self._value = ordered[nearest_rank(0.95, len(ordered))]
 
     def value(self, min_samples: int) -> float | None:
         return self._value if len(self._window) >= min_samples else None

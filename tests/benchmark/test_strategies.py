@@ -5,13 +5,9 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from engine.benchmark.strategies import (
-    action_requests,
-    compare_strategies,
-    percentile,
-    run_virtual,
-)
+from engine.benchmark.strategies import action_requests, compare_strategies, run_virtual
 from engine.config import Config
+from engine.quantiles import percentile
 
 
 @pytest.mark.parametrize("scenario", ["targets", "hosted"])

@@ -193,7 +193,7 @@ def test_Profiler_report_and_percentiles() -> None:
     assert stats.count == 100
     assert stats.mean == pytest.approx(0.0505)
     assert (stats.min, stats.max) == (0.001, 0.1)
-    assert stats.p50 == pytest.approx(0.050)  # exact at small counts: rank floor(.5*99)
+    assert stats.p50 == pytest.approx(0.050)  # exact at small counts: nearest rank ceil(.5*100)
     assert stats.p95 == pytest.approx(0.095) and stats.p99 == pytest.approx(0.099)
     assert stats.target == DEFAULT_TARGETS["state_update"] and stats.met is True
     assert prof.get_percentile("state_update", 95) == stats.p95

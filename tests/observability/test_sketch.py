@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
@@ -15,10 +16,14 @@ from engine.observability.sketch import QuantileSketch
 QS = (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)
 
 
+def exact_index(q: float, n: int) -> int:
+    """The engine's convention (engine.quantiles), in exact arithmetic: the sample of
+    1-based rank max(1, ceil(q * n)) of ``n``, as a 0-based index."""
+    return max(1, math.ceil(Fraction(str(q)) * n)) - 1
+
+
 def exact_quantile(data: list[float], q: float) -> float:
-    """The sketch's definition: the sample of rank floor(q * (n - 1))."""
-    ordered = sorted(data)
-    return ordered[math.floor(q * (len(ordered) - 1))]
+    return sorted(data)[exact_index(q, len(data))]
 
 
 def assert_close(sketch: QuantileSketch, data: list[float], qs: tuple[float, ...] = QS) -> None:
@@ -127,7 +132,7 @@ def test_sketch_property_bucket_cap_keeps_the_tail(exponents: list[float], cap: 
     ordered = sorted(data)
     # quantiles whose rank lies in the top `cap - 1` distinct buckets are untouched
     for q in (0.99, 1.0):
-        rank = math.floor(q * (len(data) - 1))
+        rank = exact_index(q, len(data))
         above = {
             math.ceil(math.log(v) / math.log((1 + sketch.alpha) / (1 - sketch.alpha)))
             for v in ordered[rank:]
@@ -156,7 +161,7 @@ def test_sketch_ten_million_samples_under_one_megabyte() -> None:
     assert sketch.memory_bytes() < 1_000_000
     copies = sketch.count // len(data)  # the data, each value repeated `copies` times
     for q in QS:
-        exact = data[math.floor(q * (sketch.count - 1)) // copies]
+        exact = data[exact_index(q, sketch.count) // copies]
         assert sketch.quantile(q) == pytest.approx(exact, rel=sketch.alpha)
 
 
