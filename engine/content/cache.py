@@ -5,7 +5,8 @@ Guarantees (see ``docs/cache.md``):
 * The sum of entry sizes never exceeds ``max_size_bytes``; a value larger than the
   whole cache is refused. Eviction pops the LRU head: O(1) amortised per put.
 * Entries expire ``ttl_minutes`` after they were stored, on the event loop's clock
-  (``anyio.current_time()``). Expired entries are never returned, and every
+  (what ``anyio.current_time()`` returns, read without its per-call dispatch: see
+  ``_now``). Expired entries are never returned, and every
   operation first reclaims all expired entries (the expiry queue is in store
   order, so this is a pop from its head: no background task, no scan).
 * ``get_or_load`` is single flight: concurrent misses on one key share one loader
@@ -24,7 +25,7 @@ import contextlib
 import fnmatch
 import re
 import sys
-from asyncio import _get_running_loop
+from asyncio import get_running_loop
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol, final
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol, final
 import anyio
 import anyio.lowlevel
 import attrs
-import trio
+import sniffio
 
 from ..errors import LoadError
 
@@ -96,22 +97,56 @@ def estimate_size(value: object) -> int:
     return total
 
 
-def _now() -> float:
-    """``anyio.current_time()``, without anyio's backend sniffing on the hot path.
+def _asyncio_time() -> float:
+    return get_running_loop().time()  # what anyio's asyncio backend returns
+
+
+def _no_clock_yet() -> float:
+    raise RuntimeError("no clock resolved yet")
+
+
+def _resolve_clock() -> Callable[[], float]:
+    """The running event loop's clock function: ``sniffio`` names the library, whose
+    public API reads its clock (the same values as ``anyio.current_time()``).
 
     Raises:
         RuntimeError: no event loop runs in this thread.
     """
-    loop = _get_running_loop()
-    if loop is not None:
-        return loop.time()  # what anyio's asyncio backend returns
     try:
-        return trio.current_time()
-    except RuntimeError:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
         raise RuntimeError(
             "ModuleCache needs a running event loop (trio or asyncio): "
             "its TTL runs on anyio.current_time()"
         ) from None
+    if library == "trio":
+        import trio  # already loaded: it runs this thread
+
+        return trio.current_time  # a MockClock's virtual time in tests
+    if library == "asyncio":
+        return _asyncio_time
+    return anyio.current_time  # any other backend: anyio's own dispatch
+
+
+#: The clock of the last event loop the cache ran in. Each works only inside its
+#: own kind of loop and raises ``RuntimeError`` anywhere else (trio's outside a trio
+#: run, asyncio's without a running asyncio loop in this thread), which is when it
+#: is resolved anew: a hit pays one call, not anyio's backend lookup per read.
+_clock: Callable[[], float] = _no_clock_yet
+
+
+def _now() -> float:
+    """The running event loop's time (``anyio.current_time()``).
+
+    Raises:
+        RuntimeError: no event loop runs in this thread.
+    """
+    global _clock
+    try:
+        return _clock()
+    except RuntimeError:
+        _clock = _resolve_clock()
+        return _clock()
 
 
 def _positive(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
@@ -221,14 +256,10 @@ class ModuleCache:
 
     def get(self, key: str) -> Any:
         """The live value of ``key`` (marked most recently used), or None. O(1)."""
-        loop = _get_running_loop()
-        if loop is not None:
-            now = loop.time()
-        else:
-            try:
-                now = trio.current_time()
-            except RuntimeError:
-                now = _now()  # raises the explanatory error
+        try:
+            now = _clock()  # _now(), inlined: this is the hot path
+        except RuntimeError:
+            now = _now()  # another kind of loop (or none: the explanatory error)
         if now >= self._next_expiry:
             self._sweep(now)
         entry = self._lru.get(key)
