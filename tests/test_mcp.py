@@ -33,6 +33,17 @@ pytestmark = pytest.mark.anyio
 
 SEARCH = "I search the altar for traps"  # exploration: two narrating agents
 ATTACK = "I attack the goblin"  # combat
+FAST = "time_scale = 0.05"  # [simulation]: an action takes about 0.1 s
+# Questions have one narrating agent, the narrator; in this scenario it writes its first
+# words at once, then talks for 70 tokens x 0.02 s x 0.5 = 0.7 s before it is done.
+SLOW_NARRATION = """scenario = "slow_narration"
+time_scale = 0.5
+
+[scenarios.slow_narration]
+ttft_median_seconds = 0.05
+ttft_sigma = 0.0
+inter_token_seconds = 0.02
+"""
 WATCHDOG = 60.0  # seconds: a hung server fails the test instead of hanging it
 
 
@@ -48,13 +59,14 @@ def module_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("mcp-modules")
 
 
-def write_config(folder: Path, module_dir: Path, time_scale: float = 0.05) -> Path:
-    """A configuration: the bundled adventure only, a fresh session store in ``folder``."""
+def write_config(folder: Path, module_dir: Path, simulation: str = FAST) -> Path:
+    """A configuration: the bundled adventure only, a fresh session store in ``folder``,
+    ``simulation`` as the ``[simulation]`` table (and what follows it)."""
     path = folder / "config.toml"
     path.write_text(
         f'[module]\ninclude_srd = false\ncache_dir = "{module_dir}"\n'
         f'[state]\npath = "{folder / "sessions.sqlite"}"\n'
-        f"[simulation]\ntime_scale = {time_scale}\n"
+        f"[simulation]\n{simulation}\n"
     )
     return path
 
@@ -180,13 +192,13 @@ async def test_two_sessions_play_at_once_and_stream_their_narratives(
 
 async def test_a_cancelled_request_records_nothing(tmp_path: Path, module_dir: Path) -> None:
     """The client cancels the request at its first narrative piece: the action is
-    cancelled (the rest of its narrative takes about 0.2 s at this time scale, the
-    cancellation a round trip on a pipe), nothing is recorded, and the server goes on:
-    the session's next action gets the turn the cancelled one would have had."""
-    config = write_config(tmp_path, module_dir, time_scale=0.3)
+    cancelled (its narrator goes on talking for 0.7 s, the cancellation is a round trip
+    on a pipe), nothing is recorded, and the server goes on: the session's next action
+    gets the turn the cancelled one would have had."""
+    config = write_config(tmp_path, module_dir, SLOW_NARRATION)
     with anyio.fail_after(WATCHDOG):
         async with connect(config) as session:
-            first = await act(session, "s", "I look around the nave")
+            first = await act(session, "s", "Who is Sister Maud?")
             pieces: list[str] = []
             with anyio.CancelScope() as scope:
 
@@ -198,11 +210,11 @@ async def test_a_cancelled_request_records_nothing(tmp_path: Path, module_dir: P
 
                 await session.call_tool(
                     "player_action",
-                    {"session_id": "s", "text": SEARCH},
+                    {"session_id": "s", "text": "How does grappling work?"},
                     progress_callback=cancel_at_first_piece,
                 )
             assert scope.cancelled_caught and pieces
-            after = await act(session, "s", "I open the reliquary")
+            after = await act(session, "s", "What do I know about the Ember Vault?")
             stored = await session.call_tool("transcript", {"session_id": "s"})
             report = await session.call_tool("performance_report", {})
 
@@ -211,8 +223,8 @@ async def test_a_cancelled_request_records_nothing(tmp_path: Path, module_dir: P
     assert stored.structured_content is not None
     turns = stored.structured_content["turns"]
     assert [(t["turn"], t["action"]) for t in turns] == [
-        (1, "I look around the nave"),
-        (2, "I open the reliquary"),
+        (1, "Who is Sister Maud?"),
+        (2, "What do I know about the Ember Vault?"),
     ]
     assert turns[1]["narrative"] == narrative(after)
     assert report.structured_content is not None
