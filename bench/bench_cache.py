@@ -88,13 +88,13 @@ async def bench_put_evicting(n: int, repeat: int) -> dict[str, float]:
             ours.put(f"k{i}", "v", size=ENTRY_SIZE)
             lru[f"k{i}"] = "v"
         fresh = [f"new{i}" for i in range(n)]
-        before = ours.get_stats().evictions
+        before = ours.statistics().evictions
         t0 = time.perf_counter()
         for k in fresh:
             ours.put(k, "v", size=ENTRY_SIZE)
         best_ours = min(best_ours, (time.perf_counter() - t0) / n)
-        assert ours.get_stats().evictions - before == n, "every put must evict"
-        assert ours.get_stats().entries == ENTRIES
+        assert ours.statistics().evictions - before == n, "every put must evict"
+        assert ours.statistics().entries == ENTRIES
         t0 = time.perf_counter()
         for k in fresh:
             lru[k] = "v"
@@ -126,7 +126,7 @@ async def bench_single_flight(callers: int) -> dict[str, int]:
         for _ in range(callers):
             tg.start_soon(ours.get_or_load, "k", loader)
             tg.start_soon(naive_get_or_load)
-    stats = ours.get_stats()
+    stats = ours.statistics()
     return {
         "ModuleCache loader calls": calls["ours"],
         "naive check-then-load calls": calls["naive"],

@@ -88,7 +88,7 @@ def context_cost(config: Config, builds: int = 400) -> dict[str, float]:
             await dm.builder.build_context(request, 1500)
             samples.append(time.perf_counter() - t0)
         samples.sort()
-        cache = dm.cache.get_stats()
+        cache = dm.cache.statistics()
         stats.update(
             p50_ms=samples[len(samples) // 2] * 1e3,
             p95_ms=samples[int(len(samples) * 0.95)] * 1e3,

@@ -116,7 +116,7 @@ async def _open(
         )
         if metrics is not None:
             await stack.enter_async_context(metrics)
-            metrics.watch_cache("module", cache.get_stats)
+            metrics.watch_cache("module", cache.statistics)
             metrics.watch_limiter("agents", _occupancy(executor))
         span_log = SpanLog.from_config(config, profiler)
         if span_log is not None:

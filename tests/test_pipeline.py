@@ -363,7 +363,7 @@ async def test_preload_starts_the_urgent_sections(module_dir: Path, tmp_path: Pa
         assert {s for s in urgent if dm.lazy.is_loaded(s)} | pending == urgent
         with anyio.fail_after(5):
             await dm.lazy.ensure_loaded(*urgent)  # joins those loads, starts none
-        assert dm.cache.get_stats().loads == len(urgent)
+        assert dm.cache.statistics().loads == len(urgent)
         assert not all(dm.lazy.is_loaded(s) for s in known)  # and nothing more
 
 

@@ -25,6 +25,7 @@ import contextlib
 import fnmatch
 import re
 import sys
+import warnings
 from asyncio import get_running_loop
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -216,8 +217,10 @@ class ModuleCache:
 
     ``get``/``put``/``in``/``get_or_load``/``preload`` read the loop's clock and so
     must run inside an event loop (``RuntimeError`` naming the cause otherwise);
-    ``invalidate``/``invalidate_pattern``/``clear``/``get_stats`` also work outside
-    one (they then skip the expiry sweep).
+    ``invalidate``/``invalidate_pattern``/``clear``/``statistics`` also work outside
+    one (they then skip the expiry sweep). ``statistics()`` is named as the other
+    objects' (the executor, the lazy loader, the session store, anyio's limiters);
+    ``get_stats()`` is its deprecated alias.
     """
 
     max_size_mb: float = attrs.field(default=50.0, validator=_positive)
@@ -319,7 +322,7 @@ class ModuleCache:
         self._size = 0
         self._next_expiry = float("inf")
 
-    def get_stats(self) -> CacheStats:
+    def statistics(self) -> CacheStats:
         """An exact snapshot (expired entries reclaimed first when a loop runs)."""
         self._sweep_if_running()
         lookups = self._hits + self._misses
@@ -336,6 +339,15 @@ class ModuleCache:
             size_bytes=self._size,
             max_size_bytes=self._max_bytes,
         )
+
+    def get_stats(self) -> CacheStats:
+        """Deprecated alias of :meth:`statistics` (the name docs/api.md gave before)."""
+        warnings.warn(
+            "ModuleCache.get_stats() is deprecated; use ModuleCache.statistics()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.statistics()
 
     # ------------------------------------------------------------------ async API
 

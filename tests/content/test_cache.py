@@ -24,7 +24,7 @@ def test_ModuleCache_validates_its_arguments() -> None:
     with pytest.raises(ValueError, match="ttl_minutes"):
         ModuleCache(ttl_minutes=-1)
     cache = ModuleCache.from_config(CacheConfig(max_size_mb=2, ttl_minutes=5))
-    assert cache.get_stats().max_size_bytes == 2 * 2**20
+    assert cache.statistics().max_size_bytes == 2 * 2**20
 
 
 def test_ModuleCache_outside_an_event_loop() -> None:
@@ -35,7 +35,17 @@ def test_ModuleCache_outside_an_event_loop() -> None:
         cache.put("k", "v")
     assert cache.invalidate("k") is False
     cache.clear()
-    assert cache.get_stats().entries == 0
+    assert cache.statistics().entries == 0
+
+
+def test_statistics_is_the_name_and_get_stats_its_deprecated_alias() -> None:
+    """``statistics()`` as the executor, lazy loader, session store and anyio's
+    limiters say; ``get_stats()``, the name docs/api.md used, still answers."""
+    cache = ModuleCache(max_size_mb=1)
+    with pytest.warns(DeprecationWarning, match=r"get_stats\(\) is deprecated; use .*statistics"):
+        old = cache.get_stats()
+    assert old == cache.statistics()
+    assert (old.entries, old.max_size_bytes) == (0, 2**20)
 
 
 def test_estimate_size_is_deep_and_counts_shared_objects_once() -> None:
@@ -65,7 +75,7 @@ async def test_ModuleCache_put_get_and_lru_eviction() -> None:
     assert cache.put("c", "C", size=40)  # evicts b, the LRU
     assert cache.get("b") is None
     assert cache.get("a") == "A" and cache.get("c") == "C"
-    stats = cache.get_stats()
+    stats = cache.statistics()
     assert (stats.entries, stats.size_bytes, stats.evictions) == (2, 80, 1)
     assert (stats.hits, stats.misses) == (3, 1) and stats.hit_rate == 0.75
 
@@ -77,7 +87,7 @@ async def test_ModuleCache_refuses_values_larger_than_itself() -> None:
     assert cache.put("a", "huge", size=101) is False
     assert cache.get("a") is None  # nothing stored, the old value is gone too
     assert cache.put("b", "fits", size=100)
-    assert cache.get_stats().size_bytes == 100
+    assert cache.statistics().size_bytes == 100
     with pytest.raises(ValueError, match="size"):
         cache.put("c", "v", size=-1)
 
@@ -88,7 +98,7 @@ async def test_ModuleCache_replacing_a_key_adjusts_the_size() -> None:
     cache.put("a", "A", size=60)
     cache.put("a", "A2", size=30)
     cache.put("b", "B", size=70)
-    stats = cache.get_stats()
+    stats = cache.statistics()
     assert (stats.entries, stats.size_bytes, stats.evictions) == (2, 100, 0)
 
 
@@ -102,12 +112,12 @@ async def test_ModuleCache_ttl_runs_on_the_loop_clock(trio_only: None) -> None:
     assert cache.get("a") == "A"  # reads do not extend the TTL
     await anyio.sleep(0.5)  # t = 10: a expires exactly now
     assert cache.get("a") is None
-    stats = cache.get_stats()
+    stats = cache.statistics()
     assert (stats.entries, stats.expirations) == (1, 1)
     await anyio.sleep(5)
     # b expired at t=15 and is reclaimed by any operation, not only a get of "b"
-    assert cache.get_stats().entries == 0
-    assert cache.get_stats().size_bytes == 0
+    assert cache.statistics().entries == 0
+    assert cache.statistics().size_bytes == 0
 
 
 @pytest.mark.anyio
@@ -117,7 +127,7 @@ async def test_ModuleCache_expired_entries_are_reclaimed_by_other_keys(trio_only
         cache.put(f"k{i}", i, size=10)
     await anyio.sleep(2)
     cache.put("fresh", "x", size=10)
-    assert len(cache) == 1 and cache.get_stats().expirations == 10
+    assert len(cache) == 1 and cache.statistics().expirations == 10
 
 
 @pytest.mark.anyio
@@ -141,10 +151,10 @@ async def test_ModuleCache_single_flight(trio_only: None) -> None:
             tg.start_soon(one)
     assert calls == 1 and results == ["value"] * 50
     assert anyio.current_time() == 1.0
-    stats = cache.get_stats()
+    stats = cache.statistics()
     assert (stats.misses, stats.coalesced, stats.loads, stats.hits) == (50, 49, 1, 0)
     assert await cache.get_or_load("k", loader) == "value"
-    assert cache.get_stats().hits == 1
+    assert cache.statistics().hits == 1
 
 
 @pytest.mark.anyio
@@ -171,7 +181,7 @@ async def test_ModuleCache_failure_reaches_every_waiter_and_is_not_cached() -> N
             tg.start_soon(one)
     assert calls == 1 and len(errors) == 5
     assert "k" not in cache
-    assert cache.get_stats().load_errors == 1
+    assert cache.statistics().load_errors == 1
 
     async def ok() -> str:
         return "fine"
@@ -204,7 +214,7 @@ async def test_ModuleCache_cancelled_loader_is_taken_over(trio_only: None) -> No
         assert scope.cancelled_caught
     assert started == [("runner", 0.0), ("waiter", 1.0)]
     assert got == ["waiter"] and cache.get("k") == "waiter"
-    assert cache.get_stats().loads == 2
+    assert cache.statistics().loads == 2
 
 
 @pytest.mark.anyio
@@ -269,7 +279,7 @@ async def test_ModuleCache_clear_keeps_stats() -> None:
     cache.get("a")
     cache.get("b")
     cache.clear()
-    stats = cache.get_stats()
+    stats = cache.statistics()
     assert isinstance(stats, CacheStats)
     assert (stats.hits, stats.misses, stats.entries, stats.size_bytes) == (1, 1, 0, 0)
 

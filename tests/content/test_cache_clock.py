@@ -54,7 +54,7 @@ def test_ttl_follows_the_running_loop_across_backends() -> None:
     _asyncio_run(cache, "asyncio")
     _trio_run(cache, "second trio")
     _asyncio_run(cache, "asyncio again")
-    assert cache.get_stats().expirations == 4
+    assert cache.statistics().expirations == 4
 
 
 def test_a_thread_without_a_loop_gets_the_explanatory_error() -> None:

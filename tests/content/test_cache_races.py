@@ -136,7 +136,7 @@ async def run_real(
     final: list[Any] = []
 
     def check_invariants() -> None:
-        stats = cache.get_stats()  # sweeps expired entries first
+        stats = cache.statistics()  # sweeps expired entries first
         now = anyio.current_time()
         assert stats.size_bytes <= stats.max_size_bytes == BUDGET
         assert stats.size_bytes == sum(e.size for e in cache._lru.values())
@@ -366,7 +366,7 @@ def check_schedule(backend: str, ops: list[Op]) -> None:
     assert [(k, e.value) for k, e in cache._lru.items()] == [
         (k, v) for k, (v, _s, _e) in model.entries.items()
     ]
-    stats = attrs.asdict(cache.get_stats())
+    stats = attrs.asdict(cache.statistics())
     for name, value in model.stats.items():
         assert stats[name] == value, name
     assert stats["entries"] == len(model.entries)
@@ -395,4 +395,4 @@ def test_ModuleCache_model_handles_takeover_after_double_cancel() -> None:
         assert outcomes[0] == outcomes[1] == ("cancelled",)
         assert outcomes[2] == ("value", "L2")
         assert calls == [(1.0, 0), (4.0, 2)]
-        assert cache.get_stats().coalesced == 2
+        assert cache.statistics().coalesced == 2

@@ -364,7 +364,7 @@ def test_concurrent_builds_fetch_each_chunk_once() -> None:
     assert all(r.sources == results[0].sources and r.text == results[0].text for r in results)
     assert len(module.fetches) == 1  # one query, by the first build; the others waited
     assert sorted(c for f in module.fetches for c in f) == sorted(chosen)
-    assert cache.get_stats().entries == 8
+    assert cache.statistics().entries == 8
     assert sum(r.cache_misses for r in results) == 3 * 8  # nobody found them cached
 
 

@@ -112,7 +112,7 @@ async def test_LazyLoadManager_ensure_loaded_waits_for_background_load(trio_only
         assert lazy.is_loaded("rules") and module.is_complete(got["rules"])
         assert lazy.load_background("rules") is False  # cached
     assert [s for _t, s in module.calls] == ["rules"]
-    assert lazy.cache.get_stats().coalesced == 1
+    assert lazy.cache.statistics().coalesced == 1
 
 
 @pytest.mark.anyio
@@ -140,7 +140,7 @@ async def test_LazyLoadManager_failure_raises_LoadError_and_next_call_retries() 
         assert lazy.is_loaded("locations") and not lazy.is_loaded("npcs")
         got = await lazy.ensure_loaded("npcs")
         assert module.is_complete(got["npcs"])
-    assert lazy.cache.get_stats().load_errors == 1
+    assert lazy.cache.statistics().load_errors == 1
 
 
 @pytest.mark.anyio
