@@ -108,13 +108,20 @@ async def test_failure_skips_exactly_transitive_dependents() -> None:
 
 
 async def test_overall_deadline_cancels_the_rest(trio_only: None) -> None:
-    agent = ScriptedAgent({"a": 1, "b": 5, "c": 1})
-    responses = await executor(agent).execute_parallel(
-        [req("a"), req("b", "a"), req("c", "b")], deadline=3
-    )
+    agent = ScriptedAgent({"a": 1, "b": 5, "c": 1, "d": 1})
+    ex = executor(agent, max_concurrent=1)  # one token: a leaked one would block "d"
+    t0 = anyio.current_time()
+    responses = await ex.execute_parallel([req("a"), req("b", "a"), req("c", "b")], deadline=3)
+    assert anyio.current_time() - t0 == 3  # at the deadline, not when "b" would end (6)
     assert [r.status for r in responses] == [Status.OK, Status.CANCELLED, Status.CANCELLED]
+    assert agent.starts["b"] == [t0 + 1] and "c" not in agent.starts
     assert agent.cancelled == ["b"]
-    assert executor(agent).statistics().borrowed_tokens == 0
+    stats = ex.statistics()  # this executor's limiter, after the cancellation
+    assert (stats.borrowed_tokens, stats.total_tokens, stats.waiting) == (0, 1, 0)
+    with anyio.fail_after(10):  # the token "b" held is free again: "d" starts at once
+        (again,) = await ex.execute_parallel([req("d")])
+    assert again.status is Status.OK and again.queued == 0
+    assert agent.starts["d"] == [t0 + 3]
 
 
 async def test_caller_cancellation_releases_everything() -> None:
