@@ -206,36 +206,35 @@ async def test_open_engine_closes_cleanly_when_cancelled(module_dir: Path, tmp_p
         assert await store.count_actions() == 0
 
 
-async def test_sessions_run_concurrently(module_dir: Path, tmp_path: Path, trio_only: None) -> None:
-    config = make_config(module_dir)
+@pytest.mark.parametrize(
+    ("tokens", "one", "two"),
+    [
+        # enough tokens for both sessions' 10 calls: two sessions take as long as one,
+        # the critical path archivist -> arbiter -> narrator (3 x 0.125 s)
+        (10, 3 * 0.125, 3 * 0.125),
+        # one token: every call waits for the one before it, whichever session it is
+        # of (the engine's one limiter): 5 calls for one action, 10 for two
+        (1, 5 * 0.125, 10 * 0.125),
+    ],
+)
+async def test_sessions_run_concurrently(
+    module_dir: Path, tmp_path: Path, trio_only: None, tokens: int, one: float, two: float
+) -> None:
+    """A combat action: archivist -> arbiter -> narrator, with module_keeper and
+    narrator_opening beside them; every call takes 0.125 s of virtual time. Sessions
+    do not wait for each other, and share the engine's agent limiter."""
+    config = make_config(module_dir, max_concurrent_agents=tokens)
     agents = recorders(config)
     async with engine.open_engine(config, agents=agents, state_path=tmp_path / "s.sqlite") as dm:
         t0 = anyio.current_time()
         await dm.player_action("solo", "I attack the goblin")
-        one = anyio.current_time() - t0
+        assert anyio.current_time() - t0 == one
         t0 = anyio.current_time()
         async with anyio.create_task_group() as tg:
             tg.start_soon(dm.player_action, "a", "I attack the goblin")
             tg.start_soon(dm.player_action, "b", "I attack the goblin")
-        two = anyio.current_time() - t0
-    starts = {
-        name: sorted(start - t0 for _, start, _ in agent.intervals if start >= t0)
-        for name, agent in agents.items()
-    }
-    # a combat action: archivist -> arbiter -> narrator, module_keeper and
-    # narrator_opening beside them; every call 0.125 s of virtual time
-    assert one == 3 * 0.125
-    # two sessions at once: 10 calls, 4 tokens. Each session's archivist is admitted at
-    # once (request order, FIFO); the 2 side calls left over wait for the first tokens
-    # back, beside the arbiters; both narrators start at 0.25
-    assert {name: s for name, s in starts.items() if s} == {
-        "archivist": [0, 0],
-        "module_keeper": [0, 0.125],
-        "narrator_opening": [0, 0.125],
-        "arbiter": [0.125, 0.125],
-        "narrator": [0.25, 0.25],
-    }
-    assert two == one  # the queueing stayed off the critical path: as fast as one alone
+        assert anyio.current_time() - t0 == two
+    assert sum(len(agent.calls) for agent in agents.values()) == 3 * 5
 
 
 @settings(max_examples=25, deadline=None)
