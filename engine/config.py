@@ -224,6 +224,8 @@ class MonitoringConfig:
 @attrs.frozen
 class PromptConfig:
     layout: str = attrs.field(default="stable_first", validator=one_of(*PROMPT_LAYOUTS))
+    # the module's opening passages at the head of every prompt (0: none)
+    synopsis_tokens: int = attrs.field(default=0, validator=between(0, 4000, "tokens"))
 
 
 @attrs.frozen
@@ -309,7 +311,7 @@ class AgentConfig:
     backend: str = attrs.field(default="simulated", validator=one_of(*BACKENDS))
     depends_on: tuple[str, ...] = ()
     timeout_seconds: float = attrs.field(default=5.0, validator=_seconds)
-    budget_tokens: int = attrs.field(default=1000, validator=positive)
+    budget_tokens: int = attrs.field(default=1000, validator=non_negative)  # 0: no module text
     output_tokens: int = attrs.field(default=100, validator=positive)
     hedge_after: float | str = "off"
     output: str = attrs.field(default="text", validator=one_of(*OUTPUT_KINDS))

@@ -165,6 +165,7 @@ class DungeonMaster:
     _sessions: OrderedDict[str, tuple[int, dict[str, Any]]] = attrs.field(
         factory=OrderedDict, init=False
     )
+    _synopsis: str | None = attrs.field(default=None, init=False)  # read once
 
     async def player_action(self, session_id: str, text: str) -> ActionResult:
         """Run one player action to the end (see the module docstring).
@@ -320,6 +321,7 @@ class DungeonMaster:
                 "session": session_id,
                 "module": self.builder.module.name,
                 "notes": _notes(state),
+                "synopsis": await self._module_synopsis(),
             }
             contexts = await self._contexts(names, scene, started + deadline)
             narrators = [n for n in names if config.agents[n].narrates]
@@ -382,6 +384,26 @@ class DungeonMaster:
             first_token=first[0] if first else None,
             tokens=tokens,
         )
+
+    async def _module_synopsis(self) -> str:
+        """The module's opening passages (its first section, in order) that fit in
+        ``[performance.prompts] synopsis_tokens``: the same text for every prompt of
+        every session, so it stays in a server's prompt cache. Read once."""
+        limit = self.config.performance.prompts.synopsis_tokens
+        if limit == 0:
+            return ""
+        if self._synopsis is None:
+            sections = self.lazy.module.section_names()
+            first = (await self.lazy.ensure_loaded(sections[0]))[sections[0]] if sections else ()
+            parts: list[str] = []
+            used = 0
+            for chunk in first:
+                if used + chunk.tokens > limit:
+                    break
+                parts.append(chunk.text)
+                used += chunk.tokens
+            self._synopsis = "\n\n".join(parts)
+        return self._synopsis
 
     async def _contexts(
         self, names: Sequence[str], scene: Mapping[str, Any], deadline_at: float

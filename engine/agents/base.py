@@ -110,8 +110,9 @@ class AgentOutput(TypedDict, total=False):
 class Agent(Protocol):
     """Anything with ``async def run(request, inputs) -> output``.
 
-    ``inputs`` maps each dependency's request id to its output. Agents are stateless
-    per call: one object may serve many requests concurrently.
+    ``inputs`` maps each dependency's request id to its output, in the order of the
+    requests. Agents are stateless per call: one object may serve many requests
+    concurrently.
     """
 
     async def run(self, request: AgentRequest, inputs: Mapping[str, Any]) -> Any: ...

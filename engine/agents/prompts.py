@@ -5,12 +5,16 @@ previous prompt shared with this one; one changed character early on makes every
 token after it cost full prefill. The ``stable_first`` layout therefore orders a
 prompt from what changes least to what changes most:
 
-1. the preamble: the same for every agent and every turn of the module;
+1. the preamble: the same for every agent and every turn of the module, with the
+   module's synopsis when ``[performance.prompts] synopsis_tokens`` asks for one;
 2. the session notes: where the party is and who is present (they change only when
    the scene does);
 3. the reference text retrieved for this action: the same for every agent of the
    action that has the same ``budget_tokens`` (they share one ranking);
-4. this agent's instructions, the other agents' answers, the player's text.
+4. the player's text, the other agents' answers (in the order of the action's
+   requests) and, last, this agent's instructions: on a one-request server the
+   agents of an action run as a chain, and each finds the previous one's prompt,
+   up to that agent's instructions, in the cache.
 
 Nothing that changes per call (ids, draw keys, timestamps) is in the prompt at all.
 ``action_first`` is the naive order (the player's text and the agent's instructions
@@ -130,7 +134,8 @@ def build_prompt(
         agent: the agent's name (picks the default instructions).
         request: its ``context`` supplies ``action`` (the player's text), ``text``
             (the retrieved reference text), ``notes`` (the session notes) and
-            ``module`` (the module's name); other string entries may be used as
+            ``module`` (the module's name) and ``synopsis`` (its opening passages,
+            optional); other string entries may be used as
             ``{placeholders}`` in ``instructions``.
         inputs: the dependencies' outputs (request id -> output).
         instructions: the agent's instructions (empty: the default for ``agent``).
@@ -144,6 +149,7 @@ def build_prompt(
     if output in INSTRUCTIONS:
         role = f"{role}\n{INSTRUCTIONS[output]}"
     preamble = _render(PREAMBLE, {"module": str(context.get("module") or "the module")})
+    synopsis = str(context.get("synopsis") or "").strip()
     notes = str(context.get("notes") or "").strip()
     reference = str(context.get("text") or "").strip()
     answers = "\n".join(f"- {rid}: {as_text(out)}" for rid, out in inputs.items())
@@ -155,6 +161,7 @@ def build_prompt(
                 action,
                 f"What the other agents said:\n{answers}" if answers else "",
                 f"Reference:\n{reference}" if reference else "",
+                f"The adventure:\n{synopsis}" if synopsis else "",
                 f"Notes: {notes}" if notes else "",
             )
             if p
@@ -162,9 +169,13 @@ def build_prompt(
         return Prompt(system=f"{role}\n{preamble}", reference="", task=task)
     if layout != "stable_first":
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    system = f"{preamble}\nSession notes: {notes}" if notes else preamble
+    system = f"{preamble}\n\nThe adventure:\n{synopsis}" if synopsis else preamble
+    if notes:
+        system = f"{system}\n\nSession notes: {notes}"
+    # the player's text, then the answers in request order, then the instructions: the
+    # next agent of the chain finds this prompt, up to its own instructions, cached
     task = "\n\n".join(
-        p for p in (role, f"What the other agents said:\n{answers}" if answers else "", action) if p
+        p for p in (action, f"What the other agents said:\n{answers}" if answers else "", role) if p
     )
     return Prompt(
         system=system, reference=f"Reference:\n{reference}" if reference else "", task=task

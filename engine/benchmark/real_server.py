@@ -71,7 +71,9 @@ async def llama_server(
     model: Path | None = None, *, n_ctx: int = 4096, ready_timeout: float = 120.0
 ) -> AsyncIterator[str]:
     """Start ``python -m llama_cpp.server`` on 127.0.0.1 and a free port; yield its
-    base URL once ``/v1/models`` answers; stop it by its PID on exit.
+    base URL once ``/v1/models`` answers and one short completion has warmed it up
+    (a fresh server's first request takes seconds more: the model's pages are read
+    in, its buffers set up); stop it by its PID on exit.
 
     Raises:
         EngineError: llama-cpp-python or the model is missing, or the server exited
@@ -114,8 +116,14 @@ async def _wait_ready(url: str, process: Any, log: Any, limit: float) -> None:
                     raise EngineError(f"the llama.cpp server exited:\n{tail()}")
                 with contextlib.suppress(httpx.TransportError):
                     if (await client.get(f"{url}/v1/models", timeout=2)).status_code == 200:
-                        return
+                        break
                 await anyio.sleep(0.2)
+            warm_up = {"prompt": "Once upon a time, " * 40, "max_tokens": 4}
+            with contextlib.suppress(httpx.TransportError):
+                if (
+                    await client.post(f"{url}/v1/completions", json=warm_up, timeout=limit)
+                ).is_success:
+                    return
     raise EngineError(f"the llama.cpp server did not answer in {limit:g} s:\n{tail()}")
 
 

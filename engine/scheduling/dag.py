@@ -17,7 +17,8 @@ __all__ = ["RequestGraph", "analyze_dependencies", "find_cycle"]
 class RequestGraph:
     """A validated request DAG, indexed by position in the caller's list.
 
-    ``parents[i]`` are the positions ``i`` depends on; ``children[i]`` the positions
+    ``parents[i]`` are the positions ``i`` depends on, in ascending order (so an
+    agent's ``inputs`` come in the order of the requests); ``children[i]`` the positions
     that depend on ``i``; ``levels`` are Kahn's topological levels (a request's level
     is one more than its deepest dependency's).
     """
@@ -71,7 +72,7 @@ def _shape(nodes: tuple[tuple[str, tuple[str, ...]], ...]) -> _Shape:
                 continue
             deps.append(j)
             children[j].append(i)
-        parents.append(tuple(deps))
+        parents.append(tuple(sorted(deps)))  # in request order, whatever depends_on says
     if unknown:
         raise DependencyError(f"unknown dependencies: {', '.join(unknown)}", unknown)
 

@@ -171,7 +171,8 @@ async def test_OpenAIChatAgent_streams_chat_completion_and_returns_text_and_usag
     assert user["content"].startswith("Reference:\nAn altar of black stone.")
     assert DEFAULT_PROMPTS["narrator"] in user["content"]
     assert "- arbiter: DC 15 Investigation." in user["content"]
-    assert user["content"].endswith("Player action: I search the altar for traps")
+    assert "Player action: I search the altar for traps" in user["content"]
+    assert user["content"].endswith(DEFAULT_PROMPTS["narrator"])  # instructions last
 
 
 @pytest.mark.anyio
@@ -206,7 +207,7 @@ async def test_AnthropicAgent_streams_messages_with_key_version_and_cache_contro
     reference, task = message["content"]
     assert reference == {"type": "text", "text": prompt.reference, "cache_control": ephemeral}
     assert task == {"type": "text", "text": prompt.task}  # the per-call part: no breakpoint
-    assert task["text"].startswith("You are narrator; the player said: I search the altar")
+    assert task["text"].endswith("You are narrator; the player said: I search the altar for traps")
     assert "other agents" not in task["text"]  # no inputs, no empty section
     assert "tools" not in body
 
@@ -218,7 +219,7 @@ async def test_AnthropicAgent_without_reference_sends_the_task_block_only(
     await anthropic(server, client).run(request(text=""), {})
     (block,) = server.requests[0].body["messages"][0]["content"]
     assert "cache_control" not in block
-    assert block["text"].endswith("Player action: I search the altar for traps")
+    assert block["text"].startswith("Player action: I search the altar for traps")
 
 
 @pytest.mark.anyio
@@ -244,7 +245,7 @@ async def test_make_http_agent_reads_key_from_env_and_accepts_base_url_with_v1(
     (seen,) = server.requests
     assert seen.path == "/v1/chat/completions"
     assert seen.headers["authorization"] == f"Bearer {KEY}"
-    assert seen.body["messages"][1]["content"] == "Be archivist.\n\nPlayer action: hi"
+    assert seen.body["messages"][1]["content"] == "Player action: hi\n\nBe archivist."
     assert seen.body["max_tokens"] == 50
     assert seen.body["cache_prompt"] is True
 
@@ -939,7 +940,7 @@ def test_prompt_template_substitutes_known_names_only() -> None:
     )
     prompt = agent.build_prompt(request(action="{text}"), {"x": [1, 2]})
     # substitution is one pass: the player's "{text}" is not expanded again
-    assert prompt.task.startswith('oracle answers {text} as JSON like {"a": 1} {unknown}\n')
+    assert prompt.task.endswith('\noracle answers {text} as JSON like {"a": 1} {unknown}')
     assert "- x: [1, 2]" in prompt.task
     assert prompt.reference == "Reference:\nAn altar of black stone."
     default = OpenAIChatAgent(name="oracle", client=httpx.AsyncClient(), model="m")
@@ -971,7 +972,7 @@ def test_docs_example_config_is_valid_and_builds_agents(monkeypatch: pytest.Monk
     assert isinstance(keeper, OpenAIChatAgent)
     assert keeper.url == "http://127.0.0.1:11434/v1/chat/completions"
     task = keeper.build_prompt(request(), {}).task
-    assert task.startswith("You are the module_keeper of a D&D adventure. From the module")
+    assert "\nYou are the module_keeper of a D&D adventure. From the module" in task
     narrator = agents["narrator"]
     assert isinstance(narrator, AnthropicAgent)
     assert narrator.url == "https://api.anthropic.com/v1/messages"

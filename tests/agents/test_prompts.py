@@ -15,6 +15,7 @@ REFERENCE = (
     "Encounters > Reliquary Ghoul\nThe ghoul waits behind the altar."
 )
 ACTION = "I pry open the reliquary with my dagger"
+_GENERIC_BARD = "You are the bard agent. Answer for the player's action, tersely."
 
 
 def request(**context: Any) -> AgentRequest:
@@ -42,29 +43,52 @@ def common_prefix(a: str, b: str) -> int:
 # ----------------------------------------------------------------------- stable_first
 
 
-def test_two_agents_share_the_system_and_reference_prefix() -> None:
+def test_two_agents_share_the_system_reference_and_action_prefix() -> None:
     req = request()
     arbiter = build_prompt("arbiter", req, {"archivist": {"text": "Pry: DC 12."}}, output="ruling")
     narrator = build_prompt("narrator_opening", req, {})
     assert arbiter.system == narrator.system
     assert arbiter.reference == narrator.reference == f"Reference:\n{REFERENCE}"
-    prefix = f"{arbiter.system}\n\n{arbiter.reference}\n\n"
+    prefix = f"{arbiter.system}\n\n{arbiter.reference}\n\nPlayer action: {ACTION}\n\n"
     assert arbiter.text().startswith(prefix) and narrator.text().startswith(prefix)
-    # they differ right after it: each agent's own instructions
-    assert common_prefix(arbiter.text(), narrator.text()) == len(prefix) + len("You are the ")
-    assert arbiter.task.startswith(DEFAULT_PROMPTS["arbiter"])
-    assert narrator.task.startswith(DEFAULT_PROMPTS["narrator_opening"])
+    # they differ right after it: the arbiter has an answer to read, the opening none
+    assert common_prefix(arbiter.text(), narrator.text()) == len(prefix)
+    assert arbiter.task.endswith(f"{DEFAULT_PROMPTS['arbiter']}\n{INSTRUCTIONS['ruling']}")
+    assert narrator.task.endswith(DEFAULT_PROMPTS["narrator_opening"])
 
 
-def test_the_system_part_holds_the_preamble_and_the_session_notes() -> None:
+def test_the_system_part_holds_the_preamble_the_synopsis_and_the_session_notes() -> None:
     prompt = build_prompt("narrator", request(), {})
     preamble = PREAMBLE.replace("{module}", "The Ember Vault")
-    assert prompt.system == (
-        f"{preamble}\nSession notes: The party is at The Reliquary. Present: Sister Maud."
-    )
+    notes = "Session notes: The party is at The Reliquary. Present: Sister Maud."
+    assert prompt.system == f"{preamble}\n\n{notes}"
     no_notes = build_prompt("narrator", request(notes="  "), {})
     assert no_notes.system == preamble
     assert "the module" in build_prompt("narrator", request(module=""), {}).system
+    synopsis = "The Ember Vault > Background\nA vault beneath a drowned chapel."
+    with_synopsis = build_prompt("narrator", request(synopsis=synopsis), {})
+    assert with_synopsis.system == f"{preamble}\n\nThe adventure:\n{synopsis}\n\n{notes}"
+
+
+def test_a_chain_of_agents_extends_one_prompt() -> None:
+    """On a one-request server an action's agents run one after another: each finds
+    the previous one's prompt, up to that agent's instructions, in the server's cache."""
+    req = request()
+    opening = {"text": "You kneel by the reliquary."}
+    ruling = {"text": "Ruling: DC 12 Strength."}
+    told = {"text": "The lid gives with a crack."}
+    arbiter = build_prompt("arbiter", req, {"narrator_opening": opening}, output="ruling")
+    narrator = build_prompt("narrator", req, {"narrator_opening": opening, "arbiter": ruling})
+    keeper = build_prompt(
+        "module_keeper",
+        req,
+        {"narrator_opening": opening, "arbiter": ruling, "narrator": told},
+        output="scene",
+    )
+    for before, after, agent in ((arbiter, narrator, "arbiter"), (narrator, keeper, "narrator")):
+        instructions = before.text().rindex(DEFAULT_PROMPTS[agent])
+        shared = before.text()[:instructions].rstrip("\n")
+        assert after.text().startswith(shared)
 
 
 def test_nothing_per_call_enters_the_prompt() -> None:
@@ -83,16 +107,18 @@ def test_nothing_per_call_enters_the_prompt() -> None:
 
 
 @pytest.mark.parametrize("output", ["text", "ruling", "scene"])
-def test_the_players_text_comes_last(output: str) -> None:
+def test_the_agents_instructions_come_last(output: str) -> None:
     inputs = {"archivist": {"text": "Pry: DC 12."}, "arbiter": "Ruling: DC 12."}
     prompt = build_prompt("narrator", request(), inputs, output=output)
-    assert prompt.text().endswith(f"Player action: {ACTION}")
-    assert prompt.user.endswith(f"Player action: {ACTION}")
-    # the other agents' answers come just before it
-    assert "What the other agents said:\n- archivist: Pry: DC 12.\n- arbiter: Ruling: DC 12." in (
-        prompt.task
+    instructions = DEFAULT_PROMPTS["narrator"]
+    if output != "text":
+        instructions = f"{instructions}\n{INSTRUCTIONS[output]}"
+    assert prompt.text().endswith(instructions)
+    # the player's text, then the other agents' answers in the order given, before them
+    assert prompt.task.startswith(
+        f"Player action: {ACTION}\n\n"
+        "What the other agents said:\n- archivist: Pry: DC 12.\n- arbiter: Ruling: DC 12."
     )
-    assert prompt.task.index("What the other agents said") < prompt.task.index("Player action")
 
 
 @pytest.mark.parametrize("kind", ["ruling", "scene"])
@@ -126,7 +152,7 @@ def test_custom_instructions_fill_known_placeholders_only() -> None:
     )
     assert "You are the bard; at the Reliquary, sing about {missing} {{braces}}." in prompt.task
     generic = build_prompt("bard", request(), {})
-    assert generic.task.startswith("You are the bard agent.")
+    assert generic.task.endswith(_GENERIC_BARD)
 
 
 # ----------------------------------------------------------------------- action_first
@@ -134,7 +160,8 @@ def test_custom_instructions_fill_known_placeholders_only() -> None:
 
 def test_action_first_puts_the_players_text_first() -> None:
     inputs = {"archivist": {"text": "Pry: DC 12."}}
-    prompt = build_prompt("arbiter", request(), inputs, output="ruling", layout="action_first")
+    req = request(synopsis="A vault beneath a drowned chapel.")
+    prompt = build_prompt("arbiter", req, inputs, output="ruling", layout="action_first")
     assert prompt.reference == ""
     assert prompt.user.startswith(f"Player action: {ACTION}")
     assert prompt.messages()[1]["content"].startswith(f"Player action: {ACTION}")
@@ -142,7 +169,13 @@ def test_action_first_puts_the_players_text_first() -> None:
     assert prompt.system.startswith(f"{DEFAULT_PROMPTS['arbiter']}\n{INSTRUCTIONS['ruling']}")
     order = [
         prompt.task.index(part)
-        for part in ("Player action", "What the other agents said", "Reference:", "Notes:")
+        for part in (
+            "Player action",
+            "What the other agents said",
+            "Reference:",
+            "The adventure:",
+            "Notes:",
+        )
     ]
     assert order == sorted(order)
     # two agents' prompts now differ from the first character on

@@ -70,3 +70,13 @@ def test_long_chain_is_levelled() -> None:
     # the previous design located requests with list.index (quadratic on long chains)
     chain = [req("n0")] + [req(f"n{i}", f"n{i - 1}") for i in range(1, 20_000)]
     assert len(analyze_dependencies(chain)) == 20_000
+
+
+def test_parents_are_in_request_order_whatever_depends_on_says() -> None:
+    # an agent's inputs follow the request list, so prompts built from them line up
+    # with the previous agent's prompt in a server's prefix cache
+    from engine.scheduling.dag import RequestGraph
+
+    requests = [req("opening"), req("arbiter", "opening"), req("keeper", "arbiter", "opening")]
+    graph = RequestGraph.build(requests)
+    assert graph.parents == ((), (0,), (0, 1))
