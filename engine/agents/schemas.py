@@ -8,8 +8,10 @@ seeded ``dice_key``, the outcome and the player-facing text, and turns a scene i
 session-state changes. Simulated agents go through the same functions, so both kinds
 of agent produce the same outputs.
 
-The schemas are short by construction (a few enums, one integer, short strings), so a
-structured answer costs few output tokens.
+The schemas are short by construction (a few enums, one integer, short strings with
+a ``maxLength`` and arrays with a ``maxItems`` that a server's grammar enforces), so a
+structured answer costs few output tokens: a valid ruling has at most about 180
+characters, a valid scene about 450 (their ``max_tokens`` should leave room for that).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ RULING_SCHEMA: Final[Mapping[str, Any]] = types.MappingProxyType(
             "check": {"enum": ["attack", "ability_check", "saving_throw", "none"]},
             "ability": {"enum": ["str", "dex", "con", "int", "wis", "cha", "none"]},
             "dc": {"type": "integer", "minimum": 1, "maximum": 30},
-            "reason": {"type": "string", "maxLength": 160},
+            "reason": {"type": "string", "maxLength": 100},
         },
         "required": ["check", "ability", "dc", "reason"],
         "additionalProperties": False,
@@ -55,16 +57,16 @@ SCENE_SCHEMA: Final[Mapping[str, Any]] = types.MappingProxyType(
     {
         "type": "object",
         "properties": {
-            "location": {"type": "string", "maxLength": 80},
+            "location": {"type": "string", "maxLength": 60},
             "present": {
                 "type": "array",
-                "items": {"type": "string", "maxLength": 60},
-                "maxItems": 6,
+                "items": {"type": "string", "maxLength": 40},
+                "maxItems": 4,
             },
             "changes": {
                 "type": "array",
-                "items": {"type": "string", "maxLength": 120},
-                "maxItems": 3,
+                "items": {"type": "string", "maxLength": 80},
+                "maxItems": 2,
             },
         },
         "required": ["location", "present", "changes"],
@@ -88,7 +90,7 @@ INSTRUCTIONS: Final[Mapping[str, str]] = types.MappingProxyType(
         ),
         "scene": (
             'Answer with JSON only: {"location": where the party is, "present": the names '
-            'of the creatures and people present, "changes": at most three short facts '
+            'of the creatures and people present, "changes": at most two short facts '
             "that changed}."
         ),
     }

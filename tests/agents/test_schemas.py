@@ -58,7 +58,7 @@ def test_valid_rulings_are_accepted(data: dict[str, Any]) -> None:
     [
         SCENE,
         {"location": "", "present": [], "changes": []},
-        {"location": "x" * 80, "present": ["a"] * 6, "changes": ["c"] * 3},
+        {"location": "x" * 60, "present": ["a" * 40] * 4, "changes": ["c" * 80] * 2},
     ],
 )
 def test_valid_scenes_are_accepted(data: dict[str, Any]) -> None:
@@ -80,9 +80,9 @@ def test_non_json_is_rejected(text: str) -> None:
         ("ruling", {**RULING, "dc": 0}, "dc", "less than the minimum of 1"),
         ("ruling", {**RULING, "dc": 12.5}, "dc", "is not of type 'integer'"),
         ("ruling", {**RULING, "dc": "15"}, "dc", "is not of type 'integer'"),
-        ("ruling", {**RULING, "reason": "r" * 161}, "reason", "is too long"),
-        ("scene", {**SCENE, "present": ["x" * 61]}, "present/0", "is too long"),
-        ("scene", {**SCENE, "present": ["a"] * 7}, "present", "is too long"),
+        ("ruling", {**RULING, "reason": "r" * 101}, "reason", "is too long"),
+        ("scene", {**SCENE, "present": ["x" * 41]}, "present/0", "is too long"),
+        ("scene", {**SCENE, "present": ["a"] * 5}, "present", "is too long"),
         ("scene", {**SCENE, "changes": ["ok", 3]}, "changes/1", "is not of type 'string'"),
         ("scene", {**SCENE, "location": None}, "location", "is not of type 'string'"),
     ],
