@@ -259,8 +259,8 @@ class ModuleCache:
 
     def get(self, key: str) -> Any:
         """The live value of ``key`` (marked most recently used), or None. O(1)."""
-        try:
-            now = _clock()  # _now(), inlined: this is the hot path
+        try:  # _now(), inlined: this is the hot path (asyncio's clock without a call)
+            now = get_running_loop().time() if _clock is _asyncio_time else _clock()
         except RuntimeError:
             now = _now()  # another kind of loop (or none: the explanatory error)
         if now >= self._next_expiry:
