@@ -21,8 +21,9 @@ import httpx
 
 from .agents.base import Agent
 from .agents.http import make_http_agent
+from .agents.prompt_cache import PromptCacheModel
 from .agents.retrieval import RetrievalFirstAgent
-from .agents.simulated import PromptCacheModel, SimulatedAgent
+from .agents.simulated import SimulatedAgent
 from .config import Config
 from .content.cache import ModuleCache
 from .content.context import OptimizedContextBuilder
@@ -163,6 +164,7 @@ async def _build_agents(config: Config, stack: contextlib.AsyncExitStack) -> dic
     client: httpx.AsyncClient | None = None
     prompt_cache = PromptCacheModel.from_model(config.latency_model())
     limiters: dict[str, anyio.CapacityLimiter] = {}
+    caches: dict[str, PromptCacheModel] = {}  # what a one-slot server holds (estimates)
     layout = config.performance.prompts.layout
     for name, agent_config in config.agents.items():
         agent: Agent
@@ -176,13 +178,20 @@ async def _build_agents(config: Config, stack: contextlib.AsyncExitStack) -> dic
                 limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
                 client = await stack.enter_async_context(httpx.AsyncClient(limits=limits))
             server = config.server_of(name)
-            agent = make_http_agent(name, agent_config, client, server=server, layout=layout)
-            if agent_config.server:  # a shared server: its own limiter, shared
-                limiter = limiters.get(agent_config.server)
-                if limiter is None:
-                    limiter = anyio.CapacityLimiter(server.max_concurrent)
-                    limiters[agent_config.server] = limiter
-                agent = ServerLimitedAgent(agent, limiter)
+            shared = agent_config.server
+            if shared and shared not in limiters:  # a shared server: its own limiter
+                limiters[shared] = anyio.CapacityLimiter(server.max_concurrent)
+                caches[shared] = PromptCacheModel.one_slot()
+            agent = make_http_agent(
+                name,
+                agent_config,
+                client,
+                server=server,
+                layout=layout,
+                cache_model=caches.get(shared) if shared else None,
+            )
+            if shared:
+                agent = ServerLimitedAgent(agent, limiters[shared])
         if agent_config.from_retrieval:
             agent = RetrievalFirstAgent(agent)
         agents[name] = agent

@@ -64,6 +64,7 @@ import httpx
 from ..config import AgentConfig, ServerConfig
 from ..errors import AgentError, ConfigError
 from .base import Agent, AgentRequest, DeltaSink
+from .prompt_cache import PromptCacheModel
 from .prompts import DEFAULT_PROMPTS, LAYOUTS, Prompt, build_prompt, estimate_tokens
 from .retry import RetryPolicy, parse_retry_after, retryable
 from .schemas import (
@@ -202,6 +203,8 @@ class _HTTPAgent:
     rng: random.Random = attrs.field(factory=random.Random)
     output: str = attrs.field(default="text", validator=attrs.validators.in_(KINDS))
     layout: str = attrs.field(default="stable_first", validator=attrs.validators.in_(LAYOUTS))
+    # a server that reports no cached tokens: what its cache holds, shared by its agents
+    cache_model: PromptCacheModel | None = None
     url: str = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -251,10 +254,11 @@ class _HTTPAgent:
     async def _run(self, request: AgentRequest, inputs: Mapping[str, Any]) -> dict[str, Any]:
         prompt = self.build_prompt(request, inputs)
         body = self._body(prompt, request)
+        cached = self._cached_estimate(prompt)
         kind = self.output
         if kind not in SCHEMAS:
             answer = await self._call(body, request.on_delta)
-            _estimate_missing_usage(answer, prompt)
+            _estimate_missing_usage(answer, prompt, cached)
             return {**answer, "repaired": False}
         answer = await self._call(body, None)  # structured answers never stream
         try:
@@ -277,10 +281,20 @@ class _HTTPAgent:
             usage = add_usage(answer["usage"], second["usage"])
             answer = {**second, "usage": usage, "attempts": answer["attempts"] + second["attempts"]}
             repaired = True
-        _estimate_missing_usage(answer, prompt)
+        _estimate_missing_usage(answer, prompt, cached)
         del answer["text"]
         dice_key = str(request.context.get("dice_key", request.id))
         return {**finish(kind, data, dice_key), **answer, "repaired": repaired}
+
+    def _cached_estimate(self, prompt: Prompt) -> int | None:
+        """The prompt tokens ``cache_model`` says the server has cached (None without
+        one); the prompt is then what the server holds."""
+        if self.cache_model is None:
+            return None
+        text, now = prompt.text(), anyio.current_time()
+        cached = self.cache_model.lookup(self.url, text, now)
+        self.cache_model.store(self.url, text, now)
+        return cached
 
     async def _call(self, body: Mapping[str, Any], on_delta: DeltaSink | None) -> dict[str, Any]:
         """POST ``body`` and read its stream, with retries; return ``{"text", "usage",
@@ -532,17 +546,25 @@ class AnthropicAgent(_HTTPAgent):
         return AnthropicStream(tool=self.output in SCHEMAS)
 
 
-def _estimate_missing_usage(answer: dict[str, Any], prompt: Prompt) -> None:
-    """Fill in prompt and output tokens a server did not report (llama-cpp-python sends
-    no usage in streams) with the 4-characters-a-token rule, and mark them estimated;
-    cached tokens stay None: only the server knows them."""
+def _estimate_missing_usage(answer: dict[str, Any], prompt: Prompt, cached: int | None) -> None:
+    """Fill in the tokens a server did not report (llama-cpp-python sends no usage in
+    streams) and mark them estimated: prompt and output tokens by the
+    4-characters-a-token rule, cached tokens from the agent's ``cache_model`` (without
+    one they stay None: only the server knows them)."""
     usage = answer["usage"]
-    if usage.get("input_tokens") is None or usage.get("output_tokens") is None:
+    missing = [
+        k for k in ("input_tokens", "output_tokens", "cached_tokens") if usage.get(k) is None
+    ]
+    if cached is None and missing == ["cached_tokens"]:
+        return
+    if missing:
         usage = dict(usage)
         if usage.get("input_tokens") is None:
             usage["input_tokens"] = estimate_tokens(prompt.text())
         if usage.get("output_tokens") is None:
             usage["output_tokens"] = estimate_tokens(answer["text"])
+        if usage.get("cached_tokens") is None and cached is not None:
+            usage["cached_tokens"] = min(cached, usage["input_tokens"])
         usage["estimated"] = True
         answer["usage"] = usage
 
@@ -567,6 +589,7 @@ def make_http_agent(
     *,
     server: ServerConfig | None = None,
     layout: str = "stable_first",
+    cache_model: PromptCacheModel | None = None,
 ) -> Agent:
     """Build the HTTP agent ``agents.<name>`` describes, sharing ``client``.
 
@@ -574,7 +597,9 @@ def make_http_agent(
     one made of the agent's own ``base_url`` and ``api_key_env``. Its ``prompt_cache``
     picks the OpenAI agent's cache hint (``auto``: ``openai`` for api.openai.com,
     ``llama.cpp`` otherwise). ``layout`` is the prompt layout
-    (``performance.prompts.layout``).
+    (``performance.prompts.layout``). ``cache_model`` (one per server, shared by its
+    agents) estimates the cached prompt tokens of a llama.cpp server with one slot
+    (``max_concurrent = 1``), which reports none; other agents do not use it.
 
     The key is read now from the environment variable ``api_key_env`` names (for
     ``anthropic`` an empty name means ``ANTHROPIC_API_KEY``; for ``openai`` it means no
@@ -613,7 +638,9 @@ def make_http_agent(
             )
     extra: dict[str, Any] = {}
     if cls is OpenAIChatAgent:
-        extra["prompt_cache"] = _resolve_prompt_cache(server.prompt_cache, base_url)
+        extra["prompt_cache"] = hint = _resolve_prompt_cache(server.prompt_cache, base_url)
+        if hint == "llama.cpp" and server.max_concurrent == 1:
+            extra["cache_model"] = cache_model
     return cls(
         name=name,
         client=client,

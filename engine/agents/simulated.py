@@ -24,7 +24,6 @@ import hashlib
 import itertools
 import math
 import random
-from collections import OrderedDict, deque
 from collections.abc import Mapping
 from typing import Any, final
 
@@ -33,6 +32,7 @@ import attrs
 
 from ..config import Config, LatencyModel
 from .base import AgentRequest
+from .prompt_cache import PromptCacheModel
 from .prompts import build_prompt, estimate_tokens
 from .schemas import finish
 
@@ -78,78 +78,6 @@ def _first_token_share(model: LatencyModel, output_tokens: int, unscaled: float)
     """The fraction of a call's latency before its first token (the rest is decoding)."""
     decode = output_tokens * model.inter_token_seconds
     return min(max(1.0 - decode / unscaled, 0.0), 1.0) if unscaled > 0 else 0.0
-
-
-@final
-@attrs.define(eq=False)
-class PromptCacheModel:
-    """A server's prefix cache, simulated: which part of a prompt it has cached.
-
-    Per cache key (a session), the last ``per_key`` prompts sent within ``ttl``
-    seconds; a new prompt's cached part is its longest common prefix with one of them,
-    in whole ``step`` tokens, and only when that prefix reaches ``min_tokens`` (the
-    documented rules of hosted prompt caches). Keys are dropped least recently used
-    past ``max_keys``.
-    """
-
-    min_tokens: int = 1024
-    step: int = 128
-    ttl: float = 300.0
-    per_key: int = 8
-    max_keys: int = 10_000
-    _recent: OrderedDict[str, deque[tuple[float, str]]] = attrs.field(
-        factory=OrderedDict, init=False
-    )
-
-    @classmethod
-    def from_model(cls, model: LatencyModel) -> PromptCacheModel:
-        return cls(
-            model.prompt_cache_min_tokens,
-            model.prompt_cache_step_tokens,
-            model.prompt_cache_ttl_seconds,
-        )
-
-    def lookup(self, key: str, prompt: str, now: float) -> int:
-        """Cached tokens of ``prompt``: its prefix shared with a prompt of ``key`` whose
-        prefill had finished by ``now`` (a server caches a prompt once it has read it)."""
-        recent = self._recent.get(key)
-        if recent is None:
-            return 0
-        self._recent.move_to_end(key)
-        while recent and now - recent[0][0] > self.ttl:
-            recent.popleft()
-        best = max(
-            (
-                _common_prefix(prompt, old)
-                for ready, old in recent
-                if ready <= now and now - ready <= self.ttl  # read, and not expired
-            ),
-            default=0,
-        )
-        tokens = prompt_tokens(prompt[:best])
-        tokens -= tokens % self.step
-        return tokens if tokens >= max(self.min_tokens, 1) else 0
-
-    def store(self, key: str, prompt: str, ready_at: float) -> None:
-        """``prompt`` is in the cache from ``ready_at`` on (when its prefill ends)."""
-        recent = self._recent.get(key)
-        if recent is None:
-            recent = self._recent[key] = deque(maxlen=self.per_key)
-            while len(self._recent) > self.max_keys:
-                self._recent.popitem(last=False)
-        recent.append((ready_at, prompt))
-
-
-def _common_prefix(a: str, b: str) -> int:
-    """Length of the longest common prefix (binary search on C-speed slice compares)."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 @final

@@ -28,6 +28,7 @@ from engine.agents.http import (
     make_http_agent,
     parse_retry_after,
 )
+from engine.agents.prompt_cache import PromptCacheModel
 from engine.agents.prompts import PREAMBLE
 from engine.agents.schemas import (
     SCHEMAS,
@@ -856,6 +857,38 @@ async def test_usage_the_server_does_not_report_is_estimated(
         "estimated": True,
     }
     assert out["model"] == ("fake-model" if api == "openai" else "fake-claude")  # our own
+
+
+@pytest.mark.anyio
+async def test_a_one_slot_servers_cached_tokens_are_estimated_from_the_last_prompt(
+    server: FakeLLMServer, client: httpx.AsyncClient
+) -> None:
+    """llama.cpp's Python server reports no cached tokens; its agents (one cache model
+    per server) estimate them as the prefix shared with the prompt it read last."""
+    cache = PromptCacheModel.one_slot()
+    config = AgentConfig(backend="openai", model="m", max_tokens=50)
+    one_slot = ServerConfig(base_url=server.url, max_concurrent=1, prompt_cache="llama.cpp")
+    opening = make_http_agent(
+        "narrator_opening", config, client, server=one_slot, cache_model=cache
+    )
+    arbiter = make_http_agent("arbiter", config, client, server=one_slot, cache_model=cache)
+    assert isinstance(opening, OpenAIChatAgent) and isinstance(arbiter, OpenAIChatAgent)
+    server.push(*[openai_stream("ok", usage=None)] * 3)
+    first = await opening.run(request(), {})
+    assert first["usage"]["cached_tokens"] == 0  # nothing read yet
+    second = await arbiter.run(request(), {"narrator_opening": {"text": "You kneel."}})
+    shared = common_prefix(
+        opening.build_prompt(request(), {}).text(),
+        arbiter.build_prompt(request(), {"narrator_opening": {"text": "You kneel."}}).text(),
+    )
+    assert shared.startswith("You are one of the agents")
+    assert second["usage"]["cached_tokens"] == (len(shared) + 3) // 4
+    assert second["usage"]["estimated"] is True
+    # a server with several slots keeps several prompts: no estimate there
+    many = ServerConfig(base_url=server.url, max_concurrent=4, prompt_cache="llama.cpp")
+    other = make_http_agent("arbiter", config, client, server=many, cache_model=cache)
+    third = await other.run(request(), {})
+    assert third["usage"]["cached_tokens"] is None
 
 
 # --------------------------------------------------------------------------- secrecy
