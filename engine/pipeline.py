@@ -42,6 +42,7 @@ from .observability.metrics import MetricsExporter
 from .observability.profiler import PerformanceProfiler, Span
 from .scheduling.executor import ParallelAgentExecutor
 from .state import AnySessionStore
+from .state.records import check_text
 from .streaming import ActionStream, Narrative
 
 __all__ = ["ActionResult", "ActionStream", "DungeonMaster", "TracedAgent"]
@@ -279,12 +280,9 @@ class DungeonMaster:
                 "([state] max_action_chars)"
             )
         try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise SessionError(
-                f"the action text cannot be stored: character {exc.start} "
-                f"({text[exc.start]!r}) is not valid Unicode text"
-            ) from None
+            check_text("it", text)  # what no store can keep: refuse it now
+        except SessionError as exc:
+            raise SessionError(f"the action text cannot be stored: {exc}") from None
 
     async def _run(
         self, session_id: str, text: str, sink: DeltaSink | None, told: list[bool] | None

@@ -384,7 +384,8 @@ async def test_preload_starts_the_urgent_sections(module_dir: Path, tmp_path: Pa
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("I open the \ud800 door", "cannot be stored"),
+        ("I open the \ud800 door", "cannot be stored: .*lone surrogate"),
+        ("I open the \x00 door", "cannot be stored: .*NUL character"),
         (42, "must be a str, got int"),
         ("   ", "empty"),
     ],
