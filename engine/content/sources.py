@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import yaml  # type: ignore[import-untyped]
+import yaml
 
 from ..errors import ModuleError
 from .tokens import DEFAULT_COUNTER, TokenCounter

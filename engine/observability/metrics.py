@@ -86,8 +86,8 @@ class _ScrapeCollector(Collector):
             families[name] = GaugeMetricFamily(
                 f"dm_cache_{name}", f"Module cache {name.replace('_', ' ')}", labels=["cache"]
             )
-        for cache, get_stats in caches:
-            stats = get_stats()
+        for cache, statistics in caches:
+            stats = statistics()
             for name, family in families.items():
                 value = _field(stats, name)
                 if value is not None:
@@ -256,9 +256,9 @@ class MetricsExporter:
         """Count a request of ``agent`` that ended with ``status`` (a Status or str)."""
         self._agent_failures.labels(agent, _label(status)).inc()
 
-    def watch_cache(self, name: str, get_stats: Callable[[], object]) -> None:
-        """Expose ``get_stats()`` (e.g. ``cache.get_stats``) at every scrape."""
-        self._caches[name] = get_stats
+    def watch_cache(self, name: str, statistics: Callable[[], object]) -> None:
+        """Expose ``statistics()`` (e.g. ``cache.statistics``) at every scrape."""
+        self._caches[name] = statistics
 
     def watch_limiter(self, name: str, occupancy: Callable[[], tuple[float, float]]) -> None:
         """Expose ``occupancy() -> (borrowed, total)`` at every scrape, e.g.
