@@ -465,7 +465,7 @@ def adventure_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
-class _FrontMatterLoader(yaml.SafeLoader):  # type: ignore[misc]  # yaml ships no stubs
+class _FrontMatterLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` (what ``yaml.safe_load`` uses: plain data, no object
     construction) that refuses a key given twice, where ``safe_load`` keeps the last."""
 
