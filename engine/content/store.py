@@ -219,6 +219,9 @@ def expand_query(text: str, known: Callable[[Sequence[str]], Mapping[str, int]])
     return (repaired, *aliases(repaired))
 
 
+#: Search results kept per store (all dropped at once when full, like the expansions).
+_SEARCHES_KEPT: Final = 256
+
 _COLUMNS: Final = "c.id, c.section, c.title, c.tokens, c.keys, c.digest, c.rowid, c.units"
 _RANKED: Final = (
     "SELECT rowid, -bm25(chunks_fts, ?, ?, ?) AS s FROM chunks_fts "
@@ -334,6 +337,11 @@ class ModuleStore:
     _catalogue: Catalogue = attrs.field(init=False)
     _by_key: dict[str, list[str]] = attrs.field(factory=dict, init=False)
     _expansions: dict[str, tuple[str, ...]] = attrs.field(factory=dict, init=False)
+    # search rows per (sql, weights, FTS expression, limit): the file is read-only, so
+    # equal queries give equal rows; an FTS5 query over the SRD costs 0.3-2.5 ms
+    _searches: dict[tuple[object, ...], list[tuple[Any, ...]]] = attrs.field(
+        factory=dict, init=False
+    )
 
     def __attrs_post_init__(self) -> None:
         self._catalogue = Catalogue((e for _, e in self._keyed), self._read_catalogue)
@@ -470,7 +478,14 @@ class ModuleStore:
         expr = fts_query(*self._expand(query))
         if not expr:
             return []
-        return self._run(sql, (*weights, expr, limit))
+        key = (sql, weights, expr, limit)
+        rows = self._searches.get(key)
+        if rows is None:
+            rows = self._run(sql, (*weights, expr, limit))
+            if len(self._searches) >= _SEARCHES_KEPT:
+                self._searches.clear()
+            self._searches[key] = rows
+        return rows
 
     def _expand(self, query: str) -> tuple[str, ...]:
         segments = self._expansions.get(query)
@@ -535,6 +550,7 @@ class ModuleStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            self._searches.clear()  # a closed store answers no query, cached or not
 
     async def __aenter__(self) -> ModuleStore:
         return self

@@ -1,0 +1,53 @@
+"""ModuleStore keeps search results per query: equal rows, no second FTS5 query."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.content import store as store_mod
+from engine.content.store import ModuleStore, open_module
+from engine.errors import ModuleError
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_repeated_search_is_answered_from_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with await open_module("default", include_srd=False, cache_dir=tmp_path) as m:
+        first = await m.search_chunks("I search the altar for traps", 10)
+        first_text = await m.search_chunks("I search the altar for traps", 10, with_text=True)
+        assert first[0]
+        queries: list[str] = []
+        run = ModuleStore._run
+
+        def counted(self: ModuleStore, sql: str, params: Sequence[object]) -> list[Any]:
+            queries.append(sql)
+            return run(self, sql, params)
+
+        monkeypatch.setattr(ModuleStore, "_run", counted)
+        assert await m.search_chunks("I search the altar for traps", 10) == first
+        assert await m.search_chunks("I search the altar for traps", 10, with_text=True) == (
+            first_text
+        )
+        assert queries == []  # both answered from the cache
+        other = await m.search_chunks("I search the altar for traps", 3)  # another limit
+        assert len(queries) == 1 and other[0] == first[0][:3]
+
+
+async def test_search_cache_is_bounded_and_cleared_on_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_mod, "_SEARCHES_KEPT", 2)
+    m = await open_module("default", include_srd=False, cache_dir=tmp_path)
+    for query in ("altar", "chapel", "goblin", "cistern"):
+        await m.search(query, 5)
+        assert len(m._searches) <= 2
+    await m.aclose()
+    assert not m._searches
+    with pytest.raises(ModuleError, match="closed"):
+        await m.search("altar", 5)  # cached before the close: still refused
