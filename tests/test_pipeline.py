@@ -10,10 +10,9 @@ from typing import Any
 import anyio
 import attrs
 import pytest
-import trio
-import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from virtual_clock import run_virtual
 
 import engine
 from engine.agents.base import AgentRequest, Status
@@ -126,9 +125,8 @@ async def test_dag_per_action_type_matches_config(
             assert inputs[d]["text"] == f"{d} on {texts[action_type]}"
 
 
-async def test_degrades_within_the_deadline(
-    module_dir: Path, tmp_path: Path, trio_only: None
-) -> None:
+@pytest.mark.virtual_clock
+async def test_degrades_within_the_deadline(module_dir: Path, tmp_path: Path) -> None:
     config = make_config(module_dir)
     agents = recorders(config, arbiter=Recorder("arbiter", delay=1000.0))
     async with engine.open_engine(config, agents=agents, state_path=tmp_path / "s.sqlite") as dm:
@@ -180,8 +178,9 @@ async def test_bad_text_is_rejected_and_nothing_is_written(
         assert ok.turn == 1
 
 
+@pytest.mark.virtual_clock
 async def test_cancelled_action_writes_nothing_and_frees_the_session(
-    module_dir: Path, tmp_path: Path, trio_only: None
+    module_dir: Path, tmp_path: Path
 ) -> None:
     config = make_config(module_dir)
     agents = recorders(config)
@@ -217,8 +216,9 @@ async def test_open_engine_closes_cleanly_when_cancelled(module_dir: Path, tmp_p
         (1, 5 * 0.125, 10 * 0.125),
     ],
 )
+@pytest.mark.virtual_clock
 async def test_sessions_run_concurrently(
-    module_dir: Path, tmp_path: Path, trio_only: None, tokens: int, one: float, two: float
+    module_dir: Path, tmp_path: Path, tokens: int, one: float, two: float
 ) -> None:
     """A combat action: archivist -> arbiter -> narrator, with module_keeper and
     narrator_opening beside them; every call takes 0.125 s of virtual time. Sessions
@@ -237,9 +237,12 @@ async def test_sessions_run_concurrently(
     assert sum(len(agent.calls) for agent in agents.values()) == 3 * 5
 
 
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=12))
-def test_sessions_serialize_and_run_concurrently(schedule: list[tuple[int, int]]) -> None:
+def test_sessions_serialize_and_run_concurrently(
+    backend: str, schedule: list[tuple[int, int]]
+) -> None:
     """Actions of one session never overlap; all are stored, in turn order."""
     import tempfile
 
@@ -267,7 +270,7 @@ def test_sessions_serialize_and_run_concurrently(schedule: list[tuple[int, int]]
                 stored = {f"s{s}": await dm.store.transcript(f"s{s}") for s, _ in schedule}
             return [results, stored]
 
-        results, stored = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        results, stored = run_virtual(backend, main)
 
     per_session: dict[str, list[Any]] = {}
     for r in results:
@@ -320,9 +323,8 @@ async def test_the_scene_reaches_the_next_actions_context(module_dir: Path, tmp_
     assert scene and second.responses["module_keeper"].output["structured"]["location"] == scene
 
 
-async def test_hedges_are_counted_in_metrics(
-    module_dir: Path, tmp_path: Path, trio_only: None
-) -> None:
+@pytest.mark.virtual_clock
+async def test_hedges_are_counted_in_metrics(module_dir: Path, tmp_path: Path) -> None:
     config = make_config(module_dir)
     agents_config = dict(config.agents)
     agents_config["archivist"] = attrs.evolve(agents_config["archivist"], hedge_after=0.25)

@@ -189,8 +189,9 @@ async def test_the_opening_comes_first_even_when_the_narrator_writes_first(
     assert "".join(pieces) == result.narrative
 
 
+@pytest.mark.virtual_clock
 async def test_a_later_parts_pieces_wait_for_the_earlier_part(
-    module_dir: Path, tmp_path: Path, trio_only: None
+    module_dir: Path, tmp_path: Path
 ) -> None:
     config = make_config(module_dir)
     # opening: pieces at 2 T and 9 T; the narrator (started at T) writes at 2 T..4 T
@@ -417,7 +418,8 @@ async def test_cancellation_by_move_on_after_cancels_and_records_nothing(
         await _assert_untouched_and_next_turn_works(dm, agents, turn_before=1)
 
 
-async def test_cancellation_exact_times(module_dir: Path, tmp_path: Path, trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_cancellation_exact_times(module_dir: Path, tmp_path: Path) -> None:
     config = make_config(module_dir)
     agents = agents_with(narrator_opening=Streamer("narrator_opening", SLOW_OPENING))
     async with engine.open_engine(config, agents=agents, state_path=tmp_path / "s") as dm:
@@ -580,8 +582,9 @@ async def test_first_token_is_recorded_for_streamed_and_plain_actions(
     assert high == pytest.approx(max(streamed.first_token, plain.first_token), rel=0.02)
 
 
+@pytest.mark.virtual_clock
 async def test_first_token_is_the_virtual_time_of_the_first_piece(
-    module_dir: Path, tmp_path: Path, trio_only: None
+    module_dir: Path, tmp_path: Path
 ) -> None:
     config = make_config(module_dir)
     opening = Streamer("narrator_opening", [(3 * T, "You raise"), (4 * T, " your blade.")])

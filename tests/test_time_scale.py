@@ -47,9 +47,8 @@ def _config(tmp_path: Path, time_scale: float) -> Config:
 
 
 @pytest.mark.anyio
-async def test_open_engine_scales_the_simulated_agents_by_the_config(
-    tmp_path: Path, trio_only: None
-) -> None:
+@pytest.mark.virtual_clock
+async def test_open_engine_scales_the_simulated_agents_by_the_config(tmp_path: Path) -> None:
     """The same seeded action at scale 1 and 0.25: each agent's call (virtual time)
     takes exactly a quarter as long."""
     durations: dict[float, dict[str, float]] = {}

@@ -20,6 +20,8 @@ SHARED = "x" * 8000  # 2 000 tokens
 A = SHARED + "A" * 400
 B = SHARED + "B" * 400
 
+pytestmark = pytest.mark.virtual_clock  # pure-loop: the asyncio tests run in virtual time
+
 
 def test_a_prompt_sharing_a_long_prefix_is_cached_in_step_multiples() -> None:
     cache = PromptCacheModel(min_tokens=1024, step=128)
@@ -131,8 +133,10 @@ def request(on_delta: Any = None, **context: Any) -> AgentRequest:
 
 @pytest.fixture
 def scale(anyio_backend: tuple[str, dict[str, Any]]) -> float:
-    """Latencies of whole virtual seconds on trio, a few real milliseconds on asyncio."""
-    return 1.0 if anyio_backend[0] == "trio" else 0.02
+    """Latencies of whole virtual seconds (trio's MockClock, asyncio's virtual clock), or a
+    few real milliseconds on asyncio's real clock."""
+    virtual = anyio_backend[0] == "trio" or "loop_factory" in anyio_backend[1]
+    return 1.0 if virtual else 0.02
 
 
 @attrs.define
@@ -163,7 +167,7 @@ async def test_streams_word_pieces_that_join_to_the_text(scale: float) -> None:
 
 
 @pytest.mark.anyio
-async def test_piece_times_are_exact_in_virtual_time(trio_only: None) -> None:
+async def test_piece_times_are_exact_in_virtual_time() -> None:
     agent = SimulatedAgent("narrator", NO_JITTER, output_tokens=100, seed=1)
     sink = Pieces()
     out = await agent.run(request(sink), {})
@@ -179,9 +183,7 @@ async def test_piece_times_are_exact_in_virtual_time(trio_only: None) -> None:
 
 
 @pytest.mark.anyio
-async def test_prefill_is_part_of_the_latency_and_of_the_time_to_first_piece(
-    trio_only: None,
-) -> None:
+async def test_prefill_is_part_of_the_latency_and_of_the_time_to_first_piece() -> None:
     model = attrs.evolve(NO_JITTER, prefill_seconds_per_token=0.001)
     agent = SimulatedAgent("narrator", model, output_tokens=100, seed=1)
     sink = Pieces()
@@ -211,9 +213,7 @@ async def test_usage_reports_prompt_cached_and_output_tokens(scale: float) -> No
 
 
 @pytest.mark.anyio
-async def test_without_on_delta_or_for_structured_output_nothing_streams(
-    trio_only: None,
-) -> None:
+async def test_without_on_delta_or_for_structured_output_nothing_streams() -> None:
     plain = SimulatedAgent("narrator", NO_JITTER, output_tokens=100, seed=1)
     t0 = anyio.current_time()
     out = await plain.run(request(), {})
@@ -283,7 +283,7 @@ async def test_a_later_call_of_the_session_gets_its_shared_prefix_from_the_cache
 
 
 @pytest.mark.anyio
-async def test_the_cached_call_is_shorter_in_virtual_time(trio_only: None) -> None:
+async def test_the_cached_call_is_shorter_in_virtual_time() -> None:
     cache = PromptCacheModel(min_tokens=1024, step=128)
     agent = SimulatedAgent("narrator", HOSTED, output_tokens=100, seed=1, prompt_cache=cache)
     out, elapsed = await _two_calls(agent, 5.0)

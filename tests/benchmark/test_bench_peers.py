@@ -167,8 +167,9 @@ def test_pydantic_graph_runner_refuses_several_dependencies() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.virtual_clock
 async def test_hedges_sleep_their_own_second_draw(
-    trio_only: None, anyio_backend: tuple[str, dict[str, Any]]
+    anyio_backend: tuple[str, dict[str, Any]],
 ) -> None:
     """With a fixed hedge delay (virtual time: exact), a hedged call's second attempt
     sleeps the attempt-2 draw: it wins exactly when delay + second draw < first draw."""

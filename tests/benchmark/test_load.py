@@ -177,7 +177,8 @@ async def test_small_load_loses_nothing(module_dir: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.anyio
-async def test_think_time_paces_the_sessions(module_dir: Path, trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_think_time_paces_the_sessions(module_dir: Path) -> None:
     t0 = anyio.current_time()
     result = await run_load_test(
         small_config(module_dir), sessions=3, actions_per_session=2, think_time=5.0

@@ -103,7 +103,8 @@ async def test_ModuleCache_replacing_a_key_adjusts_the_size() -> None:
 
 
 @pytest.mark.anyio
-async def test_ModuleCache_ttl_runs_on_the_loop_clock(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_ModuleCache_ttl_runs_on_the_loop_clock() -> None:
     cache = small(1000, ttl=10.0)
     cache.put("a", "A", size=1)
     await anyio.sleep(5)
@@ -121,7 +122,8 @@ async def test_ModuleCache_ttl_runs_on_the_loop_clock(trio_only: None) -> None:
 
 
 @pytest.mark.anyio
-async def test_ModuleCache_expired_entries_are_reclaimed_by_other_keys(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_ModuleCache_expired_entries_are_reclaimed_by_other_keys() -> None:
     cache = small(1000, ttl=1.0)
     for i in range(10):
         cache.put(f"k{i}", i, size=10)
@@ -131,7 +133,8 @@ async def test_ModuleCache_expired_entries_are_reclaimed_by_other_keys(trio_only
 
 
 @pytest.mark.anyio
-async def test_ModuleCache_single_flight(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_ModuleCache_single_flight() -> None:
     cache = ModuleCache()
     calls = 0
 
@@ -190,7 +193,8 @@ async def test_ModuleCache_failure_reaches_every_waiter_and_is_not_cached() -> N
 
 
 @pytest.mark.anyio
-async def test_ModuleCache_cancelled_loader_is_taken_over(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_ModuleCache_cancelled_loader_is_taken_over() -> None:
     cache = ModuleCache()
     started: list[tuple[str, float]] = []
 

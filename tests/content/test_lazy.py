@@ -82,7 +82,8 @@ class FakeModule:
 
 
 @pytest.mark.anyio
-async def test_LazyLoadManager_ensure_loaded_loads_and_caches(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_LazyLoadManager_ensure_loaded_loads_and_caches() -> None:
     module = FakeModule(latency=1.0)
     cache = ModuleCache()
     async with LazyLoadManager(module, cache) as lazy:
@@ -100,7 +101,8 @@ async def test_LazyLoadManager_ensure_loaded_loads_and_caches(trio_only: None) -
 
 
 @pytest.mark.anyio
-async def test_LazyLoadManager_ensure_loaded_waits_for_background_load(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_LazyLoadManager_ensure_loaded_waits_for_background_load() -> None:
     module = FakeModule(latency=3.0)
     async with LazyLoadManager(module) as lazy:
         assert lazy.load_background("rules") is True
@@ -171,7 +173,8 @@ async def test_LazyLoadManager_load_background_outside_async_with_raises() -> No
 
 
 @pytest.mark.anyio
-async def test_LazyLoadManager_exit_cancels_background_loads_cleanly(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_LazyLoadManager_exit_cancels_background_loads_cleanly() -> None:
     module = FakeModule(latency=10.0)
     async with LazyLoadManager(module) as lazy:
         for section in module.sections:
@@ -185,7 +188,8 @@ async def test_LazyLoadManager_exit_cancels_background_loads_cleanly(trio_only: 
 
 
 @pytest.mark.anyio
-async def test_LazyLoadManager_limits_concurrent_loads(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_LazyLoadManager_limits_concurrent_loads() -> None:
     module = FakeModule(latency=1.0, sections=tuple(f"s{i}" for i in range(7)))
     async with LazyLoadManager(module, max_concurrent_loads=2) as lazy:
         for section in module.sections[:5]:
@@ -208,9 +212,8 @@ async def test_LazyLoadManager_reloads_an_evicted_section() -> None:
 
 
 @pytest.mark.anyio
-async def test_LazyLoadManager_cancelled_ensure_hands_the_load_to_a_waiter(
-    trio_only: None,
-) -> None:
+@pytest.mark.virtual_clock
+async def test_LazyLoadManager_cancelled_ensure_hands_the_load_to_a_waiter() -> None:
     module = FakeModule(latency=4.0)
     async with LazyLoadManager(module) as lazy:
         results: list[Any] = []

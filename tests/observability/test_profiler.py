@@ -24,9 +24,8 @@ def shape(span: Span) -> tuple[Any, ...]:
 
 
 @pytest.mark.anyio
-async def test_Profiler_spans_nest_across_task_group_children(
-    anyio_backend: tuple[str, dict[str, Any]],
-) -> None:
+@pytest.mark.virtual_clock
+async def test_Profiler_spans_nest_across_task_group_children() -> None:
     prof = PerformanceProfiler(clock=anyio.current_time)
     roots: list[Span] = []
     prof.add_listener(roots.append)
@@ -65,18 +64,18 @@ async def test_Profiler_spans_nest_across_task_group_children(
     agents = {c.attributes["agent"] for c in root.children if c.name == "agent_query"}
     assert agents == {"archivist", "module_keeper"}
     assert prof.count("agent_query") == 2 and prof.count("cache_lookup") == 2
-    if anyio_backend[0] == "trio":  # virtual time: exact
-        assert root.duration == pytest.approx(2.6)
-        assert prof.get_percentile("agent_query", 100) == pytest.approx(2.0)
-        path = critical_path(root)
-        assert [s.name for s in path] == [
-            "player_action",
-            "context_building",
-            "agent_query",
-            "cache_lookup",
-            "state_update",
-        ]
-        assert path[2].attributes["agent"] == "module_keeper"  # the slower sibling
+    # virtual time on both backends: exact
+    assert root.duration == pytest.approx(2.6)
+    assert prof.get_percentile("agent_query", 100) == pytest.approx(2.0)
+    path = critical_path(root)
+    assert [s.name for s in path] == [
+        "player_action",
+        "context_building",
+        "agent_query",
+        "cache_lookup",
+        "state_update",
+    ]
+    assert path[2].attributes["agent"] == "module_keeper"  # the slower sibling
 
 
 def test_Profiler_spans_nest_in_a_raw_trio_nursery() -> None:

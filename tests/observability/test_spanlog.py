@@ -63,7 +63,8 @@ async def _agent(prof: PerformanceProfiler, name: str) -> None:
 
 
 @pytest.mark.anyio
-async def test_SpanLog_offsets_are_relative_to_the_root(tmp_path: Path, trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_SpanLog_offsets_are_relative_to_the_root(tmp_path: Path) -> None:
     path = tmp_path / "spans.jsonl"
     prof = PerformanceProfiler(clock=anyio.current_time)
     async with SpanLog(path, profiler=prof):

@@ -27,7 +27,8 @@ def executor(agent: ScriptedAgent, **kwargs: Any) -> ParallelAgentExecutor:
     return ParallelAgentExecutor({"a": agent}, **kwargs)
 
 
-async def test_fast_chain_does_not_wait_for_slow_sibling(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_fast_chain_does_not_wait_for_slow_sibling() -> None:
     # a -> b is fast (1 + 1); c is slow (5). A level barrier would start b at 5.
     agent = ScriptedAgent({"a": 1, "b": 1, "c": 5})
     t0 = anyio.current_time()
@@ -45,7 +46,8 @@ async def test_dependents_receive_outputs() -> None:
     assert agent.inputs_seen["x"] == {}
 
 
-async def test_concurrency_limit(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_concurrency_limit() -> None:
     agent = ScriptedAgent(default=1)
     t0 = anyio.current_time()
     responses = await executor(agent, max_concurrent=2).execute_parallel(
@@ -57,7 +59,8 @@ async def test_concurrency_limit(trio_only: None) -> None:
     assert anyio.current_time() - t0 == 2
 
 
-async def test_admission_is_fifo_by_readiness(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_admission_is_fifo_by_readiness() -> None:
     # three executions share one token; "early" becomes ready before "late"
     agent = ScriptedAgent({"long": 3, "early": 1, "late": 1})
     ex = executor(agent, max_concurrent=1)
@@ -72,7 +75,8 @@ async def test_admission_is_fifo_by_readiness(trio_only: None) -> None:
     assert (agent.starts["early"][0] - t0, agent.starts["late"][0] - t0) == (3, 4)
 
 
-async def test_timeout_counts_queue_time(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_timeout_counts_queue_time() -> None:
     agent = ScriptedAgent({"slow": 4, "late": 2})
     ex = executor(agent, max_concurrent=1)
     async with anyio.create_task_group() as tg:
@@ -86,7 +90,8 @@ async def test_timeout_counts_queue_time(trio_only: None) -> None:
     assert "late" not in agent.starts
 
 
-async def test_timeout_while_running(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_timeout_while_running() -> None:
     agent = ScriptedAgent({"a": 10})
     (response,) = await executor(agent).execute_parallel([req("a", timeout=2)])
     assert response.status is Status.TIMEOUT
@@ -107,7 +112,8 @@ async def test_failure_skips_exactly_transitive_dependents() -> None:
     assert "c" not in agent.starts and "d" not in agent.starts
 
 
-async def test_overall_deadline_cancels_the_rest(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_overall_deadline_cancels_the_rest() -> None:
     agent = ScriptedAgent({"a": 1, "b": 5, "c": 1, "d": 1})
     ex = executor(agent, max_concurrent=1)  # one token: a leaked one would block "d"
     t0 = anyio.current_time()
@@ -158,7 +164,8 @@ async def test_equal_requests_with_different_ids() -> None:
     assert [r.output for r in responses] == [f"out:t{i}:1" for i in range(5)]
 
 
-async def test_execute_with_timeout(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_execute_with_timeout() -> None:
     agent = ScriptedAgent({"a": 2})
     ex = executor(agent)
     ok = await ex.execute_with_timeout(req("a"), 3, inputs={"x": 1})
@@ -204,7 +211,8 @@ def hedged(
     return executor(agent, hedging=policy, **kw)
 
 
-async def test_hedge_wins_and_loser_is_cancelled(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_hedge_wins_and_loser_is_cancelled() -> None:
     agent = ScriptedAgent({"a": [10, 1]})  # first attempt straggles, the hedge is quick
     ex = hedged(agent)
     t0 = anyio.current_time()
@@ -218,7 +226,8 @@ async def test_hedge_wins_and_loser_is_cancelled(trio_only: None) -> None:
     assert (stats.hedges_sent, stats.hedges_won, stats.borrowed_tokens) == (1, 1, 0)
 
 
-async def test_first_answer_wins_when_primary_is_faster(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_first_answer_wins_when_primary_is_faster() -> None:
     agent = ScriptedAgent({"a": [3, 5]})
     ex = hedged(agent)
     (response,) = await ex.execute_parallel([req("a")])
@@ -227,14 +236,16 @@ async def test_first_answer_wins_when_primary_is_faster(trio_only: None) -> None
     assert agent.running == 0
 
 
-async def test_no_hedge_when_answer_is_in_time(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_no_hedge_when_answer_is_in_time() -> None:
     agent = ScriptedAgent({"a": [1, 1]})
     (response,) = await hedged(agent).execute_parallel([req("a")])
     assert not response.hedged and response.attempts == 1
     assert len(agent.starts["a"]) == 1
 
 
-async def test_hedge_never_waits_for_capacity(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_hedge_never_waits_for_capacity() -> None:
     # both tokens are busy when the hedge would fire: no hedge, no extra queueing
     agent = ScriptedAgent({"a": [10, 1], "b": 10})
     ex = hedged(agent, max_concurrent=2)
@@ -244,7 +255,8 @@ async def test_hedge_never_waits_for_capacity(trio_only: None) -> None:
     assert len(agent.starts["a"]) == 1
 
 
-async def test_hedge_budget_caps_extra_calls(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_hedge_budget_caps_extra_calls() -> None:
     agent = ScriptedAgent({f"r{i}": [5, 1] for i in range(40)})
     policy = HedgePolicy({"a": 1.0}, budget_fraction=0.1)
     ex = executor(agent, hedging=policy)
@@ -255,7 +267,8 @@ async def test_hedge_budget_caps_extra_calls(trio_only: None) -> None:
     assert stats.attempts == 44
 
 
-async def test_failed_primary_waits_for_running_hedge(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_failed_primary_waits_for_running_hedge() -> None:
     agent = ScriptedAgent({"a": [3, 2]}, fail=frozenset())
 
     # primary errors at 3 after the hedge started at 2; the hedge answers at 4
@@ -271,7 +284,8 @@ async def test_failed_primary_waits_for_running_hedge(trio_only: None) -> None:
     assert response.status is Status.OK and response.output == "out:a:2"
 
 
-async def test_p95_hedge_delay_learns_from_observations(trio_only: None) -> None:
+@pytest.mark.virtual_clock
+async def test_p95_hedge_delay_learns_from_observations() -> None:
     policy = HedgePolicy({"a": "p95"}, min_samples=20)
     assert policy.delay_for("a") is None
     for i in range(160):

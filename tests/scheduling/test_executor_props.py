@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-import trio
-import trio.testing
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from virtual_clock import run_virtual
 
 from engine.agents.base import AgentRequest, Status
 from engine.scheduling.executor import ParallelAgentExecutor
@@ -31,10 +31,6 @@ def dags(draw: st.DrawFn) -> tuple[list[AgentRequest], dict[str, int], frozenset
     return list(order), latency, frozenset(fail)
 
 
-def run_virtual(fn: Any, *args: Any) -> Any:
-    return trio.run(fn, *args, clock=trio.testing.MockClock(autojump_threshold=0))
-
-
 def transitive_dependents(requests: list[AgentRequest], roots: set[str]) -> set[str]:
     out: set[str] = set()
     changed = True
@@ -47,19 +43,20 @@ def transitive_dependents(requests: list[AgentRequest], roots: set[str]) -> set[
     return out
 
 
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
 @settings(max_examples=150, deadline=None)
 @given(dags(), st.one_of(st.none(), st.integers(1, 4)))
-def test_random_dags_match_model(dag: Any, limit: int | None) -> None:
+def test_random_dags_match_model(backend: str, dag: Any, limit: int | None) -> None:
     requests, latency, fail = dag
     agent = ScriptedAgent(latency, fail=fail)
     ex = ParallelAgentExecutor({"a": agent}, max_concurrent=limit or 1000, agent_timeout=1e6)
 
     async def main() -> tuple[float, list[Any]]:
-        t0 = trio.current_time()
+        t0 = anyio.current_time()
         responses = await ex.execute_parallel(requests)
         return t0, responses
 
-    t0, responses = run_virtual(main)
+    t0, responses = run_virtual(backend, main)
     by_id = {r.id: r for r in requests}
 
     # results in request order
@@ -99,9 +96,12 @@ def test_random_dags_match_model(dag: Any, limit: int | None) -> None:
             assert max(agent.ends[r] for r in agent.ends) - t0 == ok_makespan
 
 
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
 @settings(max_examples=100, deadline=None)
 @given(dags(), st.integers(1, 4), st.integers(0, 40))
-def test_cancellation_at_random_points_releases_everything(dag: Any, limit: int, cut: int) -> None:
+def test_cancellation_at_random_points_releases_everything(
+    backend: str, dag: Any, limit: int, cut: int
+) -> None:
     requests, latency, fail = dag
     agent = ScriptedAgent(latency, fail=fail)
     ex = ParallelAgentExecutor({"a": agent}, max_concurrent=limit, agent_timeout=1e6)
@@ -109,9 +109,9 @@ def test_cancellation_at_random_points_releases_everything(dag: Any, limit: int,
     async def main() -> None:
         with anyio.move_on_after(cut / 4):
             await ex.execute_parallel(requests)
-        await trio.testing.wait_all_tasks_blocked()
+        await anyio.wait_all_tasks_blocked()
         stats = ex.statistics()
         assert stats.borrowed_tokens == 0 and stats.waiting == 0
         assert agent.running == 0
 
-    run_virtual(main)
+    run_virtual(backend, main)

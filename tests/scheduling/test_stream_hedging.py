@@ -14,10 +14,9 @@ from typing import Any
 import anyio
 import attrs
 import pytest
-import trio
-import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from virtual_clock import run_virtual
 
 from engine.agents.base import AgentRequest, AgentResponse, Status
 from engine.scheduling.executor import ParallelAgentExecutor
@@ -26,13 +25,15 @@ from engine.scheduling.limits import ServerLimitedAgent
 
 from .helpers import Boom
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.virtual_clock]  # pure-loop: all in virtual time
 
 
 @pytest.fixture
 def unit(anyio_backend: tuple[str, dict[str, Any]]) -> float:
-    """One time unit: a virtual second on trio, 50 ms of asyncio's real clock."""
-    return 1.0 if anyio_backend[0] == "trio" else 0.05
+    """One time unit: a virtual second (trio's MockClock, asyncio's virtual clock), or 50 ms
+    of asyncio's real clock."""
+    virtual = anyio_backend[0] == "trio" or "loop_factory" in anyio_backend[1]
+    return 1.0 if virtual else 0.05
 
 
 @attrs.frozen
@@ -137,7 +138,7 @@ async def test_the_hedge_that_writes_first_owns_the_stream(unit: float) -> None:
     assert (stats.hedges_sent, stats.hedges_won, stats.borrowed_tokens) == (1, 1, 0)
 
 
-async def test_the_hedge_that_writes_first_exact_times(trio_only: None) -> None:
+async def test_the_hedge_that_writes_first_exact_times() -> None:
     agent = Writer({1: Attempt(first=3), 2: Attempt(first=0.5)})
     response, got, t0 = await run_streaming(hedging_executor(agent, 1.0))
     assert agent.starts == {1: t0, 2: t0 + 1.0}
@@ -211,7 +212,7 @@ async def test_a_hedge_that_owns_the_stream_and_fails_ends_the_request(unit: flo
     assert ex.statistics().borrowed_tokens == 0
 
 
-async def test_a_failing_owner_exact_times(trio_only: None) -> None:
+async def test_a_failing_owner_exact_times() -> None:
     agent = Writer({1: Attempt(first=5), 2: Attempt(first=0.5, fail_at=1)})
     response, _, t0 = await run_streaming(hedging_executor(agent, 1.0))
     assert agent.cancelled == {1: t0 + 1.5} and agent.failed == {2: t0 + 2.5}
@@ -228,13 +229,12 @@ async def test_a_first_attempt_failing_silently_leaves_the_stream_to_the_hedge(
     assert "".join(p for _, p in got) == response.output["text"] == "a2.0 a2.1 a2.2"
 
 
-async def test_a_hedge_started_in_the_same_instant_the_first_attempt_writes_is_cancelled(
-    trio_only: None,
-) -> None:
+async def test_a_hedge_started_in_the_same_instant_the_first_attempt_writes_is_cancelled() -> None:
     # attempt 1 writes its first piece exactly at the hedge delay. trio runs the tasks
     # woken at one instant in random order: the executor either sees the piece first
     # (no hedge) or sends the hedge and the piece arrives before the hedge's task has
-    # taken its first step. Either way the hedge must not outlive that piece.
+    # taken its first step. Either way the hedge must not outlive that piece. asyncio
+    # (virtual clock) runs them in FIFO order: the hedge is sent in every run.
     outcomes = []
     for _ in range(30):
         agent = Writer({1: Attempt(first=1.0), 2: Attempt(first=5)})
@@ -247,9 +247,7 @@ async def test_a_hedge_started_in_the_same_instant_the_first_attempt_writes_is_c
     assert set(outcomes) == {1.0}  # cancelled when attempt 1 wrote, not at its end (4.0)
 
 
-async def test_the_p95_delay_of_a_streaming_agent_is_its_time_to_first_piece(
-    trio_only: None,
-) -> None:
+async def test_the_p95_delay_of_a_streaming_agent_is_its_time_to_first_piece() -> None:
     policy = HedgePolicy({"a": "p95"}, min_samples=1)
     ex = ParallelAgentExecutor({"a": Writer({1: Attempt(first=0.5)})}, hedging=policy)
     response, _, _ = await run_streaming(ex)
@@ -327,9 +325,10 @@ def model(a1: Attempt, a2: Attempt) -> dict[str, Any]:
     }
 
 
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
 @settings(max_examples=300, deadline=None)
 @given(attempts(), attempts())
-def test_streaming_hedges_match_a_sequential_model(a1: Attempt, a2: Attempt) -> None:
+def test_streaming_hedges_match_a_sequential_model(backend: str, a1: Attempt, a2: Attempt) -> None:
     a1 = attrs.evolve(a1, first=a1.first + 1 / 8)
     a2 = attrs.evolve(a2, first=a2.first + 3 / 8)
     agent = Writer({1: a1, 2: a2}, gap=GAP)
@@ -338,7 +337,7 @@ def test_streaming_hedges_match_a_sequential_model(a1: Attempt, a2: Attempt) -> 
     async def main() -> tuple[AgentResponse, list[tuple[float, str]], float]:
         return await run_streaming(ex, limit=1000)
 
-    response, got, t0 = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    response, got, t0 = run_virtual(backend, main)
     expected = model(a1, a2)
 
     # the pieces delivered are exactly those of one attempt (the first to write), in order
@@ -406,7 +405,7 @@ async def test_agents_sharing_a_server_limiter_of_one_never_overlap_and_queue_fi
     assert server.borrowed_tokens == 0
 
 
-async def test_server_limiter_exact_schedule(trio_only: None) -> None:
+async def test_server_limiter_exact_schedule() -> None:
     intervals: list[tuple[str, float, float]] = []
     server = anyio.CapacityLimiter(1)
     x = ServerLimitedAgent(Busy(2, 1.0, intervals), server)
@@ -425,9 +424,7 @@ async def test_server_limiter_exact_schedule(trio_only: None) -> None:
     ]
 
 
-async def test_a_server_limiter_inside_the_executor_counts_against_the_deadline(
-    trio_only: None,
-) -> None:
+async def test_a_server_limiter_inside_the_executor_counts_against_the_deadline() -> None:
     # two requests on one single-slot server; the second waits for the first and
     # its timeout (from readiness) covers that wait
     intervals: list[tuple[str, float, float]] = []
