@@ -7,23 +7,21 @@ finish at unique fractional times, so the run is a well-defined sequence of
 events, which a plain sequential model replays. Every observable result, every
 loader call and the final state and stats must match; invariants are checked
 after every operation. The same schedule runs on trio (MockClock) and on asyncio
-(a virtual-time event loop, below).
+(tests/virtual_clock.py's virtual-time event loop).
 """
 
 from __future__ import annotations
 
-import asyncio
 import heapq
-import selectors
 from collections import OrderedDict
 from typing import Any
 
 import anyio
 import attrs
 import pytest
-import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from virtual_clock import run_virtual
 
 from engine.content.cache import ModuleCache, estimate_size
 
@@ -31,44 +29,6 @@ BUDGET = 200  # bytes
 TTL = 7.5  # seconds (dyadic: every time in these tests is exact in binary floating point)
 KEYS = ("module:m:a", "module:m:b", "module:x:c")
 PATTERN = "module:m:*"
-
-
-# --------------------------------------------------------------------------- virtual-time asyncio
-
-
-class _AutojumpSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
-    """A selector that, instead of sleeping, jumps the loop's virtual clock."""
-
-    def __init__(self, loop: VirtualTimeLoop) -> None:
-        super().__init__()
-        self._loop = loop
-
-    def select(self, timeout: float | None = None) -> list[Any]:
-        events = super().select(0)
-        if events or timeout is None or timeout <= 0:
-            return events if events or timeout is not None else super().select(None)
-        self._loop.virtual_now += timeout
-        return []
-
-
-class VirtualTimeLoop(asyncio.SelectorEventLoop):
-    """asyncio's MockClock(autojump_threshold=0): time jumps when every task waits."""
-
-    def __init__(self) -> None:
-        self.virtual_now = 0.0
-        super().__init__(selector=_AutojumpSelector(self))
-
-    def time(self) -> float:
-        return self.virtual_now
-
-
-def run_virtual(backend: str, fn: Any, *args: Any) -> Any:
-    """Run ``fn(*args)`` on ``backend`` with a fresh virtual clock starting at 0."""
-    if backend == "trio":
-        options: dict[str, Any] = {"clock": trio.testing.MockClock(autojump_threshold=0)}
-    else:
-        options = {"loop_factory": VirtualTimeLoop}
-    return anyio.run(fn, *args, backend=backend, backend_options=options)
 
 
 # --------------------------------------------------------------------------- schedule

@@ -19,12 +19,12 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from virtual_clock import run_virtual
 
 from engine.content.cache import ModuleCache
 from engine.content.lazy import LazyLoadManager
 from engine.errors import LoadError
 
-from .test_cache_races import run_virtual
 from .test_lazy import FakeModule
 
 SECTIONS = ("a", "b", "c", "d")
