@@ -37,7 +37,7 @@ from .config import Config
 from .content.cache import ModuleCache
 from .content.context import ContextResult, OptimizedContextBuilder
 from .content.lazy import LazyLoadManager
-from .errors import SessionError
+from .errors import LoadError, SessionError
 from .observability.metrics import MetricsExporter
 from .observability.profiler import PerformanceProfiler, Span
 from .scheduling.executor import ParallelAgentExecutor
@@ -386,13 +386,18 @@ class DungeonMaster:
     async def _module_synopsis(self) -> str:
         """The module's opening passages (its first section, in order) that fit in
         ``[performance.prompts] synopsis_tokens``: the same text for every prompt of
-        every session, so it stays in a server's prompt cache. Read once."""
+        every session, so it stays in a server's prompt cache. Read once; when the
+        section fails to load, this action goes without and the next one tries again."""
         limit = self.config.performance.prompts.synopsis_tokens
         if limit == 0:
             return ""
         if self._synopsis is None:
             sections = self.lazy.module.section_names()
-            first = (await self.lazy.ensure_loaded(sections[0]))[sections[0]] if sections else ()
+            try:
+                loaded = await self.lazy.ensure_loaded(*sections[:1])
+            except LoadError:
+                return ""
+            first = loaded[sections[0]] if sections else ()
             parts: list[str] = []
             used = 0
             for chunk in first:

@@ -14,7 +14,8 @@ import pytest
 import engine
 from engine.agents.base import AgentRequest
 from engine.config import AgentConfig, Config, parse_config
-from engine.errors import ConfigError
+from engine.content.lazy import LazyLoadManager
+from engine.errors import ConfigError, LoadError
 
 pytestmark = pytest.mark.anyio
 
@@ -82,6 +83,29 @@ async def test_the_synopsis_is_the_modules_opening_passages_within_its_budget(
     assert fitting and synopsis == "\n\n".join(fitting)
     # the same text in every prompt of every session: a prefix a server can cache
     assert {c["synopsis"] for c in opening.contexts + arbiter.contexts} == {synopsis}
+
+
+async def test_a_synopsis_that_fails_to_load_is_left_out_and_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opening, arbiter = Capture(), Capture()
+    config = make_config(tmp_path, 250)
+    agents = {"opening": opening, "arbiter": arbiter}
+    async with engine.open_engine(config, agents=agents, state_path=tmp_path / "s") as dm:
+        real = LazyLoadManager.ensure_loaded
+        failures = [LoadError("chapters", "disk on fire")]
+
+        async def flaky(self: LazyLoadManager, *sections: str) -> dict[str, Any]:
+            if failures:
+                raise failures.pop()
+            return await real(self, *sections)
+
+        monkeypatch.setattr(LazyLoadManager, "ensure_loaded", flaky)
+        first = await dm.player_action("s1", "I search the altar for traps")
+        second = await dm.player_action("s1", "I attack the ghoul")
+    assert not first.missing and first.turn == 1  # the action went on without it
+    assert opening.contexts[0]["synopsis"] == ""
+    assert opening.contexts[1]["synopsis"] != "" and second.turn == 2  # read this time
 
 
 async def test_no_synopsis_by_default(tmp_path: Path) -> None:
