@@ -254,6 +254,7 @@ class RedisLimiter:
     _lease_prefix: str = attrs.field(init=False)
     _lease_serial: int = attrs.field(init=False, default=0)
     _ticket_seconds: float = attrs.field(init=False)
+    _admit_args: tuple[int | float, ...] = attrs.field(init=False)
     _waiting: int = attrs.field(init=False, default=0)
     _acquired: int = attrs.field(init=False, default=0)
     _waited: int = attrs.field(init=False, default=0)
@@ -272,6 +273,16 @@ class RedisLimiter:
         host = socket.gethostname().replace(":", "_")
         self._lease_prefix = f"{host}:{os.getpid()}:{secrets.token_hex(4)}"
         self._ticket_seconds = min(self.lease_seconds, _TICKET_SECONDS)
+        self._admit_args = (
+            self.max_concurrent or 0,
+            round(self.lease_seconds * 1e6),
+            round(self._ticket_seconds * 1e6),
+            _interval_us(self.requests_per_minute),
+            self.requests_burst,
+            1,
+            _interval_us(self.tokens_per_minute),
+            self.tokens_burst,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -489,21 +500,10 @@ class RedisLimiter:
 
     async def _try_admit(self, lease_id: str | None, tokens: int) -> _Attempt:
         """One run of the admission script, shielded: its outcome is always known."""
-        args: list[str | int | float] = [
-            lease_id or "",
-            self.max_concurrent or 0,
-            round(self.lease_seconds * 1e6),
-            round(self._ticket_seconds * 1e6),
-            _interval_us(self.requests_per_minute),
-            self.requests_burst,
-            1,
-            _interval_us(self.tokens_per_minute),
-            self.tokens_burst,
-            tokens,
-        ]
+        args = (lease_id or "", *self._admit_args, tokens)
         with anyio.CancelScope(shield=True):
             reply = await self._call(
-                self._admit_script(keys=list(self._keys), args=args), "admitting a call"
+                self._evalsha(self._admit_script, self._keys, args), "admitting a call"
             )
         admitted, wait_us, reclaimed, _held, now_us, full = (int(x) for x in reply)
         self._reclaimed += reclaimed
@@ -519,7 +519,7 @@ class RedisLimiter:
         with anyio.CancelScope(shield=True):
             try:
                 await self._call(
-                    self._release_script(keys=list(self._keys[:3]), args=[lease_id]), "releasing"
+                    self._evalsha(self._release_script, self._keys[:3], (lease_id,)), "releasing"
                 )
             except GlobalLimitError as exc:
                 log.warning("%s; the lease expires in %gs", exc, self.lease_seconds)
@@ -562,6 +562,34 @@ class RedisLimiter:
                     log.warning("%s; %d leases expire in %gs", exc, len(ids), self.lease_seconds)
         self._leases.clear()
         self._closed = True
+
+    async def _evalsha(self, script: Any, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        """Run ``script`` by EVALSHA, one round trip, loading it once if Redis lacks it.
+
+        The hot path (admission and release) bypasses coredis's command layer (command
+        objects, retry policy, telemetry span, response callback), which cost about as
+        much again as the connection's own round trip; it does what that layer does for
+        a non-blocking command: take a pooled connection, queue the request on it, give
+        the connection back and await the reply. A ``NoScriptError`` (Redis restarted or
+        ``SCRIPT FLUSH``) loads the script and retries once; EVALSHA of a missing script
+        has no effect, so the retry cannot apply it twice.
+        """
+        pool: Any = self._client.connection_pool
+        for attempt in range(2):
+            connection = await pool.get_connection()
+            try:
+                request = connection.create_request(
+                    b"EVALSHA", script.sha, len(keys), *keys, *args, decode=False
+                )
+            finally:
+                pool.release(connection)
+            try:
+                return await request
+            except coredis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                await self._client.script_load(script.script)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _call(self, request: Awaitable[T], doing: str) -> T:
         """Await one Redis call within ``redis_timeout``; translate its failures."""

@@ -80,6 +80,24 @@ async def test_slot_holds_one_lease_and_releases_it(redis_url: str) -> None:
         assert (stats.held, stats.acquired, stats.waited, stats.errors) == (0, 1, 0, 0)
 
 
+async def test_scripts_flushed_from_redis_are_loaded_again(redis_url: str) -> None:
+    """Admission and release run by EVALSHA; a restarted or flushed Redis lacks the
+    scripts, and both load them again (once) instead of failing."""
+    async with (
+        coredis.Redis.from_url(redis_url) as probe,
+        RedisLimiter.connect(redis_url, name=fresh_name(), max_concurrent=1) as limiter,
+    ):
+        async with limiter.slot():
+            await probe.script_flush()
+        assert await limiter.held_globally() == 0  # the release reloaded its script
+        await probe.script_flush()
+        async with limiter.slot():  # the admission reloads its script
+            assert await limiter.held_globally() == 1
+        assert await limiter.held_globally() == 0
+        stats = limiter.statistics()
+        assert (stats.acquired, stats.errors) == (2, 0)
+
+
 async def test_never_more_than_n_holders_across_limiters(redis_url: str) -> None:
     """Four limiters (four clients, as four processes would have) and 4x N contenders."""
     name, n, rounds = fresh_name(), 3, 6
