@@ -247,7 +247,10 @@ class RedisLimiter:
     _renew_script: Any = attrs.field(init=False)
     _count_script: Any = attrs.field(init=False)
     _leases: dict[str, None] = attrs.field(init=False, factory=dict)
-    _queue: anyio.Lock = attrs.field(init=False, factory=anyio.Lock)
+    # FIFO; an uncontended acquisition does not yield to the event loop (a checkpoint
+    # for cancellation still), the admission's Redis call yields anyway.
+    _queue: anyio.Lock = attrs.field(init=False, factory=lambda: anyio.Lock(fast_acquire=True))
+    _connection: Any = attrs.field(init=False, default=None)
     _released: anyio.Event = attrs.field(init=False, factory=anyio.Event)
     _closed: bool = attrs.field(init=False, default=False)
     _random: random.Random = attrs.field(init=False, factory=random.Random)
@@ -568,21 +571,24 @@ class RedisLimiter:
 
         The hot path (admission and release) bypasses coredis's command layer (command
         objects, retry policy, telemetry span, response callback), which cost about as
-        much again as the connection's own round trip; it does what that layer does for
-        a non-blocking command: take a pooled connection, queue the request on it, give
-        the connection back and await the reply. A ``NoScriptError`` (Redis restarted or
-        ``SCRIPT FLUSH``) loads the script and retries once; EVALSHA of a missing script
-        has no effect, so the retry cannot apply it twice.
+        much again as the connection's own round trip, and its pool checkout (a lock
+        that yields to the event loop): it queues the request on the connection it used
+        last, while that one is usable, else on one taken from the pool and given back
+        at once, as coredis does for a non-blocking command (a connection multiplexes
+        requests; this client is the limiter's own and sends no blocking command that
+        could hold one up). A ``NoScriptError`` (Redis restarted or ``SCRIPT FLUSH``)
+        loads the script and retries once; EVALSHA of a missing script has no effect,
+        so the retry cannot apply it twice.
         """
-        pool: Any = self._client.connection_pool
         for attempt in range(2):
-            connection = await pool.get_connection()
-            try:
-                request = connection.create_request(
-                    b"EVALSHA", script.sha, len(keys), *keys, *args, decode=False
-                )
-            finally:
+            connection = self._connection
+            if connection is None or not connection.usable:
+                pool: Any = self._client.connection_pool
+                connection = self._connection = await pool.get_connection()
                 pool.release(connection)
+            request = connection.create_request(
+                b"EVALSHA", script.sha, len(keys), *keys, *args, decode=False
+            )
             try:
                 return await request
             except coredis.exceptions.NoScriptError:

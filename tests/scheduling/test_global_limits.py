@@ -98,6 +98,26 @@ async def test_scripts_flushed_from_redis_are_loaded_again(redis_url: str) -> No
         assert (stats.acquired, stats.errors) == (2, 0)
 
 
+async def test_a_dropped_connection_is_replaced(redis_url: str) -> None:
+    """The limiter reuses one connection for its calls; when Redis drops it (here
+    ``CLIENT KILL``, as on a Redis restart or an idle timeout) the next call takes a new
+    one from the pool."""
+    async with (
+        coredis.Redis.from_url(redis_url) as probe,
+        RedisLimiter.connect(redis_url, name=fresh_name(), max_concurrent=1) as limiter,
+    ):
+        async with limiter.slot():
+            pass
+        killed = await probe.client_kill(type_=coredis.PureToken.NORMAL, skipme=True)
+        assert killed
+        await anyio.sleep(0.1)  # the limiter's reader sees the connection closed
+        for _ in range(3):
+            async with limiter.slot():
+                assert await limiter.held_globally() == 1
+        assert await limiter.held_globally() == 0
+        assert limiter.statistics().errors == 0
+
+
 async def test_never_more_than_n_holders_across_limiters(redis_url: str) -> None:
     """Four limiters (four clients, as four processes would have) and 4x N contenders."""
     name, n, rounds = fresh_name(), 3, 6
