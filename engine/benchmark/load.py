@@ -72,6 +72,7 @@ __all__ = [
     "Figures",
     "LoadResult",
     "action_timing",
+    "check_load_args",
     "peak_rss_bytes",
     "run_load_test",
 ]
@@ -98,6 +99,20 @@ OPERATIONS = (
     "classify",
     "prefetch",
 )
+
+
+def check_load_args(
+    sessions: int, actions_per_session: int, time_scale: float, think_time: float
+) -> None:
+    """The load test's counts and times, or a ``ValueError`` naming the one out of range."""
+    if sessions < 1:
+        raise ValueError(f"sessions must be >= 1, got {sessions}")
+    if actions_per_session < 1:
+        raise ValueError(f"actions_per_session must be >= 1, got {actions_per_session}")
+    if not time_scale > 0 or not math.isfinite(time_scale):
+        raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
+    if not think_time >= 0 or not math.isfinite(think_time):
+        raise ValueError(f"think_time must be a finite number >= 0, got {think_time!r}")
 
 
 @attrs.frozen
@@ -322,14 +337,7 @@ async def run_load_test(
     Raises:
         ValueError: a count or time below its minimum.
     """
-    if sessions < 1:
-        raise ValueError(f"sessions must be >= 1, got {sessions}")
-    if actions_per_session < 1:
-        raise ValueError(f"actions_per_session must be >= 1, got {actions_per_session}")
-    if not time_scale > 0 or not math.isfinite(time_scale):
-        raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
-    if not think_time >= 0 or not math.isfinite(think_time):
-        raise ValueError(f"think_time must be a finite number >= 0, got {think_time!r}")
+    check_load_args(sessions, actions_per_session, time_scale, think_time)
     with contextlib.ExitStack() as stack:
         if state_path is None:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="dm-load-"))

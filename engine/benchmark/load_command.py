@@ -13,8 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..config import Config
-from .load import Figures, LoadResult, run_load_test
-from .options import environment, with_overrides
+from .load import LoadResult, run_load_test
+from .options import add_figures, environment, figures_table, with_overrides
 
 __all__ = ["DEFAULT_SESSIONS", "load_table", "run_load_command"]
 
@@ -29,29 +29,19 @@ def _ms(seconds: float) -> str:
 
 def load_table(result: LoadResult) -> Table:
     """Per-operation and per-action figures of a load run, in milliseconds."""
-    table = Table(
-        title=(
-            f"load test — {result.sessions} sessions x {result.actions_per_session} actions, "
-            f"{result.backend}, time scale {result.time_scale:g}, think time "
-            f"{result.think_time:g} s (real time, ms)"
-        )
+    table = figures_table(
+        f"load test — {result.sessions} sessions x {result.actions_per_session} actions, "
+        f"{result.backend}, time scale {result.time_scale:g}, think time "
+        f"{result.think_time:g} s (real time, ms)"
     )
-    for col in ("measure", "count", "p50", "p95", "p99", "max"):
-        table.add_column(col, justify="left" if col == "measure" else "right")
-
-    def row(name: str, f: Figures, style: str = "") -> None:
-        table.add_row(
-            name, str(f.count), _ms(f.p50), _ms(f.p95), _ms(f.p99), _ms(f.max), style=style
-        )
-
     for name, figures in result.operations.items():
-        row(name, figures)
+        add_figures(table, name, figures)
     table.add_section()
-    row("engine overhead / action", result.overhead, "bold")
-    row("  of which before the agents", result.before_agents)
-    row("  of which the state update", result.state_write)
-    row("agent critical path / action", result.agent_critical_path)
-    row("agent wake-up lag / call", result.agent_lag)
+    add_figures(table, "engine overhead / action", result.overhead, "bold")
+    add_figures(table, "  of which before the agents", result.before_agents)
+    add_figures(table, "  of which the state update", result.state_write)
+    add_figures(table, "agent critical path / action", result.agent_critical_path)
+    add_figures(table, "agent wake-up lag / call", result.agent_lag)
     return table
 
 

@@ -1,5 +1,6 @@
-"""What every bench command shares: the simulation overrides of its command line and
-the ``environment`` block of the results document it writes.
+"""What every bench command shares: the simulation overrides of its command line, the
+``environment`` block of the results document it writes, and the table of figures the
+load tests print.
 
 ``command`` (``dm-engine bench``), ``load_command`` (``--load``), ``load``,
 ``processes`` and ``worker`` all import these from here, so no command module
@@ -11,13 +12,17 @@ from __future__ import annotations
 import os
 import platform
 from importlib.metadata import version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
+from rich.table import Table
 
 from ..config import Config
 
-__all__ = ["environment", "with_overrides"]
+if TYPE_CHECKING:
+    from .load import Figures
+
+__all__ = ["add_figures", "environment", "figures_table", "with_overrides"]
 
 
 def with_overrides(
@@ -51,3 +56,17 @@ def environment(config: Config, backend: str) -> dict[str, Any]:
         "scenario": config.simulation.scenario,
         "platform": platform.platform(),
     }
+
+
+def figures_table(title: str) -> Table:
+    """An empty table of per-measure figures (count, p50, p95, p99, max in ms)."""
+    table = Table(title=title)
+    for col in ("measure", "count", "p50", "p95", "p99", "max"):
+        table.add_column(col, justify="left" if col == "measure" else "right")
+    return table
+
+
+def add_figures(table: Table, name: str, figures: Figures, style: str = "") -> None:
+    """One row of :func:`figures_table`: ``figures`` (seconds) in milliseconds."""
+    ms = (f"{v * 1e3:.2f}" for v in (figures.p50, figures.p95, figures.p99, figures.max))
+    table.add_row(name, str(figures.count), *ms, style=style)

@@ -77,9 +77,9 @@ from rich.table import Table
 from ..config import Config, load_config
 from ..errors import lone_error
 from ..state import open_session_store
-from .load import SCRIPT, ActionTiming, Figures, _backend
+from .load import SCRIPT, ActionTiming, Figures, _backend, check_load_args
 from .load import load_config as sized_for
-from .options import with_overrides
+from .options import add_figures, figures_table, with_overrides
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup
@@ -507,14 +507,7 @@ async def run_process_load_test(
     """
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
-    if sessions < 1:
-        raise ValueError(f"sessions must be >= 1, got {sessions}")
-    if actions_per_session < 1:
-        raise ValueError(f"actions_per_session must be >= 1, got {actions_per_session}")
-    if not time_scale > 0 or not math.isfinite(time_scale):
-        raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
-    if not think_time >= 0 or not math.isfinite(think_time):
-        raise ValueError(f"think_time must be a finite number >= 0, got {think_time!r}")
+    check_load_args(sessions, actions_per_session, time_scale, think_time)
     path = None if config_path is None else str(config_path)
     config = with_overrides(load_config(path), scenario, seed)
     if processes > 1 and not config.state.url:
@@ -784,15 +777,11 @@ async def _verify(
 
 def process_table(result: ProcessLoadResult) -> Table:
     """Per-action figures of a multi-process run, in milliseconds."""
-    table = Table(
-        title=(
-            f"load test — {result.processes} processes, {result.sessions} sessions x "
-            f"{result.actions_per_session} actions, {result.state}, time scale "
-            f"{result.time_scale:g}, think time {result.think_time:g} s (real time, ms)"
-        )
+    table = figures_table(
+        f"load test — {result.processes} processes, {result.sessions} sessions x "
+        f"{result.actions_per_session} actions, {result.state}, time scale "
+        f"{result.time_scale:g}, think time {result.think_time:g} s (real time, ms)"
     )
-    for col in ("measure", "count", "p50", "p95", "p99", "max"):
-        table.add_column(col, justify="left" if col == "measure" else "right")
     rows = (
         ("engine overhead / action", result.overhead, "bold"),
         ("  of which before the agents", result.before_agents, ""),
@@ -803,12 +792,7 @@ def process_table(result: ProcessLoadResult) -> Table:
         ("round trip / action (coordinator)", result.round_trip, ""),
     )
     for name, f, style in rows:
-        table.add_row(
-            name,
-            str(f.count),
-            *(f"{v * 1e3:.2f}" for v in (f.p50, f.p95, f.p99, f.max)),
-            style=style,
-        )
+        add_figures(table, name, f, style)
     return table
 
 
