@@ -8,7 +8,8 @@ queries in a worker thread, the default; False: on the event loop):
 
 * SRD compile time and file size (a cold compile into a temporary cache folder);
 * p50/p95 of ``OptimizedContextBuilder.build_context`` (without and with a warm
-  ``ModuleCache``) and of ``ModuleStore.search`` alone, against the naive baseline
+  ``ModuleCache``; "cold": the store's kept searches dropped before each build, so
+  every build runs its FTS5 query, as for a text never seen before) and of ``ModuleStore.search`` alone, against the naive baseline
   in the same process: the previous design's full scan, every chunk held in memory
   and scored by counting the query's keywords (3+ letters) in it, then the same
   greedy selection. Two variants of the baseline: lower-casing every chunk per query
@@ -208,17 +209,23 @@ async def steady_state(
 ) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {
         "builder": [],
+        "builder, cold": [],
         "builder+cache": [],
         "search": [],
         "naive": [],
         "naive (lowered)": [],
     }
-    async with await open_module("srd", cache_dir=cache_dir, query_in_thread=in_thread) as store:
+    async with (
+        await open_module("srd", cache_dir=cache_dir, query_in_thread=in_thread) as store,
+        await open_module("srd", cache_dir=cache_dir, query_in_thread=in_thread) as cold_store,
+    ):
         plain = OptimizedContextBuilder(store)
+        cold = OptimizedContextBuilder(cold_store)  # its kept searches dropped before each
         cached = OptimizedContextBuilder(store, ModuleCache())
         reqs = [request(*q) for q in QUERIES]
         for r in reqs:  # warm-up: first calls, cache fill
             await plain.build_context(r, BUDGET)
+            await cold.build_context(r, BUDGET)
             await cached.build_context(r, BUDGET)
         # each round runs every method over all queries in turn: methods alternate
         # across rounds (machine noise is shared) without one's memory traffic (the
@@ -227,6 +234,11 @@ async def steady_state(
             for r in reqs:
                 samples["builder"].append(
                     (await timed(lambda r=r: plain.build_context(r, BUDGET)))[1]
+                )
+            for r in reqs:  # a text the store has not searched for yet
+                cold_store.forget_searches()
+                samples["builder, cold"].append(
+                    (await timed(lambda r=r: cold.build_context(r, BUDGET)))[1]
                 )
             for r in reqs:
                 samples["builder+cache"].append(
@@ -302,7 +314,7 @@ async def main(rounds: int, rss: bool) -> None:
                     f"  mean {statistics.fmean(s) * 1e3:7.3f} ms"
                 )
             for base in ("naive", "naive (lowered)"):
-                for name in ("builder", "builder+cache"):
+                for name in ("builder", "builder, cold", "builder+cache"):
                     b, s = samples[base], samples[name]
                     print(
                         f"  {base} / {name}: p50 {pct(b, 50) / pct(s, 50):.1f}x, "

@@ -151,6 +151,26 @@ def _title_cover(title: str, query: set[str]) -> float:
     return len(stems & query) / len(stems) if stems else 0.0
 
 
+#: relevance kept by each further passage of an already ranked chunk (see _diversified)
+_REPEAT_DECAY = 0.9
+
+
+def _diversified(ranked: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """``ranked`` (best first) with the n-th passage of one chunk (``id``, ``id~2``, …)
+    scaled by ``_REPEAT_DECAY ** (n - 1)`` and sorted again: eleven passages of
+    one monster's stat block must not fill a small budget before the rule the action
+    names."""
+    seen: dict[str, int] = {}
+    out = []
+    for cid, rel in ranked:
+        base = cid.partition("~")[0]
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.append((cid, rel * _REPEAT_DECAY**n if n else rel))
+    out.sort(key=lambda x: (-x[1], x[0]))
+    return out
+
+
 def _default_priorities() -> Mapping[str, Sequence[str]]:
     from ..config import LazyLoadingConfig
 
@@ -307,7 +327,7 @@ class OptimizedContextBuilder:
                 b = (1 - _TITLE_WEIGHT) * b + _TITLE_WEIGHT * _title_cover(e.title, qstems)
             ranked.append((cid, min(1.0, _BM25_WEIGHT * b + _BOOST_WEIGHT * boost)))
         ranked.sort(key=lambda x: (-x[1], x[0]))
-        return ranked, entries, texts
+        return _diversified(ranked), entries, texts
 
     async def rank(self, request: AgentRequest) -> list[tuple[str, float]]:
         """Candidate chunk ids with their relevance (0..1), best first, ties by id."""

@@ -20,11 +20,66 @@ regular expression over the lower-cased text, anchored at word boundaries.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final
 
-__all__ = ["ALIASES", "aliases", "edits1", "words"]
+__all__ = ["ALIASES", "STOPWORDS", "aliases", "edits1", "expand_query", "words"]
+
+STOPWORDS: Final = frozenset(
+    [
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "by",
+        "can",
+        "do",
+        "does",
+        "for",
+        "from",
+        "how",
+        "i",
+        "if",
+        "in",
+        "into",
+        "is",
+        "it",
+        "its",
+        "me",
+        "my",
+        "of",
+        "on",
+        "or",
+        "our",
+        "so",
+        "that",
+        "the",
+        "their",
+        "them",
+        "then",
+        "there",
+        "this",
+        "to",
+        "us",
+        "was",
+        "we",
+        "what",
+        "when",
+        "where",
+        "which",
+        "who",
+        "why",
+        "will",
+        "with",
+        "you",
+        "your",
+    ]
+)
 
 ALIASES: Final[tuple[tuple[str, str], ...]] = (
     # ---- combat slang
@@ -125,6 +180,12 @@ def aliases(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(e for rx, e in _COMPILED if rx.search(low)))
 
 
+def _alias_words(text: str) -> set[str]:
+    """The words of ``text`` that some alias matches (never "repaired" as typos)."""
+    low = text.lower()
+    return {w for rx, _ in _COMPILED for m in rx.finditer(low) for w in words(m.group(0))}
+
+
 def words(text: str) -> list[str]:
     """Lower-case alphanumeric words of ``text`` (the vocabulary's unit)."""
     return _WORD.findall(text.lower())
@@ -139,6 +200,114 @@ def edits1(word: str) -> set[str]:
     out.update(a + c + b for a, b in splits for c in _LETTERS)
     out.discard(word)
     return out
+
+
+_SUFFIXES: Final = ("s", "es", "ed", "d", "ing", "er", "ers", "ly")
+#: irregular plurals of the game's nouns the -ves rule below does not cover
+_IRREGULAR: Final = {
+    "mice": "mouse",
+    "teeth": "tooth",
+    "feet": "foot",
+    "geese": "goose",
+    "men": "man",
+    "women": "woman",
+    "children": "child",
+    "oxen": "ox",
+    "lice": "louse",
+    "fungi": "fungus",
+}
+
+
+def related_forms(word: str) -> set[str]:
+    """Inflections of ``word`` and the stems it may inflect ("listen": "listening";
+    "stopping": "stop"; "breather": "breath"): a word with a known relative is not a
+    typo, however the module happens to spell it."""
+    out = {word + s for s in _SUFFIXES}
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            stem = word[: -len(suffix)]
+            out.update((stem, stem + "e"))
+            if stem[-1] == stem[-2]:  # stopping -> stop
+                out.add(stem[:-1])
+    out.discard(word)
+    return out
+
+
+def singulars(word: str) -> tuple[str, ...]:
+    """Singulars ``word`` may be the irregular plural of ("wolves": wolf, wolfe);
+    FTS5's porter stemmer leaves them apart ("wolv" is not "wolf")."""
+    if word in _IRREGULAR:
+        return (_IRREGULAR[word],)
+    if word.endswith("ves") and len(word) > 4:
+        return (word[:-3] + "f", word[:-3] + "fe")
+    return ()
+
+
+def expand_query(text: str, known: Callable[[Sequence[str]], Mapping[str, int]]) -> tuple[str, ...]:
+    """``text`` with its typos repaired, then the alias table's expansions of it (and
+    of the text as typed), then known singulars of its irregular plurals.
+
+    ``known(words)`` returns which of ``words`` the module's vocabulary has (with
+    their frequencies). A query word of 4+ letters is a typo when neither it nor any
+    of its :func:`related_forms` is known and no alias names it; it is replaced by
+    the most frequent known word one edit away (ties: alphabetical). Two adjacent
+    words of 3+ letters, neither a stop word, whose concatenation is known ("owl
+    bear") are replaced by it. One call for the words, their relatives and the pairs;
+    one more only when some word is unknown."""
+    tokens = words(text)
+    if not tokens:
+        return (text,)
+    joined = [
+        a + b
+        for a, b in itertools.pairwise(tokens)
+        if len(a) >= 3
+        and len(b) >= 3
+        and a.isalpha()
+        and b.isalpha()
+        and a not in STOPWORDS
+        and b not in STOPWORDS
+    ]
+    protected = _alias_words(text)
+    checkable = [w for w in dict.fromkeys(tokens) if len(w) >= 4 and w.isalpha()]
+    relatives = {w: related_forms(w) for w in checkable}
+    plurals = {w: singulars(w) for w in dict.fromkeys(tokens)}
+    lookup = [*checkable, *joined, *itertools.chain(*relatives.values(), *plurals.values())]
+    found = known(list(dict.fromkeys(lookup)))
+    unknown = [
+        w
+        for w in checkable
+        if w not in found and w not in protected and found.keys().isdisjoint(relatives[w])
+    ]
+    fixes: dict[str, str] = {}
+    if unknown:
+        neighbours = {w: edits1(w) for w in unknown}
+        pool = known(sorted(set().union(*neighbours.values())))
+        for w, near in neighbours.items():
+            best = sorted((-pool[c], c) for c in near if c in pool)
+            if best:
+                fixes[w] = best[0][1]
+    out: list[str] = []
+    i = 0
+    changed = False
+    while i < len(tokens):
+        w = tokens[i]
+        if i + 1 < len(tokens) and w + tokens[i + 1] in found and w + tokens[i + 1] in joined:
+            out.append(w + tokens[i + 1])
+            i += 2
+            changed = True
+            continue
+        if w in fixes:
+            changed = True
+        out.append(fixes.get(w, w))
+        i += 1
+    repaired = " ".join(out) if changed else text
+    expansions = dict.fromkeys(aliases(repaired))
+    if changed:
+        expansions.update(dict.fromkeys(aliases(text)))
+    singles = [s for forms in plurals.values() for s in forms if s in found]
+    if singles:
+        expansions[" ".join(singles)] = None
+    return (repaired, *expansions)
 
 
 def vocabulary(texts: Iterable[str]) -> dict[str, int]:

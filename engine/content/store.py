@@ -38,7 +38,7 @@ import attrs
 
 from ..errors import LoadError, ModuleError
 from .compiler import compile_module, connect_read_only, locate_module, read_meta
-from .query import aliases, edits1, words
+from .query import STOPWORDS, expand_query
 from .sources import (
     ADVENTURE_SECTIONS,
     SRD_SECTIONS,
@@ -56,60 +56,6 @@ __all__ = [
     "compile_module",
     "open_module",
 ]
-
-_STOPWORDS: Final = frozenset(
-    [
-        "a",
-        "an",
-        "and",
-        "are",
-        "as",
-        "at",
-        "be",
-        "by",
-        "can",
-        "do",
-        "does",
-        "for",
-        "from",
-        "how",
-        "i",
-        "if",
-        "in",
-        "into",
-        "is",
-        "it",
-        "its",
-        "me",
-        "my",
-        "of",
-        "on",
-        "or",
-        "our",
-        "so",
-        "that",
-        "the",
-        "their",
-        "them",
-        "then",
-        "there",
-        "this",
-        "to",
-        "us",
-        "was",
-        "we",
-        "what",
-        "when",
-        "where",
-        "which",
-        "who",
-        "why",
-        "will",
-        "with",
-        "you",
-        "your",
-    ]
-)
 
 
 @attrs.frozen
@@ -156,7 +102,7 @@ def query_terms(text: str) -> list[str]:
         elif word:
             w = "".join(word)
             word.clear()
-            if len(w) > 1 and w not in _STOPWORDS:
+            if len(w) > 1 and w not in STOPWORDS:
                 terms[w] = None
     return list(terms)
 
@@ -176,47 +122,6 @@ def fts_query(text: str, *more: str) -> str:
         # adjacent pairs as phrases too: a chunk saying "hold person" beats one saying "hold"
         pairs.update(dict.fromkeys(f"{a} {b}" for a, b in itertools.pairwise(words)))
     return " OR ".join(f'"{t}"' for t in [*out, *pairs])
-
-
-def expand_query(text: str, known: Callable[[Sequence[str]], Mapping[str, int]]) -> tuple[str, ...]:
-    """``text`` with its typos repaired, then the alias table's expansions of it.
-
-    ``known(words)`` returns which of ``words`` the module's vocabulary has (with
-    their frequencies). A query word of 4+ letters it lacks is replaced by the most
-    frequent known word one edit away (ties: alphabetical); two adjacent words whose
-    concatenation it knows ("owl bear") are replaced by that word. One call for the
-    words and pairs, one more only when some word is unknown."""
-    tokens = words(text)
-    if not tokens:
-        return (text,)
-    joined = [a + b for a, b in itertools.pairwise(tokens) if a.isalpha() and b.isalpha()]
-    checkable = [w for w in tokens if len(w) >= 4 and w.isalpha()]
-    found = known(list(dict.fromkeys([*checkable, *joined])))
-    unknown = [w for w in dict.fromkeys(checkable) if w not in found]
-    fixes: dict[str, str] = {}
-    if unknown:
-        neighbours = {w: edits1(w) for w in unknown}
-        pool = known(sorted(set().union(*neighbours.values())))
-        for w, near in neighbours.items():
-            best = sorted((-pool[c], c) for c in near if c in pool)
-            if best:
-                fixes[w] = best[0][1]
-    out: list[str] = []
-    i = 0
-    changed = False
-    while i < len(tokens):
-        w = tokens[i]
-        if i + 1 < len(tokens) and w + tokens[i + 1] in found and w.isalpha():
-            out.append(w + tokens[i + 1])
-            i += 2
-            changed = True
-            continue
-        if w in fixes:
-            changed = True
-        out.append(fixes.get(w, w))
-        i += 1
-    repaired = " ".join(out) if changed else text
-    return (repaired, *aliases(repaired))
 
 
 #: Search results kept per store (all dropped at once when full, like the expansions).
@@ -544,6 +449,13 @@ class ModuleStore:
         """Close the connection (idempotent); waits for a query in flight."""
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self._close)
+
+    def forget_searches(self) -> None:
+        """Drop the kept search results and query expansions: the next searches run
+        their FTS5 queries again (what a text never seen before costs)."""
+        with self._lock:
+            self._searches.clear()
+            self._expansions.clear()
 
     def _close(self) -> None:
         with self._lock:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import anyio
 import attrs
+import pytest
 
 from engine.agents.base import AgentRequest
 from engine.classify import classify_action
@@ -26,10 +27,14 @@ from engine.content.context import OptimizedContextBuilder
 from engine.content.store import open_module
 
 DATA = Path(__file__).parent / "data" / "recall_players.tsv"
+#: 60 more, written by someone who had seen neither the retrieval code nor the set above,
+#: and measured before anything was tuned with it in view: the honest held-out figure
+FRESH = Path(__file__).parent / "data" / "recall_fresh.tsv"
 BUDGETS = (2000, 1000, 500, 300)
 # floors just under what was measured (docs/content.md, "Recall"): a regression fails
-FLOORS = {2000: 0.94, 1000: 0.92, 500: 0.87, 300: 0.77}  # measured .951 .930 .887 .782
-FLOORS_HELD = {2000: 0.85, 500: 0.75}  # measured .872 .766
+FLOORS = {2000: 0.97, 1000: 0.96, 500: 0.92, 300: 0.79}  # measured .979 .972 .937 .803
+FLOORS_HELD = {2000: 0.92, 500: 0.83}  # measured .936 .851
+FLOORS_FRESH = {2000: 0.75, 1000: 0.71, 500: 0.63, 300: 0.5}  # measured .767 .733 .650 .517
 
 
 @attrs.frozen
@@ -41,9 +46,9 @@ class Row:
     split: str
 
 
-def load_rows() -> list[Row]:
+def load_rows(path: Path = DATA) -> list[Row]:
     rows = []
-    for line in DATA.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip() or line.startswith("#"):
             continue
         action, phrase, category, style, split = line.split("\t")
@@ -61,9 +66,9 @@ class Measured:
     misses: dict[int, list[str]]
 
     def report(self) -> str:
-        lines = ["recall@budget on recall_players.tsv"]
+        lines = ["recall@budget"]
         lines.append("  all:  " + "  ".join(f"@{b} {self.recall[b]:.3f}" for b in BUDGETS))
-        for split in ("dev", "held"):
+        for split in sorted({s for s, _ in self.by_split}):
             lines.append(
                 f"  {split}: " + "  ".join(f"@{b} {self.by_split[split, b]:.3f}" for b in BUDGETS)
             )
@@ -74,8 +79,8 @@ class Measured:
         return "\n".join(lines)
 
 
-def measure(cache_dir: Path, budgets: tuple[int, ...] = BUDGETS) -> Measured:
-    rows = load_rows()
+def measure(cache_dir: Path, path: Path = DATA, budgets: tuple[int, ...] = BUDGETS) -> Measured:
+    rows = load_rows(path)
 
     async def main() -> Measured:
         async with await open_module("default", cache_dir=cache_dir) as store:
@@ -112,9 +117,10 @@ def measure(cache_dir: Path, budgets: tuple[int, ...] = BUDGETS) -> Measured:
     return anyio.run(main)
 
 
-def test_the_set_is_large_varied_and_verbatim(compiled: Path) -> None:
-    rows = load_rows()
-    assert len(rows) >= 100
+@pytest.mark.parametrize("path", [DATA, FRESH], ids=["players", "fresh"])
+def test_the_set_is_large_varied_and_verbatim(compiled: Path, path: Path) -> None:
+    rows = load_rows(path)
+    assert len(rows) >= (100 if path == DATA else 60)
     assert {r.category for r in rows} >= {
         "rules",
         "conditions",
@@ -152,3 +158,13 @@ def test_recall_on_player_phrasing_has_floors(compiled: Path) -> None:
         assert measured.recall[b] >= floor, (b, measured.misses[b])
     for b, floor in FLOORS_HELD.items():
         assert measured.by_split["held", b] >= floor, (b, measured.misses[b])
+
+
+def test_recall_on_the_fresh_set_has_floors(compiled: Path) -> None:
+    measured = measure(compiled, FRESH)
+    print("\n" + measured.report())
+    for b in BUDGETS:
+        for miss in measured.misses[b]:
+            print(f"  miss@{b}: {miss}")
+    for b, floor in FLOORS_FRESH.items():
+        assert measured.recall[b] >= floor, (b, measured.misses[b])
