@@ -33,6 +33,7 @@ from ..agents.base import Agent, AgentRequest, AgentResponse, Status
 from ..config import Config
 from .dag import RequestGraph, analyze_dependencies
 from .hedging import HedgePolicy
+from .limits import FifoLimiter
 
 __all__ = ["ExecutorStatistics", "ParallelAgentExecutor"]
 
@@ -80,7 +81,7 @@ class ParallelAgentExecutor:
     agent_timeout: float = 5.0
     hedging: HedgePolicy | None = None
     on_response: Callable[[AgentResponse], None] | None = None
-    _limiter: anyio.CapacityLimiter | None = attrs.field(default=None, init=False)
+    _limiter: FifoLimiter | None = attrs.field(default=None, init=False)
     _limiter_loop: object = attrs.field(default=None, init=False)
     _requests: int = attrs.field(default=0, init=False)
     _attempts: int = attrs.field(default=0, init=False)
@@ -107,12 +108,11 @@ class ParallelAgentExecutor:
 
     def statistics(self) -> ExecutorStatistics:
         limiter = self._limiter
-        stats = limiter.statistics() if limiter is not None else None
         hedges = self.hedging.statistics() if self.hedging is not None else None
         return ExecutorStatistics(
-            borrowed_tokens=stats.borrowed_tokens if stats else 0,
-            total_tokens=int(stats.total_tokens) if stats else self.max_concurrent,
-            waiting=stats.tasks_waiting if stats else 0,
+            borrowed_tokens=limiter.borrowed if limiter is not None else 0,
+            total_tokens=self.max_concurrent,
+            waiting=limiter.waiting if limiter is not None else 0,
             requests=self._requests,
             attempts=self._attempts,
             hedges_sent=hedges.hedges_sent if hedges else 0,
@@ -239,11 +239,11 @@ class ParallelAgentExecutor:
                     f"known: {sorted(self.agents)}"
                 )
 
-    def _current_limiter(self) -> anyio.CapacityLimiter:
+    def _current_limiter(self) -> FifoLimiter:
         """The limiter of the running event loop (a new loop gets a new limiter)."""
         loop = anyio.lowlevel.current_token().native_token
         if self._limiter is None or self._limiter_loop is not loop:
-            self._limiter = anyio.CapacityLimiter(self.max_concurrent)
+            self._limiter = FifoLimiter(self.max_concurrent)
             self._limiter_loop = loop
         return self._limiter
 
@@ -252,7 +252,7 @@ class ParallelAgentExecutor:
         request: AgentRequest,
         inputs: Mapping[str, Any],
         ready_at: float,
-        limiter: anyio.CapacityLimiter,
+        limiter: FifoLimiter,
     ) -> tuple[AgentResponse, float]:
         """Run one request; its response and the time it was decided."""
         self._requests += 1
@@ -262,7 +262,6 @@ class ParallelAgentExecutor:
         delay = policy.delay_for(request.agent) if policy is not None else None
         admitted: float | None = None
         outcome = _Outcome()
-        borrower = object()
         first_piece: list[float] = []
         if policy is not None and request.on_delta is not None:
             sink = request.on_delta
@@ -274,10 +273,10 @@ class ParallelAgentExecutor:
 
             request = attrs.evolve(request, on_delta=stamp)
         with anyio.CancelScope(deadline=ready_at + timeout) as scope:
-            if _try_acquire(limiter, borrower):  # fast path: a free token, nobody waiting
+            if limiter.try_acquire():  # a free token, nobody waiting
                 admitted = ready_at  # no wait for capacity (and one clock read saved)
             else:
-                await limiter.acquire_on_behalf_of(borrower)
+                await limiter.acquire()
                 admitted = anyio.current_time()
             if policy is not None:
                 policy.on_call()
@@ -289,9 +288,9 @@ class ParallelAgentExecutor:
                 except Exception as exc:
                     outcome.error = exc
                 finally:
-                    limiter.release_on_behalf_of(borrower)
+                    limiter.release()
             else:
-                await self._hedged(agent, request, inputs, delay, limiter, borrower, outcome)
+                await self._hedged(agent, request, inputs, delay, limiter, outcome)
         end = anyio.current_time()
         if policy is not None and outcome.error is None and not scope.cancelled_caught:
             assert admitted is not None
@@ -327,8 +326,7 @@ class ParallelAgentExecutor:
         request: AgentRequest,
         inputs: Mapping[str, Any],
         delay: float,
-        limiter: anyio.CapacityLimiter,
-        borrower: object,
+        limiter: FifoLimiter,
         outcome: _Outcome,
     ) -> None:
         """Run the first attempt (its token already held) and, after ``delay``, a hedge.
@@ -360,7 +358,7 @@ class ParallelAgentExecutor:
 
             return emit
 
-        async def attempt(number: int, req: AgentRequest, token_holder: object) -> None:
+        async def attempt(number: int, req: AgentRequest) -> None:
             nonlocal ended
             scope = scopes[number]  # made before the task was started: a gate can cancel it
             if sink is not None:
@@ -386,26 +384,25 @@ class ParallelAgentExecutor:
                 outcome.hedge_won = number > 1
                 done.set()
             finally:
-                limiter.release_on_behalf_of(token_holder)
+                limiter.release()
 
         async with anyio.create_task_group() as tg:
             outcome.attempts = 1
             self._attempts += 1
             scopes[1] = anyio.CancelScope()
-            tg.start_soon(attempt, 1, request, borrower)
+            tg.start_soon(attempt, 1, request)
             with anyio.move_on_after(delay):
                 await done.wait()
-            hedge_holder = object()
-            if not done.is_set() and not owner and _try_acquire(limiter, hedge_holder):
+            if not done.is_set() and not owner and limiter.try_acquire():
                 if policy.try_spend():
                     outcome.attempts = 2
                     self._attempts += 1
                     outcome.hedged = True
                     hedge = attrs.evolve(request, context={**request.context, "attempt": 2})
                     scopes[2] = anyio.CancelScope()
-                    tg.start_soon(attempt, 2, hedge, hedge_holder)
+                    tg.start_soon(attempt, 2, hedge)
                 else:
-                    limiter.release_on_behalf_of(hedge_holder)
+                    limiter.release()
             await done.wait()
             tg.cancel_scope.cancel()
         if outcome.hedge_won:
@@ -413,14 +410,6 @@ class ParallelAgentExecutor:
 
 
 _FAILED: Any = object()
-
-
-def _try_acquire(limiter: anyio.CapacityLimiter, borrower: object) -> bool:
-    try:
-        limiter.acquire_on_behalf_of_nowait(borrower)
-    except anyio.WouldBlock:
-        return False
-    return True
 
 
 def _output(response: AgentResponse | None) -> Any:

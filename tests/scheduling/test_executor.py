@@ -11,6 +11,7 @@ import engine
 from engine.agents.base import AgentRequest, Status
 from engine.scheduling.executor import ParallelAgentExecutor
 from engine.scheduling.hedging import HedgePolicy
+from engine.scheduling.limits import FifoLimiter
 
 from .helpers import ScriptedAgent
 
@@ -199,6 +200,60 @@ def test_bad_arguments() -> None:
         ParallelAgentExecutor({}, max_concurrent=0)
     with pytest.raises(ValueError, match="agent_timeout"):
         ParallelAgentExecutor({}, agent_timeout=0)
+
+
+# ---------------------------------------------------------------- the limiter
+
+
+@pytest.mark.virtual_clock
+async def test_limiter_grants_in_arrival_order_and_newcomers_queue_behind() -> None:
+    limiter = FifoLimiter(1)
+    assert limiter.try_acquire()
+    order: list[str] = []
+
+    async def take(name: str) -> None:
+        await limiter.acquire()
+        order.append(name)
+
+    async with anyio.create_task_group() as tg:
+        for name in ("first", "second"):
+            tg.start_soon(take, name)
+            await anyio.sleep(1)  # arrival order: first, second
+        assert limiter.waiting == 2
+        limiter.release()  # handed to "first": nobody may take it in between
+        assert not limiter.try_acquire()
+        assert (limiter.borrowed, limiter.waiting) == (1, 1)
+        await anyio.sleep(1)
+        limiter.release()
+    assert order == ["first", "second"]
+    limiter.release()
+    assert (limiter.borrowed, limiter.waiting) == (0, 0)
+    with pytest.raises(RuntimeError):
+        limiter.release()
+
+
+async def test_limiter_waiter_cancelled_holds_no_token() -> None:
+    limiter = FifoLimiter(1)
+    assert limiter.try_acquire()
+    with anyio.move_on_after(0.01):
+        await limiter.acquire()
+    assert (limiter.borrowed, limiter.waiting) == (1, 0)
+    # granted and cancelled in the same instant: it holds the token and wakes with it, or
+    # is cancelled (asyncio) and gives the token back: none is lost either way
+    async with anyio.create_task_group() as tg:
+        cancelled = anyio.CancelScope()
+
+        async def granted_then_cancelled() -> None:
+            with cancelled:
+                await limiter.acquire()
+                limiter.release()  # woke with the token (trio does not cancel a granted wait)
+
+        tg.start_soon(granted_then_cancelled)
+        await anyio.wait_all_tasks_blocked()
+        limiter.release()  # hands the token over...
+        cancelled.cancel()  # ...to a waiter cancelled before it woke
+    assert (limiter.borrowed, limiter.waiting) == (0, 0)
+    assert limiter.try_acquire()
 
 
 # ---------------------------------------------------------------- hedging
