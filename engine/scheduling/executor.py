@@ -4,6 +4,11 @@ Guarantees:
 
 * **Eager.** A request starts the moment its last dependency succeeded; nothing waits
   for a whole level. With unlimited capacity the makespan is the critical path.
+* **Few tasks.** A request that becomes ready runs on the task that made it ready
+  when that task has nothing else to do (the first root on the caller's task, the
+  first dependent a request made ready on that request's task); only the others get
+  a task of their own. A chain of requests is one task. (An agent on the caller's
+  task shares its context variables, as any coroutine the caller awaits does.)
 * **Bounded.** At most ``max_concurrent`` agent attempts hold a limiter token at once,
   hedges included; admission is FIFO by readiness.
 * **Timed from readiness.** A request's timeout covers queueing and running; the
@@ -167,27 +172,42 @@ class ParallelAgentExecutor:
                 decide(c, AgentResponse(req.id, req.agent, Status.SKIPPED, error=reason))
                 stack.extend(graph.children[c])
 
-        async def run(i: int, tg: anyio.abc.TaskGroup) -> None:
-            request = graph.requests[i]
-            inputs = {graph.requests[p].id: _output(responses[p]) for p in graph.parents[i]}
-            response, now = await self._run_request(request, inputs, ready_at[i], limiter)
-            decide(i, response)
-            if not response.ok:
-                skip_dependents(i)
-                return
-            for c in graph.children[i]:
-                remaining[c] -= 1
-                if remaining[c] == 0 and responses[c] is None:
-                    ready_at[c] = now
-                    tg.start_soon(run, c, tg)
+        async def run_from(i: int) -> None:
+            """Run request ``i``, then go on with one request its success made ready
+            (in this task: no task is started for it); the others it made ready are
+            started as tasks of their own."""
+            while True:
+                request = graph.requests[i]
+                inputs = {graph.requests[p].id: _output(responses[p]) for p in graph.parents[i]}
+                response, now = await self._run_request(request, inputs, ready_at[i], limiter)
+                decide(i, response)
+                if not response.ok:
+                    skip_dependents(i)
+                    return
+                following = None
+                for c in graph.children[i]:
+                    remaining[c] -= 1
+                    if remaining[c] == 0 and responses[c] is None:
+                        ready_at[c] = now
+                        if following is None:
+                            following = c
+                        else:
+                            tg.start_soon(run_from, c)
+                if following is None:
+                    return
+                i = following
 
         scope = anyio.move_on_after(deadline) if deadline is not None else nullcontext()
         with scope:
             async with anyio.create_task_group() as tg:
                 start = anyio.current_time()
-                for i in graph.levels[0] if graph.levels else ():
+                roots = graph.levels[0] if graph.levels else ()
+                for i in roots:
                     ready_at[i] = start
-                    tg.start_soon(run, i, tg)
+                for i in roots[1:]:
+                    tg.start_soon(run_from, i)
+                if roots:
+                    await run_from(roots[0])  # in this task, before the others start
 
         # Only the overall deadline leaves requests undecided.
         end = anyio.current_time()
