@@ -276,14 +276,49 @@ class ParallelAgentExecutor:
     ) -> tuple[AgentResponse, float]:
         """Run one request; its response and the time it was decided."""
         self._requests += 1
+        if self.hedging is not None:
+            return await self._run_with_policy(request, inputs, ready_at, limiter, self.hedging)
         timeout = request.timeout if request.timeout is not None else self.agent_timeout
         agent = self.agents[request.agent]
-        policy = self.hedging
-        delay = policy.delay_for(request.agent) if policy is not None else None
+        admitted: float | None = None
+        output: Any = None
+        error: Exception | None = None
+        with anyio.CancelScope(deadline=ready_at + timeout) as scope:
+            if limiter.try_acquire():  # a free token, nobody waiting
+                admitted = ready_at  # no wait for capacity (and one clock read saved)
+            else:
+                await limiter.acquire()
+                admitted = anyio.current_time()
+            self._attempts += 1
+            try:
+                output = await agent.run(request, inputs)
+            except Exception as exc:
+                error = exc
+            finally:
+                limiter.release()
+        end = anyio.current_time()
+        response = _response(
+            request, timeout, ready_at, admitted, end, scope.cancelled_caught, output, error
+        )
+        return response, end
+
+    async def _run_with_policy(
+        self,
+        request: AgentRequest,
+        inputs: Mapping[str, Any],
+        ready_at: float,
+        limiter: FifoLimiter,
+        policy: HedgePolicy,
+    ) -> tuple[AgentResponse, float]:
+        """:meth:`_run_request` under a hedge policy: the call earns hedge budget, may
+        be hedged, and its latency (to its first piece when streaming) is observed."""
+        timeout = request.timeout if request.timeout is not None else self.agent_timeout
+        agent = self.agents[request.agent]
+        delay = policy.delay_for(request.agent)
         admitted: float | None = None
         outcome = _Outcome()
         first_piece: list[float] = []
-        if policy is not None and request.on_delta is not None:
+        if request.on_delta is not None:
             sink = request.on_delta
 
             def stamp(piece: str) -> None:
@@ -293,14 +328,13 @@ class ParallelAgentExecutor:
 
             request = attrs.evolve(request, on_delta=stamp)
         with anyio.CancelScope(deadline=ready_at + timeout) as scope:
-            if limiter.try_acquire():  # a free token, nobody waiting
-                admitted = ready_at  # no wait for capacity (and one clock read saved)
+            if limiter.try_acquire():
+                admitted = ready_at
             else:
                 await limiter.acquire()
                 admitted = anyio.current_time()
-            if policy is not None:
-                policy.on_call()
-            if delay is None:  # the common path: one attempt, no task group
+            policy.on_call()
+            if delay is None:  # one attempt, no task group
                 outcome.attempts = 1
                 self._attempts += 1
                 try:
@@ -312,32 +346,22 @@ class ParallelAgentExecutor:
             else:
                 await self._hedged(agent, request, inputs, delay, limiter, outcome)
         end = anyio.current_time()
-        if policy is not None and outcome.error is None and not scope.cancelled_caught:
+        if outcome.error is None and not scope.cancelled_caught:
             assert admitted is not None
             policy.observe(request.agent, (first_piece[0] if first_piece else end) - admitted)
-        queued = (admitted if admitted is not None else end) - ready_at
-        duration = end - admitted if admitted is not None else 0.0
-        response = AgentResponse(
-            request.id,
-            request.agent,
-            Status.OK,
-            output=outcome.output,
-            queued=queued,
-            duration=duration,
-            attempts=outcome.attempts,
-            hedged=outcome.hedged,
-            hedge_won=outcome.hedge_won,
+        response = _response(
+            request,
+            timeout,
+            ready_at,
+            admitted,
+            end,
+            scope.cancelled_caught,
+            outcome.output,
+            outcome.error,
+            outcome.attempts,
+            outcome.hedged,
+            outcome.hedge_won,
         )
-        if scope.cancelled_caught:
-            where = "running" if admitted is not None else "queued for capacity"
-            error = f"timed out after {timeout:g}s ({where}; queued {queued:.3f}s)"
-            return attrs.evolve(response, status=Status.TIMEOUT, output=None, error=error), end
-        if outcome.error is not None:
-            error = f"{type(outcome.error).__name__}: {outcome.error}"
-            # an agent that gave up because its deadline was near (a TimeoutError,
-            # e.g. retries that would outlive it) timed out rather than failed
-            status = Status.TIMEOUT if isinstance(outcome.error, TimeoutError) else Status.ERROR
-            return attrs.evolve(response, status=status, output=None, error=error), end
         return response, end
 
     async def _hedged(
@@ -430,6 +454,50 @@ class ParallelAgentExecutor:
 
 
 _FAILED: Any = object()
+
+
+def _response(
+    request: AgentRequest,
+    timeout: float,
+    ready_at: float,
+    admitted: float | None,
+    end: float,
+    timed_out: bool,
+    output: Any,
+    error: BaseException | None,
+    attempts: int = 1,
+    hedged: bool = False,
+    hedge_won: bool = False,
+) -> AgentResponse:
+    """The response of a request that became ready at ``ready_at``, was admitted at
+    ``admitted`` (None: never) and was decided at ``end``."""
+    queued = (admitted if admitted is not None else end) - ready_at
+    duration = end - admitted if admitted is not None else 0.0
+    if timed_out:
+        where = "running" if admitted is not None else "queued for capacity"
+        status = Status.TIMEOUT
+        message: str | None = f"timed out after {timeout:g}s ({where}; queued {queued:.3f}s)"
+        output = None
+    elif error is not None:
+        # an agent that gave up because its deadline was near (a TimeoutError, e.g.
+        # retries that would outlive it) timed out rather than failed
+        status = Status.TIMEOUT if isinstance(error, TimeoutError) else Status.ERROR
+        message = f"{type(error).__name__}: {error}"
+        output = None
+    else:
+        status, message = Status.OK, None
+    return AgentResponse(
+        request.id,
+        request.agent,
+        status,
+        output,
+        message,
+        queued,
+        duration,
+        attempts if admitted is not None else 0,
+        hedged,
+        hedge_won,
+    )
 
 
 def _output(response: AgentResponse | None) -> Any:
