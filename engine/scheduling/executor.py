@@ -9,6 +9,9 @@ Guarantees:
   first dependent a request made ready on that request's task); only the others get
   a task of their own. A chain of requests is one task. (An agent on the caller's
   task shares its context variables, as any coroutine the caller awaits does.)
+  Hedges are sent by one task per execution (the caller's when a request ready at
+  the start may be hedged, instead of it running the first root): a hedge costs no
+  task and no timer of its own until it is sent.
 * **Bounded.** At most ``max_concurrent`` agent attempts hold a limiter token at once,
   hedges included; admission is FIFO by readiness.
 * **Timed from readiness.** A request's timeout covers queueing and running; the
@@ -26,11 +29,14 @@ Guarantees:
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any, final
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import attrs
 
@@ -54,18 +60,6 @@ class ExecutorStatistics:
     attempts: int
     hedges_sent: int
     hedges_won: int
-
-
-@final
-@attrs.define(eq=False)
-class _Outcome:
-    """The winning attempt of one request (or the error if every attempt failed)."""
-
-    output: Any = None
-    error: BaseException | None = None
-    attempts: int = 0
-    hedged: bool = False
-    hedge_won: bool = False
 
 
 @final
@@ -151,9 +145,15 @@ class ParallelAgentExecutor:
         responses: list[AgentResponse | None] = [None] * n
         remaining = [len(p) for p in graph.parents]
         ready_at: dict[int, float] = {}
+        undecided = n
+        clock: _HedgeClock | None = None
 
         def decide(i: int, response: AgentResponse) -> None:
+            nonlocal undecided
             responses[i] = response
+            undecided -= 1
+            if undecided == 0 and clock is not None:
+                clock.close()
             if self.on_response is not None:
                 self.on_response(response)
             if on_response is not None:
@@ -179,7 +179,9 @@ class ParallelAgentExecutor:
             while True:
                 request = graph.requests[i]
                 inputs = {graph.requests[p].id: _output(responses[p]) for p in graph.parents[i]}
-                response, now = await self._run_request(request, inputs, ready_at[i], limiter)
+                response, now = await self._run_request(
+                    request, inputs, ready_at[i], limiter, clock
+                )
                 decide(i, response)
                 if not response.ok:
                     skip_dependents(i)
@@ -204,10 +206,17 @@ class ParallelAgentExecutor:
                 roots = graph.levels[0] if graph.levels else ()
                 for i in roots:
                     ready_at[i] = start
-                for i in roots[1:]:
-                    tg.start_soon(run_from, i)
-                if roots:
-                    await run_from(roots[0])  # in this task, before the others start
+                if self.hedging is not None:
+                    clock = _HedgeClock(tg)
+                if clock is not None and self._hedges_at_once(graph, roots):
+                    for i in roots:
+                        tg.start_soon(run_from, i)
+                    await clock.run()  # this task sends the hedges until all is decided
+                else:
+                    for i in roots[1:]:
+                        tg.start_soon(run_from, i)
+                    if roots:
+                        await run_from(roots[0])  # in this task, before the others start
 
         # Only the overall deadline leaves requests undecided.
         end = anyio.current_time()
@@ -242,9 +251,17 @@ class ParallelAgentExecutor:
             raise ValueError(f"timeout must be > 0, got {timeout}")
         self._check_agents([request])
         request = attrs.evolve(request, timeout=timeout)
-        response, _end = await self._run_request(
-            request, inputs or {}, anyio.current_time(), self._current_limiter()
-        )
+        ready_at = anyio.current_time()
+        limiter = self._current_limiter()
+        if self.hedging is None:
+            response, _end = await self._run_request(request, inputs or {}, ready_at, limiter)
+        else:
+            async with anyio.create_task_group() as tg:
+                clock = _HedgeClock(tg)
+                response, _end = await self._run_request(
+                    request, inputs or {}, ready_at, limiter, clock
+                )
+                clock.close()
         if self.on_response is not None:
             self.on_response(response)
         return response
@@ -258,6 +275,13 @@ class ParallelAgentExecutor:
                     f"request {request.id!r} names unknown agent {request.agent!r}; "
                     f"known: {sorted(self.agents)}"
                 )
+
+    def _hedges_at_once(self, graph: RequestGraph, roots: Sequence[int]) -> bool:
+        """Whether a request ready at the start would be hedged (its agent has a delay)."""
+        policy = self.hedging
+        return policy is not None and any(
+            policy.delay_for(graph.requests[i].agent) is not None for i in roots
+        )
 
     def _current_limiter(self) -> FifoLimiter:
         """The limiter of the running event loop (a new loop gets a new limiter)."""
@@ -273,11 +297,16 @@ class ParallelAgentExecutor:
         inputs: Mapping[str, Any],
         ready_at: float,
         limiter: FifoLimiter,
+        clock: _HedgeClock | None = None,
     ) -> tuple[AgentResponse, float]:
-        """Run one request; its response and the time it was decided."""
+        """Run one request; its response and the time it was decided. Under a hedge
+        policy ``clock`` sends the hedges."""
         self._requests += 1
         if self.hedging is not None:
-            return await self._run_with_policy(request, inputs, ready_at, limiter, self.hedging)
+            assert clock is not None
+            return await self._run_with_policy(
+                request, inputs, ready_at, limiter, self.hedging, clock
+            )
         timeout = request.timeout if request.timeout is not None else self.agent_timeout
         agent = self.agents[request.agent]
         admitted: float | None = None
@@ -309,6 +338,7 @@ class ParallelAgentExecutor:
         ready_at: float,
         limiter: FifoLimiter,
         policy: HedgePolicy,
+        clock: _HedgeClock,
     ) -> tuple[AgentResponse, float]:
         """:meth:`_run_request` under a hedge policy: the call earns hedge budget, may
         be hedged, and its latency (to its first piece when streaming) is observed."""
@@ -316,7 +346,6 @@ class ParallelAgentExecutor:
         agent = self.agents[request.agent]
         delay = policy.delay_for(request.agent)
         admitted: float | None = None
-        outcome = _Outcome()
         first_piece: list[float] = []
         if request.on_delta is not None:
             sink = request.on_delta
@@ -327,6 +356,9 @@ class ParallelAgentExecutor:
                 sink(piece)
 
             request = attrs.evolve(request, on_delta=stamp)
+        output: Any = None
+        error: Exception | None = None
+        race: _Race | None = None
         with anyio.CancelScope(deadline=ready_at + timeout) as scope:
             if limiter.try_acquire():
                 admitted = ready_at
@@ -334,21 +366,32 @@ class ParallelAgentExecutor:
                 await limiter.acquire()
                 admitted = anyio.current_time()
             policy.on_call()
-            if delay is None:  # one attempt, no task group
-                outcome.attempts = 1
-                self._attempts += 1
+            self._attempts += 1
+            if delay is None:  # one attempt: nothing to race
                 try:
-                    outcome.output = await agent.run(request, inputs)
+                    output = await agent.run(request, inputs)
                 except Exception as exc:
-                    outcome.error = exc
+                    error = exc
                 finally:
                     limiter.release()
             else:
-                await self._hedged(agent, request, inputs, delay, limiter, outcome)
+                race = _Race(self, policy, agent, request, inputs, limiter, clock)
+                try:
+                    await race.run(delay)
+                finally:
+                    race.stop()
+        if race is not None:
+            await race.hedge_stopped()  # a cancelled hedge gives its token back first
+            output, error = race.output, race.error
         end = anyio.current_time()
-        if outcome.error is None and not scope.cancelled_caught:
+        if error is None and not scope.cancelled_caught:
             assert admitted is not None
             policy.observe(request.agent, (first_piece[0] if first_piece else end) - admitted)
+        attempts, hedged, hedge_won = (
+            (race.attempts, race.hedged, race.hedge_won) if race is not None else (1, False, False)
+        )
+        if hedge_won:
+            policy.record_hedge_win()
         response = _response(
             request,
             timeout,
@@ -356,101 +399,230 @@ class ParallelAgentExecutor:
             admitted,
             end,
             scope.cancelled_caught,
-            outcome.output,
-            outcome.error,
-            outcome.attempts,
-            outcome.hedged,
-            outcome.hedge_won,
+            output,
+            error,
+            attempts,
+            hedged,
+            hedge_won,
         )
         return response, end
 
-    async def _hedged(
+
+@final
+class _HedgeClock:
+    """Starts the hedges of one execution when they are due, from one task.
+
+    That task sleeps until the earliest hedge is due, and scheduling an earlier one
+    moves its alarm at once: a hedge costs no task and no timer of its own until it
+    is sent. The task is the execution's own (:meth:`run`) or, when none runs the
+    clock, one started by the first :meth:`schedule`. Hedges start in ``tasks``.
+    """
+
+    __slots__ = ("_alarm", "_armed", "_closed", "_due", "_order", "tasks")
+
+    def __init__(self, tasks: anyio.abc.TaskGroup) -> None:
+        self.tasks = tasks
+        self._due: list[tuple[float, int, _Race]] = []  # a heap
+        self._order = 0  # ties are sent in the order they were scheduled
+        self._alarm: anyio.CancelScope | None = None  # set while a task runs the clock
+        self._armed: anyio.Event | None = None  # set once a started task set its alarm
+        self._closed = anyio.Event()
+
+    async def schedule(self, when: float, race: _Race) -> None:
+        """Call ``race.due()`` at ``when``, unless the clock is closed by then.
+
+        Returns once the alarm is set: the hedge falls due before any timer the
+        caller sets afterwards for the same instant.
+        """
+        self._order += 1
+        heapq.heappush(self._due, (when, self._order, race))
+        if self._alarm is None:
+            if self._armed is None:
+                self._armed = anyio.Event()
+                self.tasks.start_soon(self.run)
+            await self._armed.wait()
+        alarm = self._alarm
+        if alarm is not None and when < alarm.deadline:
+            alarm.deadline = when
+
+    def close(self) -> None:
+        """No more hedges: :meth:`run` returns."""
+        self._closed.set()
+
+    async def run(self) -> None:
+        """Send the hedges as they fall due, until :meth:`close`."""
+        due = self._due
+        closed = self._closed
+        try:
+            while not closed.is_set():
+                now = anyio.current_time()
+                while due and due[0][0] <= now:
+                    heapq.heappop(due)[2].due()
+                with anyio.CancelScope(deadline=due[0][0] if due else math.inf) as self._alarm:
+                    if self._armed is not None:
+                        self._armed.set()
+                    await closed.wait()
+        finally:
+            self._alarm = None
+
+
+@final
+class _Race:
+    """A request's attempts: the first on the request's task, the hedge (if the clock
+    sends one) on a task of the execution's group.
+
+    The first attempt to succeed wins and the other is cancelled; when streaming, the
+    first to write a piece owns the stream (the other is cancelled at once) and only
+    it may win. Every attempt releases its own token when it ends, however it ends.
+    """
+
+    __slots__ = (
+        "_agent",
+        "_clock",
+        "_executor",
+        "_hedge_ended",
+        "_inputs",
+        "_limiter",
+        "_over",
+        "_owner",
+        "_policy",
+        "_request",
+        "_scopes",
+        "_winner",
+        "attempts",
+        "error",
+        "hedge_running",
+        "hedge_won",
+        "hedged",
+        "output",
+    )
+
+    def __init__(
         self,
+        executor: ParallelAgentExecutor,
+        policy: HedgePolicy,
         agent: Agent,
         request: AgentRequest,
         inputs: Mapping[str, Any],
-        delay: float,
         limiter: FifoLimiter,
-        outcome: _Outcome,
+        clock: _HedgeClock,
     ) -> None:
-        """Run the first attempt (its token already held) and, after ``delay``, a hedge.
+        self._executor = executor
+        self._policy = policy
+        self._agent = agent
+        self._request = request
+        self._inputs = inputs
+        self._limiter = limiter
+        self._clock = clock
+        self._scopes: dict[int, anyio.CancelScope] = {}
+        self._winner = 0  # the attempt whose answer is the response (0: none yet)
+        self._owner = 0  # the attempt whose text streams (the first to write; 0: none)
+        self._over = False  # decided or abandoned: no hedge may start any more
+        self.output: Any = None
+        self.error: Exception | None = None  # the first attempt error, unless one won
+        self.attempts = 1
+        self.hedged = False
+        self.hedge_won = False
+        self.hedge_running = False
+        self._hedge_ended: anyio.Event | None = None  # made when the hedge is sent
 
-        The first successful answer wins and the other attempt is cancelled; every
-        attempt releases its own token when it ends, however it ends.
-        """
-        policy = self.hedging
-        assert policy is not None
-        ended = 0  # attempts that ended without winning
-        done = anyio.Event()
-        scopes: dict[int, anyio.CancelScope] = {}
-        owner: list[int] = []  # the attempt whose text streams (the first to write)
-        sink = request.on_delta
+    async def run(self, delay: float) -> None:
+        """Run attempt 1 (its token already held) with a hedge due after ``delay``;
+        return when the request is decided."""
+        try:
+            # before attempt 1 starts: a hedge due in the instant it writes comes first
+            await self._clock.schedule(anyio.current_time() + delay, self)
+        except BaseException:
+            self._limiter.release()  # attempt 1 never started: its token back
+            raise
+        if await self._attempt(1, self._request) is _FAILED:
+            await self.hedge_stopped()  # attempt 1 failed or lost: the hedge decides
 
-        def gate(number: int) -> Callable[[str], None]:
-            assert sink is not None
+    async def hedge_stopped(self) -> None:
+        """Return once no hedge is running (at once if none was sent)."""
+        if self.hedge_running:
+            assert self._hedge_ended is not None
+            await self._hedge_ended.wait()
 
-            def emit(piece: str) -> None:
-                if not piece:
-                    return  # an empty piece claims nothing
-                if not owner:
-                    owner.append(number)
-                    for other, other_scope in scopes.items():
-                        if other != number:
-                            other_scope.cancel()
-                if owner[0] == number:
-                    sink(piece)
+    def stop(self) -> None:
+        """The request is over (decided, timed out or cancelled): no hedge starts any
+        more, and a hedge still running is cancelled."""
+        self._over = True
+        if self.hedge_running:
+            self._scopes[2].cancel()
 
-            return emit
+    def due(self) -> None:
+        """The hedge delay passed: send the hedge unless the request is over, a piece
+        was written, no token is free or the budget is spent."""
+        if self._over or self._owner or not self._limiter.try_acquire():
+            return
+        if not self._policy.try_spend():
+            self._limiter.release()
+            return
+        self._executor._attempts += 1
+        self.attempts = 2
+        self.hedged = True
+        self.hedge_running = True
+        self._hedge_ended = anyio.Event()
+        self._scopes[2] = anyio.CancelScope()  # now: a piece of attempt 1 may cancel it
+        request = self._request
+        hedge = attrs.evolve(request, context={**request.context, "attempt": 2})
+        self._clock.tasks.start_soon(self._run_hedge, hedge)
 
-        async def attempt(number: int, req: AgentRequest) -> None:
-            nonlocal ended
-            scope = scopes[number]  # made before the task was started: a gate can cancel it
-            if sink is not None:
-                req = attrs.evolve(req, on_delta=gate(number))
-            output: Any = _FAILED
-            try:
-                with scope:
-                    try:
-                        output = await agent.run(req, inputs)
-                    except Exception as exc:
-                        if outcome.error is None:
-                            outcome.error = exc
-                        output = _FAILED
-                lost_stream = bool(owner) and owner[0] != number
-                if output is _FAILED or scope.cancelled_caught or lost_stream:
-                    ended += 1
-                    if ended == outcome.attempts:
-                        done.set()
-                    return
-                if done.is_set():
-                    return  # lost a photo finish; the winner is already decided
-                outcome.output, outcome.error = output, None
-                outcome.hedge_won = number > 1
-                done.set()
-            finally:
-                limiter.release()
+    async def _run_hedge(self, request: AgentRequest) -> None:
+        try:
+            await self._attempt(2, request)
+        finally:
+            self.hedge_running = False
+            assert self._hedge_ended is not None
+            self._hedge_ended.set()
 
-        async with anyio.create_task_group() as tg:
-            outcome.attempts = 1
-            self._attempts += 1
-            scopes[1] = anyio.CancelScope()
-            tg.start_soon(attempt, 1, request)
-            with anyio.move_on_after(delay):
-                await done.wait()
-            if not done.is_set() and not owner and limiter.try_acquire():
-                if policy.try_spend():
-                    outcome.attempts = 2
-                    self._attempts += 1
-                    outcome.hedged = True
-                    hedge = attrs.evolve(request, context={**request.context, "attempt": 2})
-                    scopes[2] = anyio.CancelScope()
-                    tg.start_soon(attempt, 2, hedge)
-                else:
-                    limiter.release()
-            await done.wait()
-            tg.cancel_scope.cancel()
-        if outcome.hedge_won:
-            policy.record_hedge_win()
+    async def _attempt(self, number: int, request: AgentRequest) -> Any:
+        """Run one attempt (its token held); its output if it won, else ``_FAILED``."""
+        scope = self._scopes.get(number)
+        if scope is None:
+            scope = self._scopes[number] = anyio.CancelScope()
+        if request.on_delta is not None:
+            request = attrs.evolve(request, on_delta=self._gate(number, request.on_delta))
+        output: Any = _FAILED
+        try:
+            with scope:
+                try:
+                    output = await self._agent.run(request, self._inputs)
+                except Exception as exc:
+                    if self.error is None:
+                        self.error = exc
+                    output = _FAILED
+        finally:
+            self._limiter.release()
+        lost_stream = self._owner not in (0, number)
+        if output is _FAILED or scope.cancelled_caught or lost_stream or self._winner:
+            return _FAILED  # failed, cancelled, or lost the stream or a photo finish
+        self._winner = number
+        self._over = True
+        self.output, self.error = output, None
+        self.hedge_won = number > 1
+        for other, other_scope in self._scopes.items():
+            if other != number:
+                other_scope.cancel()
+        return output
+
+    def _gate(self, number: int, sink: Callable[[str], None]) -> Callable[[str], None]:
+        """``sink`` for attempt ``number``: its pieces pass only if it owns the stream;
+        the first non-empty piece of any attempt claims it and cancels the other."""
+
+        def emit(piece: str) -> None:
+            if not piece:
+                return  # an empty piece claims nothing
+            if not self._owner:
+                self._owner = number
+                for other, other_scope in self._scopes.items():
+                    if other != number:
+                        other_scope.cancel()
+            if self._owner == number:
+                sink(piece)
+
+        return emit
 
 
 _FAILED: Any = object()

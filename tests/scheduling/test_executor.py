@@ -340,6 +340,58 @@ async def test_failed_primary_waits_for_running_hedge() -> None:
 
 
 @pytest.mark.virtual_clock
+async def test_timeout_cancels_both_attempts_of_a_hedged_request() -> None:
+    agent = ScriptedAgent({"a": [10, 10]})
+    ex = hedged(agent, max_concurrent=2)
+    t0 = anyio.current_time()
+    (response,) = await ex.execute_parallel([req("a", timeout=5)])
+    assert response.status is Status.TIMEOUT and response.hedged and response.attempts == 2
+    assert anyio.current_time() - t0 == 5 and response.duration == 5
+    assert agent.starts["a"] == [t0, t0 + 2]
+    assert agent.cancelled == ["a", "a"] and agent.running == 0
+    assert ex.statistics().borrowed_tokens == 0
+
+
+@pytest.mark.virtual_clock
+async def test_dependent_starts_when_the_hedge_answers() -> None:
+    agent = ScriptedAgent({"a": [10, 1], "b": [1, 1], "c": [1, 1]})
+    ex = hedged(agent)
+    t0 = anyio.current_time()
+    responses = await ex.execute_parallel([req("a"), req("b", "a"), req("c")])
+    assert [r.status for r in responses] == [Status.OK] * 3
+    assert responses[0].hedge_won and agent.inputs_seen["b"] == {"a": "out:a:2"}
+    assert agent.starts["b"] == [t0 + 3]  # the hedge (sent at 2) answered at 3
+    assert anyio.current_time() - t0 == 4 and agent.running == 0
+
+
+@pytest.mark.virtual_clock
+async def test_a_dependent_is_hedged_when_no_root_is() -> None:
+    # only "b" hedges, and it becomes ready at 1: the hedge clock starts then
+    agent = ScriptedAgent({"a": 1, "b": [10, 1]})
+    policy = HedgePolicy({"b": 2.0}, budget_fraction=1.0, max_tokens=1.0)
+    ex = ParallelAgentExecutor({"a": agent, "b": agent}, hedging=policy)
+    t0 = anyio.current_time()
+    responses = await ex.execute_parallel(
+        [AgentRequest(id="a", agent="a"), AgentRequest(id="b", agent="b", depends_on=("a",))]
+    )
+    assert not responses[0].hedged and responses[1].hedge_won
+    assert agent.starts["b"] == [t0 + 1, t0 + 3]  # hedged 2 after it started
+    assert anyio.current_time() - t0 == 4
+    assert agent.cancelled == ["b"] and ex.statistics().borrowed_tokens == 0
+
+
+@pytest.mark.virtual_clock
+async def test_execute_with_timeout_is_hedged() -> None:
+    agent = ScriptedAgent({"a": [10, 1]})
+    ex = hedged(agent)
+    t0 = anyio.current_time()
+    response = await ex.execute_with_timeout(req("a"), 30)
+    assert response.status is Status.OK and response.output == "out:a:2"
+    assert response.hedge_won and anyio.current_time() - t0 == 3
+    assert agent.cancelled == ["a"] and ex.statistics().borrowed_tokens == 0
+
+
+@pytest.mark.virtual_clock
 async def test_p95_hedge_delay_learns_from_observations() -> None:
     policy = HedgePolicy({"a": "p95"}, min_samples=20)
     assert policy.delay_for("a") is None

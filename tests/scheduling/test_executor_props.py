@@ -12,6 +12,7 @@ from virtual_clock import run_virtual
 
 from engine.agents.base import AgentRequest, Status
 from engine.scheduling.executor import ParallelAgentExecutor
+from engine.scheduling.hedging import HedgePolicy
 
 from .helpers import ScriptedAgent
 
@@ -98,13 +99,17 @@ def test_random_dags_match_model(backend: str, dag: Any, limit: int | None) -> N
 
 @pytest.mark.parametrize("backend", ["trio", "asyncio"])
 @settings(max_examples=100, deadline=None)
-@given(dags(), st.integers(1, 4), st.integers(0, 40))
+@given(dags(), st.integers(1, 4), st.integers(0, 40), st.booleans())
 def test_cancellation_at_random_points_releases_everything(
-    backend: str, dag: Any, limit: int, cut: int
+    backend: str, dag: Any, limit: int, cut: int, hedge: bool
 ) -> None:
     requests, latency, fail = dag
     agent = ScriptedAgent(latency, fail=fail)
-    ex = ParallelAgentExecutor({"a": agent}, max_concurrent=limit, agent_timeout=1e6)
+    # hedged: every call after the first earns a hedge, sent 1.5 after an attempt starts
+    policy = HedgePolicy({"a": 1.5}, budget_fraction=1.0) if hedge else None
+    ex = ParallelAgentExecutor(
+        {"a": agent}, max_concurrent=limit, agent_timeout=1e6, hedging=policy
+    )
 
     async def main() -> None:
         with anyio.move_on_after(cut / 4):

@@ -247,6 +247,33 @@ async def test_a_hedge_started_in_the_same_instant_the_first_attempt_writes_is_c
     assert set(outcomes) == {1.0}  # cancelled when attempt 1 wrote, not at its end (4.0)
 
 
+async def test_a_dependent_hedged_in_the_same_instant_it_writes_is_cancelled() -> None:
+    # as above, for a request that becomes ready after a root that is never hedged:
+    # the hedge clock is started for it, still before its first attempt starts
+    outcomes = []
+    for _ in range(30):
+        writer = Writer({1: Attempt(first=1.0), 2: Attempt(first=5)})
+        ex = ParallelAgentExecutor(
+            {"root": Busy(0.5, 1.0, []), "a": writer},
+            hedging=HedgePolicy({"a": 1.0}, budget_fraction=1.0),
+            max_concurrent=10,
+            agent_timeout=1000.0,
+        )
+        got: list[str] = []
+        requests = [
+            AgentRequest(id="root", agent="root"),
+            AgentRequest(id="a", agent="a", depends_on=("root",), on_delta=got.append),
+        ]
+        with anyio.fail_after(100):
+            _, response = await ex.execute_parallel(requests)
+        assert got == ["a1.0", " a1.1", " a1.2"]
+        assert response.ok and not response.hedge_won
+        if response.hedged:
+            outcomes.append(writer.cancelled[2] - writer.starts[1])
+    assert outcomes  # the hedge was sent in some runs (probability 1 - 2**-30)
+    assert set(outcomes) == {1.0}  # cancelled when attempt 1 wrote, not at its end (4.0)
+
+
 async def test_the_p95_delay_of_a_streaming_agent_is_its_time_to_first_piece() -> None:
     policy = HedgePolicy({"a": "p95"}, min_samples=1)
     ex = ParallelAgentExecutor({"a": Writer({1: Attempt(first=0.5)})}, hedging=policy)
