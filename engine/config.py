@@ -405,13 +405,19 @@ class ModuleConfig:
     query_in_thread: bool = False  # module queries on the loop (true: in a worker thread)
 
 
+def _true_false_or_auto(_inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, bool) and value != "auto":
+        raise Invalid(attr.name, 'must be true, false or "auto"')
+
+
 @attrs.frozen
 class StateConfig:
     # SQLite session store; empty: in <cache_dir>/sessions.sqlite
     path: str = attrs.field(default="", validator=no_nul)
     max_action_chars: int = attrs.field(default=2000, validator=positive)
     synchronous: str = attrs.field(default="FULL", validator=one_of("FULL", "NORMAL"))
-    write_in_thread: bool = True  # store work in a worker thread (false: on the loop)
+    # store work: "auto" (on the loop while it is fast), true (worker threads), false (loop)
+    write_in_thread: bool | str = attrs.field(default="auto", validator=_true_false_or_auto)
     # PostgreSQL session store shared by engine processes; empty: the SQLite store
     url: str = attrs.field(default="", validator=postgres_url)
     password_env: str = attrs.field(default="", validator=variable_name)  # holds the password

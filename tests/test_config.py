@@ -137,6 +137,8 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ),
     ({"state": {"max_action_chars": 0}}, "state.max_action_chars", "> 0"),
     ({"state": {"synchronous": "OFF"}}, "state.synchronous", "one of"),
+    ({"state": {"write_in_thread": "sometimes"}}, "state.write_in_thread", 'true, false or "auto"'),
+    ({"state": {"write_in_thread": 1}}, "state.write_in_thread", "true or false or a string"),
 ]
 
 

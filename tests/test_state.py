@@ -43,6 +43,7 @@ from engine.state import (
     SessionState,
     SessionStore,
 )
+from engine.state.group_commit import WritePlacement
 
 pytestmark = pytest.mark.anyio
 
@@ -664,7 +665,7 @@ async def _gated(
 ) -> AsyncIterator[tuple[AnySessionStore, _Gate, Any]]:
     """A store in thread mode with a gate clock, its sessions, and a task group."""
     gate = _Gate()
-    async with store_at.open(clock=gate, synchronous="NORMAL") as store:
+    async with store_at.open(clock=gate, synchronous="NORMAL", in_thread=True) as store:
         for sid in sessions:
             await store.ensure_session(sid)
         try:
@@ -1105,3 +1106,67 @@ def test_SessionStore_group_commit_with_cancellations_matches_the_model(
             backend=backend,
             backend_options=options,
         )
+
+
+# ---------------------------------------------------------------- where the work runs
+
+
+def test_write_placement_auto_moves_to_threads_at_once_and_back_slowly() -> None:
+    placement = WritePlacement.from_setting("auto")
+    assert not placement.in_thread()  # nothing measured yet: the loop
+    for _ in range(100):
+        placement.observe(0.0002)
+    assert not placement.in_thread()
+    placement.observe(0.030)  # one slow fsync: threads from the next call on
+    assert placement.in_thread()
+    fast = 0
+    while placement.in_thread():
+        placement.observe(0.0002)
+        fast += 1
+    assert 25 <= fast <= 40  # about 30 fast calls bring it back
+
+
+def test_write_placement_settings() -> None:
+    assert WritePlacement.from_setting(True).mode == "thread"
+    assert WritePlacement.from_setting(False).mode == "loop"
+    assert WritePlacement.from_setting("auto", loop_allowed=False).mode == "thread"
+    fixed = WritePlacement.from_setting(True)
+    fixed.observe(0.0)
+    assert fixed.in_thread() and not WritePlacement.from_setting(False).in_thread()
+    with pytest.raises(ValueError, match="True, False or 'auto'"):
+        WritePlacement.from_setting("sometimes")
+
+
+async def test_SessionStore_auto_runs_slow_work_in_threads_and_fast_work_on_the_loop(
+    tmp_path: Path,
+) -> None:
+    """ "auto": a write whose clock call is slow (a stand-in for a slow fsync; the clock
+    runs inside the write) sends the next write to a worker thread; fast writes bring
+    the work back to the loop."""
+    loop_thread = threading.get_ident()
+    ran_in: list[bool] = []  # per clock call: True in a worker thread
+    slow = [False]
+
+    def clock() -> float:
+        ran_in.append(threading.get_ident() != loop_thread)
+        if slow[0]:
+            time.sleep(0.005)  # far over the 1 ms a write on the loop may take
+        return 1_700_000_000.0
+
+    async with SessionStore.open(tmp_path / "s.sqlite", clock=clock, synchronous="NORMAL") as store:
+        await store.ensure_session("s")
+        slow[0] = True
+        await store.record_action("s", **_action("slow", k=0))
+        slow[0] = False
+        ran_in.clear()
+        await store.record_action("s", **_action("after", k=1))
+        assert ran_in and all(ran_in)  # the next write ran in a worker thread
+        for k in range(2, 200):  # fast writes (each well under 1 ms) pull the average down
+            ran_in.clear()
+            await store.record_action("s", **_action(f"fast {k}", k=k))
+            if not any(ran_in):
+                break
+        assert not any(ran_in), "fast writes never came back to the loop"
+        assert k >= 10  # not at once: the slow call weighs until about 16 fast ones
+        texts = [e.action_text for e in await store.transcript("s")]
+        assert texts[:3] == ["slow", "after", "fast 2"] and len(texts) == k + 1

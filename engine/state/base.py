@@ -3,7 +3,8 @@
 A store has one connection, guarded by a ``threading.Lock``; every call runs its
 SQL in a worker thread (``anyio.to_thread.run_sync``) behind a per-store
 ``CapacityLimiter(1)``, so waiting calls park on the event loop, not on threads
-(``in_thread=False``: on the loop instead). ``record_action`` is group-committed
+(``in_thread=False``: on the loop instead; ``"auto"``: on the loop while the
+store's recent work was fast, see :class:`~engine.state.group_commit.WritePlacement`). ``record_action`` is group-committed
 (:mod:`engine.state.group_commit`). A backend supplies a :class:`Driver` (its
 connection, transactions and errors) and a way to open itself.
 """
@@ -21,7 +22,13 @@ import anyio.to_thread
 import attrs
 
 from ..errors import SessionError
-from .group_commit import GroupCommit, Pending, SessionStoreStatistics, write_batch
+from .group_commit import (
+    GroupCommit,
+    Pending,
+    SessionStoreStatistics,
+    WritePlacement,
+    write_batch,
+)
 from .records import SessionState, TranscriptEntry, action_row, check_session_id
 from .rows import Connection, Driver
 
@@ -61,15 +68,22 @@ class SessionStoreBase(Generic[C]):
     max_action_chars: int
     _driver: Driver[C]
     _clock: Callable[[], float]
-    in_thread: bool = True
+    in_thread: bool | str = True
     _limiter: anyio.CapacityLimiter = attrs.field(factory=lambda: anyio.CapacityLimiter(1))
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _closed: bool = attrs.field(default=False, init=False)
+    _placement: WritePlacement = attrs.field(init=False)
     _commit: GroupCommit = attrs.field(init=False)
 
+    #: whether ``in_thread="auto"`` may run work on the loop (not for network calls)
+    loop_allowed: ClassVar[bool] = True
+
     def __attrs_post_init__(self) -> None:
+        self._placement = WritePlacement.from_setting(
+            self.in_thread, loop_allowed=self.loop_allowed
+        )
         self._commit = GroupCommit(
-            self._limiter, self._write_batch, self._driver.where, self.in_thread
+            self._limiter, self._write_batch, self._driver.where, self._placement
         )
 
     def __repr__(self) -> str:
@@ -263,7 +277,13 @@ class SessionStoreBase(Generic[C]):
                         f"{op} on {driver.where!r} failed: {driver.describe(exc)}"
                     ) from exc
 
-        if not self.in_thread:
+        placement = self._placement
+        if placement.mode == "loop":
             await anyio.lowlevel.checkpoint()
             return in_thread()
-        return await anyio.to_thread.run_sync(in_thread, limiter=self._limiter)
+        if placement.mode == "thread":
+            return await anyio.to_thread.run_sync(in_thread, limiter=self._limiter)
+        async with self._limiter:  # "auto": no thread holds the connection meanwhile
+            if placement.in_thread():
+                return await anyio.to_thread.run_sync(placement.timed, in_thread)
+            return placement.timed(in_thread)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -25,9 +26,10 @@ from ..errors import SessionError
 from .records import ActionRow
 from .rows import Connection, Driver
 
-__all__ = ["GroupCommit", "Pending", "SessionStoreStatistics", "write_batch"]
+__all__ = ["GroupCommit", "Pending", "SessionStoreStatistics", "WritePlacement", "write_batch"]
 
 C = TypeVar("C", bound=Connection)
+_T = TypeVar("_T")
 
 
 @attrs.frozen
@@ -50,6 +52,63 @@ class SessionStoreStatistics:
     pending: int
     withdrawn: int
     flushing: bool
+
+
+#: ``"auto"`` writes on the loop while the store's recent work took under this long
+FAST_WORK_SECONDS = 0.001
+
+
+@attrs.define(eq=False)
+class WritePlacement:
+    """Where a store's work runs: in a worker thread, on the event loop, or ``"auto"``.
+
+    ``"auto"`` runs it on the loop while the recent calls were fast (a moving average
+    under ``fast_seconds``; a slower call counts in full at once, faster ones pull
+    it down by a tenth each), in a worker thread otherwise. Under load a worker
+    thread's round trip costs a busy loop more than an fsync of a local disk, but a
+    slow disk must not stall every session: one slow call sends the work to threads,
+    about 30 fast ones bring it back. The work is timed wherever it runs.
+    """
+
+    mode: Literal["thread", "loop", "auto"]
+    fast_seconds: float = FAST_WORK_SECONDS
+    average: float = 0.0  # seconds, as described above
+
+    @classmethod
+    def from_setting(cls, in_thread: bool | str, *, loop_allowed: bool = True) -> WritePlacement:
+        """From a store's ``in_thread`` (True, False or ``"auto"``); without
+        ``loop_allowed`` (network calls, which may hang) ``"auto"`` means threads."""
+        if in_thread == "auto":
+            return cls("auto" if loop_allowed else "thread")
+        if isinstance(in_thread, bool):
+            return cls("thread" if in_thread else "loop")
+        raise ValueError(f"in_thread must be True, False or 'auto', got {in_thread!r}")
+
+    @property
+    def may_use_threads(self) -> bool:
+        """Whether some work may run in a thread (callers then hold the connection slot)."""
+        return self.mode != "loop"
+
+    def in_thread(self) -> bool:
+        """Whether the next piece of work runs in a worker thread."""
+        if self.mode == "auto":
+            return self.average >= self.fast_seconds
+        return self.mode == "thread"
+
+    def observe(self, seconds: float) -> None:
+        """Record how long a piece of work took (in whichever place it ran)."""
+        if seconds >= self.average:
+            self.average = seconds
+        else:
+            self.average = 0.9 * self.average + 0.1 * seconds
+
+    def timed(self, work: Callable[[], _T]) -> _T:
+        """Run ``work`` here and now, observing its duration (also when it raises)."""
+        t0 = time.perf_counter()
+        try:
+            return work()
+        finally:
+            self.observe(time.perf_counter() - t0)
 
 
 class Phase(enum.Enum):
@@ -80,14 +139,15 @@ class GroupCommit:
             uses the connection; the flusher holds it from before it takes the batch
             until the batch is written.
         write: writes a batch, setting each action's ``result`` or ``error`` (in a
-            worker thread, or on the loop when ``in_thread`` is False).
+            worker thread or on the loop, as ``placement`` says).
         where: names the store in messages.
+        placement: where batches are written (the store's; it times them).
     """
 
     limiter: anyio.CapacityLimiter
     write: Callable[[list[Pending]], None]
     where: str
-    in_thread: bool = True
+    placement: WritePlacement = attrs.field(factory=lambda: WritePlacement("thread"))
     # queued actions in submission order (a dict: O(1) withdrawal)
     _queue: dict[Pending, None] = attrs.field(factory=dict, init=False)
     _flushing: bool = attrs.field(default=False, init=False)
@@ -149,8 +209,10 @@ class GroupCommit:
         leaves everything queued (the caller withdraws); after it, the write runs
         shielded to the end and ``Cancelled`` is raised afterwards.
         """
-        if self.in_thread:
-            await self.limiter.acquire()
+        placement = self.placement
+        holds_slot = placement.may_use_threads  # no thread may hold the connection
+        if holds_slot:
+            await self.limiter.acquire()  # a checkpoint: callers of this loop pass join
         else:
             await anyio.lowlevel.checkpoint()  # let callers of this loop pass join
         batch = list(self._queue)
@@ -161,12 +223,14 @@ class GroupCommit:
         self._largest = max(self._largest, len(batch))
         try:
             with anyio.CancelScope(shield=True):
-                if self.in_thread:
-                    await anyio.to_thread.run_sync(self.write, batch, limiter=self._thread_slot)
+                if placement.in_thread():
+                    await anyio.to_thread.run_sync(
+                        placement.timed, lambda: self.write(batch), limiter=self._thread_slot
+                    )
                 else:
-                    self.write(batch)
+                    placement.timed(lambda: self.write(batch))
         finally:
-            if self.in_thread:
+            if holds_slot:
                 self.limiter.release()
             for pending in batch:
                 if pending.result is None and pending.error is None:  # the write raised

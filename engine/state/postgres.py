@@ -40,6 +40,7 @@ from ..config import StateConfig
 from ..config_checks import postgres_url_problem, redact_url
 from ..errors import SessionError
 from .base import SessionStoreBase
+from .group_commit import WritePlacement
 from .postgres_driver import PostgresDriver
 from .postgres_schema import Scrubber, connect, prepare
 from .records import DEFAULT_MAX_ACTION_CHARS, check_session_id
@@ -87,6 +88,7 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
     """
 
     shared: ClassVar[bool] = True
+    loop_allowed: ClassVar[bool] = False  # a network call may hang: "auto" means threads
 
     url: str = attrs.field(kw_only=True)
     lease_seconds: float = attrs.field(kw_only=True)
@@ -108,7 +110,7 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
         max_action_chars: int = DEFAULT_MAX_ACTION_CHARS,
         synchronous: Literal["NORMAL", "FULL"] = "FULL",
         clock: Callable[[], float] = time.time,
-        in_thread: bool = True,
+        in_thread: bool | str = True,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         connect_timeout: float = 10.0,
     ) -> AsyncIterator[PostgresSessionStore]:
@@ -133,6 +135,7 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
                 schema version or lacks tables; the login cannot write the tables.
         """
         validated(max_action_chars)
+        WritePlacement.from_setting(in_thread)  # a bad value fails before connecting
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
         problem = postgres_url_problem(url) if isinstance(url, str) else "must be a str"

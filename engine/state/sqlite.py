@@ -26,6 +26,7 @@ import attrs
 from ..config import StateConfig
 from ..errors import SessionError
 from .base import SessionStoreBase
+from .group_commit import WritePlacement
 from .records import DEFAULT_MAX_ACTION_CHARS
 from .rows import Driver, Rows
 from .sqlite_file import StoreLock, connect
@@ -97,7 +98,7 @@ class SessionStore(SessionStoreBase[sqlite3.Connection]):
         max_action_chars: int = DEFAULT_MAX_ACTION_CHARS,
         synchronous: Literal["NORMAL", "FULL"] = "FULL",
         clock: Callable[[], float] = time.time,
-        in_thread: bool = True,
+        in_thread: bool | str = "auto",
     ) -> AsyncIterator[SessionStore]:
         """Open (creating if missing or empty) the store at ``path``; close it on exit.
 
@@ -110,9 +111,11 @@ class SessionStore(SessionStoreBase[sqlite3.Connection]):
                 power loss); ``"NORMAL"`` does not (durable against a crash of the
                 process only, which is all SIGKILL can do).
             clock: wall-clock source of the persisted ``created``/``updated`` times.
-            in_thread: run SQLite work in a worker thread (False: on the event loop,
-                for mock-clock runs, where a thread wait lets autojump advance
-                virtual time in the middle of a write).
+            in_thread: ``"auto"`` (default): SQLite work on the event loop while the
+                store's recent calls took under 1 ms, in a worker thread otherwise
+                (``WritePlacement``); True: always in a worker thread; False: always
+                on the loop (mock-clock runs, where a thread wait lets autojump
+                advance virtual time in the middle of a write).
 
         Raises:
             SessionError: the file is not SQLite, is corrupt, or is an SQLite file
@@ -125,6 +128,7 @@ class SessionStore(SessionStoreBase[sqlite3.Connection]):
                 SQLite store: ``StoreLock``, held until ``aclose``).
         """
         validated(max_action_chars)
+        WritePlacement.from_setting(in_thread)  # a bad value fails before anything opens
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
         file = Path(path)
