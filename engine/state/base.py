@@ -4,8 +4,8 @@ A store has one connection, guarded by a ``threading.Lock``; every call runs its
 SQL in a worker thread (``anyio.to_thread.run_sync``) behind a per-store
 ``CapacityLimiter(1)``, so waiting calls park on the event loop, not on threads
 (``in_thread=False``: on the loop instead; ``"auto"``: on the loop while the
-store's recent work was fast, see :class:`~engine.state.group_commit.WritePlacement`). ``record_action`` is group-committed
-(:mod:`engine.state.group_commit`). A backend supplies a :class:`Driver` (its
+store's recent work was fast, see :class:`~engine.state.group_commit.WritePlacement`).
+``record_action`` is group-committed (:mod:`engine.state.group_commit`). A backend supplies a :class:`Driver` (its
 connection, transactions and errors) and a way to open itself.
 """
 
@@ -248,7 +248,8 @@ class SessionStoreBase(Generic[C]):
             write_batch(self._driver, batch, self._clock)
 
     async def _run(self, op: str, work: Callable[[C], _T], *, write: bool) -> _T:
-        """Run ``work`` in a worker thread inside one transaction."""
+        """Run ``work`` inside one transaction, in a worker thread or on the loop as
+        the store's placement says."""
 
         def in_thread() -> _T:
             with self._lock:
