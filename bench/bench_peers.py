@@ -248,22 +248,31 @@ class _LangGraphState(TypedDict):
 
 
 @attrs.define(eq=False)
-class LangGraphRuntime:
-    """LangGraph: one compiled ``StateGraph`` per action type, ``ainvoke`` per action."""
+class _GraphPerActionType:
+    """A peer runtime whose graph is built once per action type, on first use."""
 
     config: Config
     call: AgentCall
-    name: str = "langgraph"
-    loop: str = PEER_LOOP
     _graphs: dict[str, Any] = attrs.field(factory=dict, init=False)
 
     def graph(self, action_type: str) -> Any:
         graph = self._graphs.get(action_type)
         if graph is None:
-            graph = self._graphs[action_type] = self._compile(dag_of(self.config, action_type))
+            graph = self._graphs[action_type] = self._build(dag_of(self.config, action_type))
         return graph
 
-    def _compile(self, dag: Mapping[str, tuple[str, ...]]) -> Any:
+    def _build(self, dag: Mapping[str, tuple[str, ...]]) -> Any:
+        raise NotImplementedError
+
+
+@attrs.define(eq=False)
+class LangGraphRuntime(_GraphPerActionType):
+    """LangGraph: one compiled ``StateGraph`` per action type, ``ainvoke`` per action."""
+
+    name: str = "langgraph"
+    loop: str = PEER_LOOP
+
+    def _build(self, dag: Mapping[str, tuple[str, ...]]) -> Any:
         from langgraph.graph import END, START, StateGraph
 
         builder = StateGraph(_LangGraphState)
@@ -307,7 +316,7 @@ class _PydanticGraphState:
 
 
 @attrs.define(eq=False)
-class PydanticGraphRuntime:
+class PydanticGraphRuntime(_GraphPerActionType):
     """pydantic-graph's ``GraphBuilder``: one graph per action type, ``run`` per action.
 
     Broadcasts and a join express a forest (each agent with at most one dependency),
@@ -316,17 +325,8 @@ class PydanticGraphRuntime:
     barrier this builder does not emulate (``ValueError``).
     """
 
-    config: Config
-    call: AgentCall
     name: str = "pydantic-graph"
     loop: str = PEER_LOOP
-    _graphs: dict[str, Any] = attrs.field(factory=dict, init=False)
-
-    def graph(self, action_type: str) -> Any:
-        graph = self._graphs.get(action_type)
-        if graph is None:
-            graph = self._graphs[action_type] = self._build(dag_of(self.config, action_type))
-        return graph
 
     def _build(self, dag: Mapping[str, tuple[str, ...]]) -> Any:
         from pydantic_graph import GraphBuilder, reduce_dict_update
