@@ -362,12 +362,17 @@ class ModuleStore:
 
         The query is repaired and expanded first (``expression``): words the module's
         vocabulary does not know are replaced by their most frequent neighbour one
-        edit away, and the alias table's SRD phrasing is OR-ed in."""
+        edit away, and the alias table's SRD phrasing is OR-ed in. The last 256
+        distinct searches are kept: one of them is answered at once, without a query
+        (a cancellation point, not a schedule point)."""
         if limit <= 0 or not query_terms(query):
             await anyio.lowlevel.checkpoint()
             return [], {}
         sql = _SEARCH_TEXT if with_text else _SEARCH
-        if self.query_in_thread:
+        rows = self._kept_rows(sql, query, weights, limit)
+        if rows is not None:  # a text searched before: no query, no trip through the loop
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        elif self.query_in_thread:
             rows = await anyio.to_thread.run_sync(self._search_rows, sql, query, weights, limit)
         else:
             await anyio.lowlevel.checkpoint()
@@ -376,6 +381,15 @@ class ModuleStore:
         hits = [(remember(r), r[8]) for r in rows]
         texts = {r[0]: r[9] for r in rows} if with_text else {}
         return hits, texts
+
+    def _kept_rows(
+        self, sql: str, query: str, weights: tuple[float, float, float], limit: int
+    ) -> list[tuple[Any, ...]] | None:
+        """The kept result of this search, or ``None`` when it must run."""
+        segments = self._expansions.get(query)
+        if segments is None:
+            return None
+        return self._searches.get((sql, weights, fts_query(*segments), limit))
 
     def _search_rows(
         self, sql: str, query: str, weights: tuple[float, float, float], limit: int

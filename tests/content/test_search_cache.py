@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from engine.content import store as store_mod
@@ -51,3 +52,30 @@ async def test_search_cache_is_bounded_and_cleared_on_close(
     assert not m._searches
     with pytest.raises(ModuleError, match="closed"):
         await m.search("altar", 5)  # cached before the close: still refused
+
+
+@pytest.mark.parametrize("query_in_thread", [False, True])
+async def test_a_kept_search_answers_on_the_callers_step_and_honours_cancellation(
+    tmp_path: Path, query_in_thread: bool
+) -> None:
+    """A kept search is answered without a worker thread or a trip through the loop,
+    but a cancelled caller still gets its cancellation there."""
+    async with await open_module(
+        "default", include_srd=False, cache_dir=tmp_path, query_in_thread=query_in_thread
+    ) as m:
+        first = await m.search_chunks("I search the altar for traps", 10)
+        steps: list[str] = []
+
+        async def other() -> None:
+            steps.append("other ran")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other)  # ready to run at the caller's next schedule point
+            assert await m.search_chunks("I search the altar for traps", 10) == first
+            steps.append("kept search answered")
+        assert steps == ["kept search answered", "other ran"]
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await m.search_chunks("I search the altar for traps", 10)
+            steps.append("not reached")
+        assert scope.cancelled_caught and "not reached" not in steps
