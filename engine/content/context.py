@@ -383,14 +383,32 @@ class OptimizedContextBuilder:
         return chosen
 
     async def _texts(
-        self, ids: Sequence[str], entries: Mapping[str, CatalogueEntry], found: Mapping[str, str]
+        self,
+        ids: Sequence[str],
+        entries: Mapping[str, CatalogueEntry],
+        found: Mapping[str, str],
+        known: dict[str, tuple[str, bool]],
     ) -> tuple[dict[str, str], int, int]:
         """Text of each chunk through the cache; (texts, cache hits, cache misses).
 
         Without a cache every chunk is a miss, its text taken from ``found`` (what the
-        search returned) or fetched."""
+        search returned) or fetched. ``known`` (chunk id -> text, whether it was a
+        hit) holds what this build already looked up: each chunk is looked up once
+        per build, and counted as it was then."""
+        looked = await self._look_up([cid for cid in ids if cid not in known], entries, found)
+        known.update(looked)
         texts: dict[str, str] = {}
         hits = 0
+        for cid in ids:
+            texts[cid], hit = known[cid]
+            hits += hit
+        return texts, hits, len(ids) - hits
+
+    async def _look_up(
+        self, ids: Sequence[str], entries: Mapping[str, CatalogueEntry], found: Mapping[str, str]
+    ) -> dict[str, tuple[str, bool]]:
+        """Text of each chunk, and whether the cache (or a loaded section) had it."""
+        texts: dict[str, tuple[str, bool]] = {}
         missing: list[str] = []
         cache, lazy, name, on_lookup = self.cache, self.lazy, self.module.name, self.on_lookup
         for cid in ids:
@@ -399,7 +417,7 @@ class OptimizedContextBuilder:
                 if text is None:
                     missing.append(cid)
                 else:
-                    texts[cid] = text
+                    texts[cid] = (text, False)
                 continue
             e = entries[cid]
             if on_lookup is None:
@@ -409,23 +427,22 @@ class OptimizedContextBuilder:
                 value = cache.get(chunk_key(name, e))
                 on_lookup(time.perf_counter() - t0)
             if isinstance(value, str):
-                texts[cid] = value
-                hits += 1
+                texts[cid] = (value, True)
                 continue
             if lazy is not None and lazy.is_loaded(e.section):
                 section = cache.get(f"module:{name}:{e.section}")
                 if isinstance(section, SectionContent):
                     chunk = _find(section, cid)
                     if chunk is not None and chunk.digest == e.digest:
-                        texts[cid] = chunk.text
-                        hits += 1
+                        texts[cid] = (chunk.text, True)
                         # next time a direct hit, not a scan of the section
                         cache.put(chunk_key(name, e), chunk.text)
                         continue
             missing.append(cid)
         if missing:
-            texts.update(await self._fetch(missing, entries))
-        return texts, hits, len(ids) - hits
+            fetched = await self._fetch(missing, entries)
+            texts.update((cid, (text, False)) for cid, text in fetched.items())
+        return texts
 
     async def _fetch(
         self, ids: Sequence[str], entries: Mapping[str, CatalogueEntry]
@@ -495,7 +512,9 @@ class OptimizedContextBuilder:
 
         Each result is exactly what ``build_context(request, budget)`` returns (the
         agents of one player action share the action, location and action type, so
-        their candidates are the same; only the budgets differ).
+        their candidates are the same; only the budgets differ). Each chunk's text is
+        looked up once for all of them, and each result counts its cache hits and
+        misses as that look-up found them.
 
         Raises:
             ValueError: a budget is negative.
@@ -507,8 +526,9 @@ class OptimizedContextBuilder:
         # without a cache the hits' text comes with the search (one query in all)
         ranked, entries, found = await self._rank(request, with_text=self.cache is None)
         results: dict[str, ContextResult] = {}
+        known: dict[str, tuple[str, bool]] = {}  # chunk texts looked up, shared by the budgets
         for name, budget in budgets.items():
-            results[name] = await self._assemble(ranked, entries, found, budget, t0)
+            results[name] = await self._assemble(ranked, entries, found, budget, t0, known)
         return results
 
     async def _assemble(
@@ -518,6 +538,7 @@ class OptimizedContextBuilder:
         found: Mapping[str, str],
         budget: int,
         t0: float,
+        known: dict[str, tuple[str, bool]],
     ) -> ContextResult:
         precounted = self._precounted
         hits = misses = 0
@@ -526,13 +547,13 @@ class OptimizedContextBuilder:
             tokens = {cid: entries[cid].tokens for cid, _ in ranked}
         else:  # a user's counter: count the candidates' text with it
             texts, hits, misses = await self._texts(
-                [c for c, r in ranked if r >= self.min_relevance], entries, found
+                [c for c, r in ranked if r >= self.min_relevance], entries, found, known
             )
             tokens = {cid: self.counter.count(texts.get(cid, "")) for cid, _ in ranked}
         chosen = self._select(ranked, tokens, budget)
         need = [cid for cid, _ in chosen if cid not in texts]
         if need:
-            more, h, m = await self._texts(need, entries, found)
+            more, h, m = await self._texts(need, entries, found, known)
             texts.update(more)
             hits += h
             misses += m

@@ -198,6 +198,27 @@ async def test_build_contexts_equals_one_build_per_budget(compiled: Path) -> Non
 
 
 @pytest.mark.anyio
+async def test_build_contexts_looks_each_chunk_up_once(compiled: Path) -> None:
+    """The budgets of one action share their look-ups; each result still counts its
+    hits and misses as a build of its own on the same cache would."""
+    budgets = {"narrator": 2000, "arbiter": 1500, "keeper": 600}
+    async with await open_module("default", cache_dir=compiled) as m:
+        lookups: list[float] = []
+        cache = ModuleCache()
+        builder = OptimizedContextBuilder(m, cache, on_lookup=lookups.append)
+        cold = await builder.build_contexts(NAVE, budgets)
+        union = {cid for r in cold.values() for cid, _ in r.sources}
+        assert len(lookups) == len(union) < sum(len(r.sources) for r in cold.values())
+        for r in cold.values():
+            assert (r.cache_hits, r.cache_misses) == (0, len(r.sources))
+        warm = await builder.build_contexts(NAVE, budgets)
+        assert len(lookups) == 2 * len(union)
+        for name, r in warm.items():
+            assert r.text == cold[name].text
+            assert (r.cache_hits, r.cache_misses) == (len(r.sources), 0)
+
+
+@pytest.mark.anyio
 async def test_cache_hits_on_repeat_and_keys_carry_the_digest(compiled: Path) -> None:
     async with await open_module("default", cache_dir=compiled) as m:
         cache = ModuleCache()
