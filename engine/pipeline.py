@@ -131,7 +131,7 @@ class _SessionLocks:
     def acquire_ref(self, session_id: str) -> anyio.Lock:
         lock, refs = self._locks.get(session_id, (None, 0))
         if lock is None:
-            lock = anyio.Lock()
+            lock = anyio.Lock(fast_acquire=True)  # uncontended: no trip through the loop
         self._locks[session_id] = (lock, refs + 1)
         return lock
 
