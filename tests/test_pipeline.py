@@ -97,6 +97,34 @@ async def test_action_end_to_end_with_simulated_agents(module_dir: Path, tmp_pat
     assert [e.narrative for e in transcript] == [result.narrative, second.narrative]
 
 
+async def test_an_action_leaves_no_cyclic_garbage(module_dir: Path, tmp_path: Path) -> None:
+    """What an action makes is freed by reference counting when it ends: under load
+    the cyclic collector's pauses land inside actions, and grow with its garbage."""
+    import gc
+
+    config = make_config(module_dir, time_scale=0.02)
+    async with engine.open_engine(config, state_path=tmp_path / "s.sqlite") as dm:
+        for text in ("I search the altar for traps", "I attack the skeleton"):
+            await dm.player_action("warm", text)  # whatever is made once is made
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            results = [
+                await dm.player_action(sid, text)
+                for sid in ("s1", "s2")
+                for text in ("I search the altar for traps", "I attack the skeleton")
+            ]
+            gc.collect()
+            ours = [o for o in gc.garbage if type(o).__module__.startswith("engine.")]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+    assert [r.missing for r in results] == [()] * 4
+    assert ours == []
+
+
 @pytest.mark.parametrize("action_type", ["combat", "roleplay", "question", "rest", "system"])
 async def test_dag_per_action_type_matches_config(
     module_dir: Path, tmp_path: Path, action_type: str

@@ -218,6 +218,12 @@ class ParallelAgentExecutor:
                     if roots:
                         await run_from(roots[0])  # in this task, before the others start
 
+        # run_from refers to itself through its closure, and a clock to the races it
+        # holds: break both, so this execution is freed when it returns, not by the
+        # cyclic collector (whose pauses grow with the garbage it finds)
+        run_from = None  # type: ignore[assignment]
+        if clock is not None:
+            clock.close()
         # Only the overall deadline leaves requests undecided.
         end = anyio.current_time()
         result: list[AgentResponse] = []
@@ -446,8 +452,10 @@ class _HedgeClock:
             alarm.deadline = when
 
     def close(self) -> None:
-        """No more hedges: :meth:`run` returns."""
+        """No more hedges: :meth:`run` returns. The races still due are dropped (they
+        refer to the clock: a cycle the cyclic collector would have to free)."""
         self._closed.set()
+        self._due.clear()
 
     async def run(self) -> None:
         """Send the hedges as they fall due, until :meth:`close`."""
