@@ -173,17 +173,27 @@ _WORD: Final = re.compile(r"[a-z0-9]+")
 _LETTERS: Final = "abcdefghijklmnopqrstuvwxyz"
 
 
-@functools.lru_cache(maxsize=1024)
 def aliases(text: str) -> tuple[str, ...]:
     """The SRD phrasing of every alias in ``text``, in table order, without repeats."""
-    low = text.lower()
-    return tuple(dict.fromkeys(e for rx, e in _COMPILED if rx.search(low)))
+    return _alias_matches(text)[0]
 
 
-def _alias_words(text: str) -> set[str]:
+def _alias_words(text: str) -> frozenset[str]:
     """The words of ``text`` that some alias matches (never "repaired" as typos)."""
+    return _alias_matches(text)[1]
+
+
+@functools.lru_cache(maxsize=1024)
+def _alias_matches(text: str) -> tuple[tuple[str, ...], frozenset[str]]:
+    """(:func:`aliases`, :func:`_alias_words`) of ``text``: one pass over the table."""
     low = text.lower()
-    return {w for rx, _ in _COMPILED for m in rx.finditer(low) for w in words(m.group(0))}
+    found: dict[str, None] = {}
+    matched: set[str] = set()
+    for rx, expansion in _COMPILED:
+        for m in rx.finditer(low):
+            found[expansion] = None
+            matched.update(words(m.group(0)))
+    return tuple(found), frozenset(matched)
 
 
 def words(text: str) -> list[str]:
