@@ -42,6 +42,7 @@ from engine.state import (
     PostgresSessionStore,
     SessionState,
     SessionStore,
+    group_commit,
 )
 from engine.state.group_commit import WritePlacement
 
@@ -1138,21 +1139,26 @@ def test_write_placement_settings() -> None:
 
 
 async def test_SessionStore_auto_runs_slow_work_in_threads_and_fast_work_on_the_loop(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """ "auto": a write whose clock call is slow (a stand-in for a slow fsync; the clock
-    runs inside the write) sends the next write to a worker thread; fast writes bring
-    the work back to the loop."""
+    """ "auto": a slow write (a stand-in for a slow fsync) sends the next write to a
+    worker thread; fast writes bring the work back to the loop. The store's work timer
+    is replaced, so that "slow" (5 ms) and "fast" (0.1 ms) do not depend on how fast
+    this machine writes."""
     loop_thread = threading.get_ident()
-    ran_in: list[bool] = []  # per clock call: True in a worker thread
+    ran_in: list[bool] = []  # per clock call (the clock runs inside each write)
     slow = [False]
+    elapsed = [0.0]
+
+    def work_timer() -> float:  # each write reads it twice: before and after
+        elapsed[0] += 0.005 if slow[0] else 0.0001
+        return elapsed[0]
 
     def clock() -> float:
         ran_in.append(threading.get_ident() != loop_thread)
-        if slow[0]:
-            time.sleep(0.005)  # far over the 1 ms a write on the loop may take
         return 1_700_000_000.0
 
+    monkeypatch.setattr(group_commit, "_work_timer", work_timer)
     async with SessionStore.open(tmp_path / "s.sqlite", clock=clock, synchronous="NORMAL") as store:
         await store.ensure_session("s")
         slow[0] = True
