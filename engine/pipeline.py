@@ -249,13 +249,17 @@ class DungeonMaster:
     async def _session(self, session_id: str) -> tuple[int, dict[str, Any]]:
         """The session's turn and state: from memory when recently active (this
         engine serializes a session's actions, so its copy is current), else read
-        (or created) in the store. A store shared with other processes is always
-        read: another process may have played the session since."""
+        in the store. A store shared with other processes is always read: another
+        process may have played the session since. A session the store does not
+        have is at turn 0: its first action's record creates it, in the same
+        transaction."""
         cached = None if self.store.shared else self._sessions.get(session_id)
         if cached is not None:
             self._sessions.move_to_end(session_id)
             return cached
-        state = await self.store.ensure_session(session_id)
+        state = await self.store.find_session(session_id)
+        if state is None:
+            return self._remember(session_id, 0, {})
         return self._remember(session_id, state.turn, dict(state.state))
 
     def _remember(

@@ -216,6 +216,7 @@ async def test_cancelled_action_writes_nothing_and_frees_the_session(
         with anyio.move_on_after(0.2):  # while the arbiter runs
             await dm.player_action("s", "I attack the goblin")
         assert await dm.store.count_actions() == 0
+        assert await dm.store.session_ids() == []  # its first record would have made it
         result = await dm.player_action("s", "I attack the goblin again")
         assert result.turn == 1
         assert dm.executor.statistics().borrowed_tokens == 0

@@ -157,6 +157,46 @@ async def test_SessionStore_ensure_is_idempotent_and_create_refuses_duplicates(
         assert (await store.get_session("s")).turn == 1
 
 
+async def test_SessionStore_a_first_action_creates_its_session(store_at: Backend) -> None:
+    """``turn_expected=0`` on a session the store does not have creates it in the
+    action's own transaction; any other expectation still refuses it, writing nothing."""
+    clock = itertools.count(100).__next__
+    async with store_at.open(clock=lambda: float(clock())) as store:
+        assert await store.find_session("new") is None
+        for expected in (None, 1):
+            with pytest.raises(SessionError, match="unknown session 'new'"):
+                await store.record_action("new", turn_expected=expected, **_action("A"))
+        assert await store.session_ids() == []
+        assert await store.record_action("new", turn_expected=0, **_action("A", hp=3)) == 1
+        state = await store.find_session("new")
+        entries = await store.transcript("new")
+        assert state is not None and (state.turn, state.state) == (1, {"hp": 3})
+        assert [e.action_text for e in entries] == ["A"]
+        assert state.created == state.updated == entries[0].created  # one transaction
+        with pytest.raises(SessionError, match="at turn 1, not 0"):
+            await store.record_action("new", turn_expected=0, **_action("B"))
+        # two first actions of one new session in one batch: the first creates it
+        outcomes: list[int | str] = []
+
+        async def first(text: str) -> None:
+            try:
+                outcomes.append(
+                    await store.record_action("other", turn_expected=0, **_action(text))
+                )
+            except SessionError as exc:
+                outcomes.append(str(exc))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first, "C")
+            tg.start_soon(first, "D")
+        assert sorted(map(str, outcomes)) == [
+            "1",
+            "session 'other' is at turn 1, not 0: another action was recorded in between",
+        ]
+        assert len(await store.transcript("other")) == 1
+        assert await store.count_actions() == 2
+
+
 async def test_SessionStore_persists_across_reopen(store_at: Backend) -> None:
     async with store_at.open() as store:
         await store.ensure_session("s")

@@ -25,7 +25,7 @@ Engine overhead per action (exact definition):
     *agent critical path* is the longest dependency chain of those waits through
     the action's agent DAG (``finish(a) = wait(a) + max(finish(dep))``).
     ``overhead = player_action root span duration - agent critical path``. It counts
-    everything the engine adds on the path: classification, ``ensure_session``,
+    everything the engine adds on the path: classification, the session read,
     context building, scheduling gaps between an agent's end and its dependent's
     start, limiter queueing, and the state update. It does NOT count event-loop lag
     that delays an agent's own wake-up (that lands inside the agent's span); that

@@ -134,6 +134,20 @@ class SessionStoreBase(Generic[C]):
 
         return await self._run("ensure_session", work, write=True)
 
+    async def find_session(self, session_id: str) -> SessionState | None:
+        """The session's turn and state, or ``None`` if it does not exist (a read:
+        nothing is created; its first ``record_action`` with ``turn_expected=0``
+        creates it)."""
+        check_session_id(session_id)
+        rows = self._driver.rows
+
+        def work(conn: C) -> SessionState | None:
+            if rows.session_row(conn, session_id) is None:
+                return None
+            return rows.load_session(conn, session_id)
+
+        return await self._run("find_session", work, write=False)
+
     async def get_session(self, session_id: str) -> SessionState:
         """The session's turn and state. Raises SessionError if it does not exist."""
         check_session_id(session_id)
@@ -192,7 +206,9 @@ class SessionStoreBase(Generic[C]):
         Args:
             turn_expected: if given, the session's current turn as the caller last
                 saw it (``SessionState.turn``); a different current turn means
-                another action was recorded in between, and the call fails.
+                another action was recorded in between, and the call fails. ``0``
+                also creates the session if it does not exist yet, in the same
+                transaction (its first action needs no ``ensure_session``).
 
         Raises:
             SessionError: empty/whitespace or too long action text, text the store

@@ -123,7 +123,9 @@ class PostgresDriver(Driver["psycopg.Connection[Any]"]):
         batch: Sequence[Pending],
         clock: Callable[[], float],
     ) -> bool:
-        """The whole batch in one pipeline; False (nothing changed) if a statement failed."""
+        """The whole batch in one pipeline; False (nothing changed) if a statement failed,
+        or if a session's first action (``turn_expected`` 0) found no session: the
+        savepoint path creates it, in the batch's order."""
         conn.execute("SAVEPOINT batch")
         try:
             cursors = []
@@ -153,6 +155,13 @@ class PostgresDriver(Driver["psycopg.Connection[Any]"]):
         except psycopg.Error:
             if not self.in_transaction(conn):
                 raise  # the connection is gone: the whole batch fails
+            conn.execute("ROLLBACK TO SAVEPOINT batch")
+            conn.execute("RELEASE SAVEPOINT batch")
+            return False
+        if any(
+            (outcome is None or outcome[0] is None) and pending.action.turn_expected == 0
+            for pending, outcome in zip(batch, outcomes, strict=True)
+        ):
             conn.execute("ROLLBACK TO SAVEPOINT batch")
             conn.execute("RELEASE SAVEPOINT batch")
             return False

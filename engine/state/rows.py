@@ -95,10 +95,15 @@ class Rows:
     def sql(self, text: str) -> str:
         return text if self._ph == "?" else text.replace("?", self._ph)
 
-    def insert_session(self, conn: Connection, session_id: str, now: float) -> None:
+    def insert_session(
+        self, conn: Connection, session_id: str, now: float, *, if_missing: bool = False
+    ) -> None:
+        """A new session at turn 0; ``if_missing``: nothing if it exists already (else
+        the backend's unique-key error)."""
         conn.execute(
             self.sql(
                 "INSERT INTO sessions (session_id, turn, created, updated) VALUES (?, 0, ?, ?)"
+                + (" ON CONFLICT (session_id) DO NOTHING" if if_missing else "")
             ),
             (session_id, now, now),
         )
@@ -168,13 +173,21 @@ class Rows:
 
     def apply_action(self, conn: Connection, action: ActionRow, now: float) -> int:
         """Insert the transcript row, apply the state changes, bump the turn; return it.
+        A session that does not exist yet is created first when the action expects
+        turn 0 (its first action), in the same transaction.
 
         The session's row is read with the backend's row lock, so a concurrent writer
         of the same session (another process, on a shared store) waits for this
         transaction and then sees its turn.
         """
         session_id = action.session_id
-        turn = int(self.require_session(conn, session_id, lock=True)[0])
+        row = self.session_row(conn, session_id, lock=True)
+        if row is None and action.turn_expected == 0:  # its first action creates it
+            self.insert_session(conn, session_id, now, if_missing=True)
+            row = self.session_row(conn, session_id, lock=True)
+        if row is None:
+            raise SessionError(f"unknown session {session_id!r}")
+        turn = int(row[0])
         if action.turn_expected is not None and turn != action.turn_expected:
             raise SessionError(
                 f"session {session_id!r} is at turn {turn}, not {action.turn_expected}: "
