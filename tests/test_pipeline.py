@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import attrs
 import pytest
+from gc_watch import engine_cyclic_garbage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from virtual_clock import run_virtual
@@ -100,27 +101,16 @@ async def test_action_end_to_end_with_simulated_agents(module_dir: Path, tmp_pat
 async def test_an_action_leaves_no_cyclic_garbage(module_dir: Path, tmp_path: Path) -> None:
     """What an action makes is freed by reference counting when it ends: under load
     the cyclic collector's pauses land inside actions, and grow with its garbage."""
-    import gc
-
     config = make_config(module_dir, time_scale=0.02)
     async with engine.open_engine(config, state_path=tmp_path / "s.sqlite") as dm:
         for text in ("I search the altar for traps", "I attack the skeleton"):
             await dm.player_action("warm", text)  # whatever is made once is made
-        gc.collect()
-        gc.disable()
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        try:
+        with engine_cyclic_garbage() as ours:
             results = [
                 await dm.player_action(sid, text)
                 for sid in ("s1", "s2")
                 for text in ("I search the altar for traps", "I attack the skeleton")
             ]
-            gc.collect()
-            ours = [o for o in gc.garbage if type(o).__module__.startswith("engine.")]
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
-            gc.enable()
     assert [r.missing for r in results] == [()] * 4
     assert ours == []
 

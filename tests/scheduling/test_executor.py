@@ -6,6 +6,7 @@ from typing import Any
 
 import anyio
 import pytest
+from gc_watch import engine_cyclic_garbage
 
 import engine
 from engine.agents.base import AgentRequest, Status
@@ -406,24 +407,13 @@ async def test_p95_hedge_delay_learns_from_observations() -> None:
 async def test_an_execution_leaves_no_cyclic_garbage(hedged: bool) -> None:
     """Everything an execution made is freed by reference counting when it returns:
     the cyclic collector's pauses grow with the garbage it has to find."""
-    import gc
-
     agent = ScriptedAgent(default=1)
     hedging = HedgePolicy({"a": 0.5}, budget_fraction=1.0) if hedged else None
     ex = executor(agent, hedging=hedging)
     requests = [req("x"), req("y"), req("z", "x", "y"), req("w", "z")]
     await ex.execute_parallel(requests)  # warm: whatever is made once is made
-    gc.collect()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+    with engine_cyclic_garbage() as ours:
         responses = await ex.execute_parallel(requests)
-        gc.collect()
-        ours = [o for o in gc.garbage if type(o).__module__.startswith("engine.")]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
     assert all(r.ok for r in responses)
     assert any(r.hedged for r in responses) == hedged
     assert ours == []
