@@ -140,13 +140,9 @@ class SessionStoreBase(Generic[C]):
         creates it)."""
         check_session_id(session_id)
         rows = self._driver.rows
-
-        def work(conn: C) -> SessionState | None:
-            if rows.session_row(conn, session_id) is None:
-                return None
-            return rows.load_session(conn, session_id)
-
-        return await self._run("find_session", work, write=False)
+        return await self._run(
+            "find_session", lambda conn: rows.find_session(conn, session_id), write=False
+        )
 
     async def get_session(self, session_id: str) -> SessionState:
         """The session's turn and state. Raises SessionError if it does not exist."""

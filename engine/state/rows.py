@@ -126,7 +126,16 @@ class Rows:
         return row
 
     def load_session(self, conn: Connection, session_id: str) -> SessionState:
-        turn, created, updated = self.require_session(conn, session_id)
+        state = self.find_session(conn, session_id)
+        if state is None:
+            raise SessionError(f"unknown session {session_id!r}")
+        return state
+
+    def find_session(self, conn: Connection, session_id: str) -> SessionState | None:
+        row = self.session_row(conn, session_id)
+        if row is None:
+            return None
+        turn, created, updated = row
         rows = conn.execute(
             self.sql("SELECT key, value FROM state WHERE session_id = ? ORDER BY key"),
             (session_id,),
