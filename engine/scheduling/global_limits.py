@@ -45,6 +45,14 @@ Guarantees:
   cancelled at any point after the script admitted it releases the lease before
   the cancellation propagates. Release is idempotent (``ZREM``) and also gives up the
   caller's place in the queue.
+* **Leaving a slot does not wait for Redis.** The release is queued on the
+  limiter's connection with no reply asked for, and the caller goes on at once.
+  Redis runs one connection's commands in order, so this limiter's next admission
+  or count already sees the slot free. Other processes see it free once Redis has
+  read the release. The release script is sent as text (EVAL), so it runs even
+  when Redis has lost its scripts. Leaving the limiter waits until Redis has run
+  every release it sent. A release that cannot be sent on that connection (none is
+  usable) waits for a new connection, as before.
 * **Failures are loud.** An unreachable Redis at :meth:`RedisLimiter.connect` raises
   :class:`GlobalLimitUnavailable` naming the URL (without its password). When Redis
   goes away mid-run, :meth:`RedisLimiter.slot` raises :class:`GlobalLimitUnavailable`
@@ -52,7 +60,8 @@ Guarantees:
   never falls back to local limits, because N processes each admitting on their own
   would exceed the shared budget N-fold, and that budget (a provider's rate limit,
   a cost ceiling) is the reason the limiter exists. A release or renewal that fails
-  does not fail the call: the lease then expires after ``lease_seconds``.
+  does not fail the call: the lease then expires after ``lease_seconds``. A release
+  sent without a reply fails unheard, with the same outcome.
 
 Every process that shares a ``name`` must use the same limits: each admission is
 judged with the caller's ``max_concurrent`` and rates.
@@ -251,6 +260,8 @@ class RedisLimiter:
     # for cancellation still), the admission's Redis call yields anyway.
     _queue: anyio.Lock = attrs.field(init=False, factory=lambda: anyio.Lock(fast_acquire=True))
     _connection: Any = attrs.field(init=False, default=None)
+    # the connection that last carried a release sent without a reply (see _close)
+    _unanswered: Any = attrs.field(init=False, default=None)
     _released: anyio.Event = attrs.field(init=False, factory=anyio.Event)
     _closed: bool = attrs.field(init=False, default=False)
     _random: random.Random = attrs.field(init=False, factory=random.Random)
@@ -407,7 +418,8 @@ class RedisLimiter:
 
     @contextlib.asynccontextmanager
     async def slot(self, tokens: int = 0) -> AsyncIterator[Lease]:
-        """Wait for the rates and a slot, hold it for the block, release it on exit.
+        """Wait for the rates and a slot, hold it for the block, release it on exit
+        (sent to Redis without waiting for its answer; see the module docstring).
 
         Args:
             tokens: the call's token cost for ``tokens_per_minute`` (e.g. the prompt's
@@ -423,7 +435,7 @@ class RedisLimiter:
         try:
             yield lease
         finally:
-            if lease.id is not None:
+            if lease.id is not None and not self._send_release(lease.id):
                 await self._release(lease.id)
 
     def statistics(self) -> GlobalLimiterStatistics:
@@ -444,7 +456,9 @@ class RedisLimiter:
     async def held_globally(self) -> int:
         """Unexpired leases in Redis now, held by every process sharing ``name``."""
         self._check_open()
-        count = await self._call(self._count_script(keys=[self._keys[0]]), "counting leases")
+        count = await self._call(
+            self._evalsha(self._count_script, self._keys[:1], ()), "counting leases"
+        )
         return int(count)
 
     # ------------------------------------------------------------------ internals
@@ -514,6 +528,32 @@ class RedisLimiter:
             self._leases[lease_id] = None
         return _Attempt(bool(admitted), wait_us / 1e6, reclaimed, now_us / 1e6, bool(full))
 
+    def _send_release(self, lease_id: str) -> bool:
+        """Queue the lease's release on the connection in use, asking Redis for no
+        reply, so the caller goes on at once; ``False`` when no connection is usable
+        (then ``_release`` must wait for one).
+
+        Redis runs a connection's commands in order, so this limiter's later calls
+        (an admission, ``held_globally``) see the slot free; other clients see it free
+        once Redis has read the release. The release sends
+        its script's text (EVAL): a Redis that lost its scripts still runs it, and a
+        failure nobody hears of leaves the lease to expire after ``lease_seconds``.
+        """
+        self._leases.pop(lease_id, None)
+        if self._closed:
+            return True
+        connection = self._connection
+        if connection is None or not connection.usable:
+            return False
+        try:
+            connection.create_request(b"EVAL", RELEASE, 3, *self._keys[:3], lease_id, noreply=True)
+        except REDIS_ERRORS:
+            return False
+        self._unanswered = connection
+        released, self._released = self._released, anyio.Event()
+        released.set()
+        return True
+
     async def _release(self, lease_id: str) -> None:
         """Remove the lease (idempotent, shielded); failures only count as errors."""
         self._leases.pop(lease_id, None)
@@ -555,7 +595,17 @@ class RedisLimiter:
                     )
 
     async def _close(self) -> None:
-        """Release what is still held (bounded, shielded); later releases do nothing."""
+        """Release what is still held (bounded, shielded); later releases do nothing.
+
+        Releases sent without a reply are waited for first: a reply on their connection
+        comes after Redis has run them."""
+        connection, self._unanswered = self._unanswered, None
+        if connection is not None and connection.usable and not self._closed:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._call(connection.create_request(b"PING"), "closing")
+                except (GlobalLimitError, *REDIS_ERRORS) as exc:
+                    log.warning("%s; unanswered releases expire in %gs", exc, self.lease_seconds)
         if self._leases and not self._closed:
             ids = list(self._leases)
             with anyio.CancelScope(shield=True):

@@ -80,16 +80,41 @@ async def test_slot_holds_one_lease_and_releases_it(redis_url: str) -> None:
         assert (stats.held, stats.acquired, stats.waited, stats.errors) == (0, 1, 0, 0)
 
 
+async def test_leaving_a_slot_does_not_wait_for_redis(redis_url: str) -> None:
+    """The release is sent and the caller goes on: no round trip, not even a
+    schedule point. The limiter's own next call sees the slot free (Redis runs a
+    connection's commands in order), and so does anyone once Redis has read it."""
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other")
+
+    async with coredis.Redis.from_url(redis_url) as probe:
+        async with RedisLimiter.connect(redis_url, name=fresh_name(), max_concurrent=1) as limiter:
+            async with anyio.create_task_group() as tg:
+                async with limiter.slot():
+                    tg.start_soon(other)
+                ran.append("left the slot")
+            assert ran == ["left the slot", "other"]
+            assert limiter.statistics().held == 0
+            assert await limiter.held_globally() == 0
+            assert await probe.zcard(limiter._keys[0]) == 0
+            async with limiter.slot():
+                pass
+            # leaving the limiter waits for the release it sent: none is left behind
+        assert await probe.zcard(limiter._keys[0]) == 0
+
+
 async def test_scripts_flushed_from_redis_are_loaded_again(redis_url: str) -> None:
-    """Admission and release run by EVALSHA; a restarted or flushed Redis lacks the
-    scripts, and both load them again (once) instead of failing."""
+    """Admission runs by EVALSHA; a restarted or flushed Redis lacks the script, and
+    it is loaded again (once) instead of failing. A release sends its script's text."""
     async with (
         coredis.Redis.from_url(redis_url) as probe,
         RedisLimiter.connect(redis_url, name=fresh_name(), max_concurrent=1) as limiter,
     ):
         async with limiter.slot():
             await probe.script_flush()
-        assert await limiter.held_globally() == 0  # the release reloaded its script
+        assert await limiter.held_globally() == 0  # the release ran all the same
         await probe.script_flush()
         async with limiter.slot():  # the admission reloads its script
             assert await limiter.held_globally() == 1
@@ -149,7 +174,10 @@ async def test_never_more_than_n_holders_across_limiters(redis_url: str) -> None
         assert max(seen_globally) <= n
         assert sum(x.statistics().acquired for x in limiters) == 4 * n * rounds
         assert sum(x.statistics().waited for x in limiters) > 0
-        assert await a.held_globally() == 0
+        # each count runs after its own limiter's releases (one connection, in order):
+        # once every limiter has answered, all of them have reached Redis
+        counts = [await x.held_globally() for x in limiters]
+        assert counts[-1] == 0
 
 
 CHILD_LOAD = """
@@ -280,6 +308,7 @@ async def test_a_lease_that_could_not_be_renewed_is_lost_and_counted(redis_url: 
             await anyio.sleep(0.2)  # a's next renewal finds its lease gone
             assert a.statistics().lost == 1
             assert a.statistics().held == 0
+        assert await b.held_globally() == 0  # after b's release, on b's connection
         assert await a.held_globally() == 0
 
 
@@ -301,6 +330,7 @@ async def test_cancelled_while_waiting_holds_nothing(redis_url: str) -> None:
             assert (stats.held, stats.waiting, stats.acquired) == (0, 0, 0)
             assert stats.full > 0 and stats.wait_seconds >= 0.2
             assert await b.held_globally() == 1
+        assert await a.held_globally() == 0  # after a's release, on a's connection
         assert await b.held_globally() == 0
         async with b.slot():  # and b can still get in
             assert await b.held_globally() == 1
@@ -373,6 +403,7 @@ async def test_cancellation_at_any_moment_leaks_nothing(redis_url: str) -> None:
                     await anyio.sleep(0.001)
         assert a.statistics().held == b.statistics().held == 0
         assert a.statistics().waiting == b.statistics().waiting == 0
+        await b.held_globally()  # answered after b's releases reached Redis
         assert await a.held_globally() == 0
 
 
