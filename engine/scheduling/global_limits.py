@@ -260,8 +260,6 @@ class RedisLimiter:
     # for cancellation still), the admission's Redis call yields anyway.
     _queue: anyio.Lock = attrs.field(init=False, factory=lambda: anyio.Lock(fast_acquire=True))
     _connection: Any = attrs.field(init=False, default=None)
-    # the connection that last carried a release sent without a reply (see _close)
-    _unanswered: Any = attrs.field(init=False, default=None)
     _released: anyio.Event = attrs.field(init=False, factory=anyio.Event)
     _closed: bool = attrs.field(init=False, default=False)
     _random: random.Random = attrs.field(init=False, factory=random.Random)
@@ -535,9 +533,9 @@ class RedisLimiter:
 
         Redis runs a connection's commands in order, so this limiter's later calls
         (an admission, ``held_globally``) see the slot free; other clients see it free
-        once Redis has read the release. The release sends
-        its script's text (EVAL): a Redis that lost its scripts still runs it, and a
-        failure nobody hears of leaves the lease to expire after ``lease_seconds``.
+        once Redis has read the release. The release sends its script's text (EVAL): a
+        Redis that lost its scripts still runs it, and a failure nobody hears of leaves
+        the lease to expire after ``lease_seconds``.
         """
         self._leases.pop(lease_id, None)
         if self._closed:
@@ -549,9 +547,7 @@ class RedisLimiter:
             connection.create_request(b"EVAL", RELEASE, 3, *self._keys[:3], lease_id, noreply=True)
         except REDIS_ERRORS:
             return False
-        self._unanswered = connection
-        released, self._released = self._released, anyio.Event()
-        released.set()
+        self._wake_waiters()
         return True
 
     async def _release(self, lease_id: str) -> None:
@@ -566,6 +562,10 @@ class RedisLimiter:
                 )
             except GlobalLimitError as exc:
                 log.warning("%s; the lease expires in %gs", exc, self.lease_seconds)
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        """A slot was given back: this process's waiters ask Redis again now."""
         released, self._released = self._released, anyio.Event()
         released.set()
 
@@ -597,9 +597,9 @@ class RedisLimiter:
     async def _close(self) -> None:
         """Release what is still held (bounded, shielded); later releases do nothing.
 
-        Releases sent without a reply are waited for first: a reply on their connection
-        comes after Redis has run them."""
-        connection, self._unanswered = self._unanswered, None
+        Releases sent without a reply are waited for first: a reply on the connection
+        they went on (the one in use) comes after Redis has run them."""
+        connection = self._connection
         if connection is not None and connection.usable and not self._closed:
             with anyio.CancelScope(shield=True):
                 try:

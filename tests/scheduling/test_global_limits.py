@@ -101,7 +101,7 @@ async def test_leaving_a_slot_does_not_wait_for_redis(redis_url: str) -> None:
             assert await probe.zcard(limiter._keys[0]) == 0
             async with limiter.slot():
                 pass
-            # leaving the limiter waits for the release it sent: none is left behind
+            # once the limiter is closed, no lease it held is left behind
         assert await probe.zcard(limiter._keys[0]) == 0
 
 
