@@ -373,6 +373,35 @@ async def test_a_dropped_connection_is_replaced(
         assert await store.count_actions("s") == 1
 
 
+async def test_the_lane_holds_leases_and_reads_and_is_replaced_when_dropped(
+    postgres_server: PostgresServer, pg_url: str
+) -> None:
+    """Leases and ``find_session`` run on a second connection whose commits do not wait
+    for the WAL flush (the store's own stay FULL); a dropped one is replaced."""
+    async with PostgresSessionStore.open(pg_url, password=postgres_server.password) as store:
+
+        def backend(conn: Any) -> tuple[int, str]:
+            row = conn.execute("SELECT pg_backend_pid(), current_setting('synchronous_commit')")
+            pid, setting = row.fetchone()
+            return int(pid), str(setting)
+
+        lane_pid, lane_setting = await store._on_lane("pid", backend)
+        data_pid, data_setting = await store._run("pid", backend, write=False)
+        assert lane_pid != data_pid
+        assert (lane_setting, data_setting) == ("off", "on")
+        await store.record_action("s", turn_expected=0, **_action(hp=3))
+        for _ in range(2):  # a lease first, then a read first
+            with postgres_server.connect() as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (lane_pid,))
+            async with store.session_lease("s"):
+                found = await store.find_session("s")
+                assert found is not None and (found.turn, found.state) == (1, {"hp": 3})
+            lane_pid, _ = await store._on_lane("pid", backend)
+        assert await store.find_session("nobody") is None
+        with postgres_server.connect(pg_url) as conn:
+            assert conn.execute("SELECT count(*) FROM session_leases").fetchone()[0] == 0
+
+
 async def test_batches_take_the_pipeline_and_fall_back_on_a_failure(
     postgres_server: PostgresServer, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

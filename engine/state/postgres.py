@@ -7,7 +7,11 @@ transcript rows; ``turn_expected`` compare-and-set), plus **session leases**:
 that only one holder at a time can have, so engine processes never run actions of
 one session at the same time. psycopg 3's blocking API runs in a worker thread
 (its async API is asyncio-only; the engine runs on trio too), behind the same lock
-and ``CapacityLimiter(1)`` as SQLite's. See docs/state.md ("PostgreSQL").
+and ``CapacityLimiter(1)`` as SQLite's. A second connection, the *lane*, with its
+own lock and limiter, runs the single statements that need no transaction: the
+leases' (their commits do not wait for the WAL flush) and ``find_session``'s read
+(one statement, one snapshot). They cost one round trip each and never queue
+behind a group commit's write. See docs/state.md ("PostgreSQL").
 
 Usage::
 
@@ -22,14 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import math
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, ClassVar, Literal, final
+from typing import Any, ClassVar, Literal, TypeVar, final
 
 import anyio
 import anyio.to_thread
@@ -43,10 +49,12 @@ from .base import SessionStoreBase
 from .group_commit import WritePlacement
 from .postgres_driver import PostgresDriver
 from .postgres_schema import Scrubber, connect, prepare
-from .records import DEFAULT_MAX_ACTION_CHARS, check_session_id
+from .records import DEFAULT_MAX_ACTION_CHARS, SessionState, check_session_id
 from .sqlite import validated
 
 __all__ = ["DEFAULT_LEASE_SECONDS", "PostgresSessionStore"]
+
+_T = TypeVar("_T")
 
 DEFAULT_LEASE_SECONDS = 30.0
 # waiting for a lease: the first poll after ~5 ms, doubling to ~100 ms, each jittered
@@ -68,12 +76,19 @@ UPDATE session_leases SET expires_at = clock_timestamp() + make_interval(secs =>
 WHERE session_id = %s AND holder = %s
 """
 _RELEASE = "DELETE FROM session_leases WHERE session_id = %s AND holder = %s"
-# A lease's commit need not wait for the WAL flush: after a server crash a lease
-# taken, renewed or released in the last moments may read as it was before. Leases
-# expire anyway, and a session's actions stay safe through ``turn_expected``: an
-# action run by a second holder fails its compare-and-set instead of taking a turn.
-# Saves two WAL flushes per action (take and release), which the action waited for.
-_LEASE_ASYNC_COMMIT = "SET LOCAL synchronous_commit TO off"
+# The lane's commits need not wait for the WAL flush (``synchronous_commit`` off):
+# after a server crash a lease taken, renewed or released in the last moments may
+# read as it was before. Leases expire anyway, and a session's actions stay safe
+# through ``turn_expected``: an action run by a second holder fails its
+# compare-and-set instead of taking a turn. Saves two WAL flushes per action (take
+# and release), which the action waited for.
+_LANE_SYNCHRONOUS = "NORMAL"
+# A session and its state in one statement (one snapshot, no transaction needed).
+_FIND = """
+SELECT s.turn, s.created, s.updated, st.key, st.value
+FROM sessions s LEFT JOIN state st ON st.session_id = s.session_id
+WHERE s.session_id = %s ORDER BY st.key
+"""
 
 
 @final
@@ -92,6 +107,11 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
 
     url: str = attrs.field(kw_only=True)
     lease_seconds: float = attrs.field(kw_only=True)
+    _lane: PostgresDriver = attrs.field(kw_only=True)  # see the module docstring
+    _lane_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+    _lane_limiter: anyio.CapacityLimiter = attrs.field(
+        init=False, factory=lambda: anyio.CapacityLimiter(1)
+    )
     _holder: str = attrs.field(
         init=False,
         factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}",
@@ -159,10 +179,25 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
                 raise
             return conn
 
+        def reconnect_lane() -> psycopg.Connection[Any]:
+            return connect(
+                url, password, scrub, synchronous=_LANE_SYNCHRONOUS, connect_timeout=connect_timeout
+            )
+
         conn = await anyio.to_thread.run_sync(first)
-        driver = PostgresDriver(url, conn, reconnect, scrub)
+        try:
+            lane = await anyio.to_thread.run_sync(reconnect_lane)
+        except BaseException:
+            conn.close()
+            raise
         store = cls(
-            max_action_chars, driver, clock, in_thread, url=url, lease_seconds=float(lease_seconds)
+            max_action_chars,
+            PostgresDriver(url, conn, reconnect, scrub),
+            clock,
+            in_thread,
+            url=url,
+            lease_seconds=float(lease_seconds),
+            lane=PostgresDriver(url, lane, reconnect_lane, scrub),
         )
         try:
             yield store
@@ -267,13 +302,12 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
             took: list[bool] = []
 
             def attempt(conn: psycopg.Connection[Any], took: list[bool] = took) -> bool:
-                conn.execute(_LEASE_ASYNC_COMMIT)
                 row = conn.execute(_TAKE, (session_id, token, self.lease_seconds)).fetchone()
                 took.append(row is not None)
                 return row is not None
 
             try:
-                if await self._run("session_lease", attempt, write=True):
+                if await self._on_lane("session_lease", attempt):
                     return token
             except BaseException:
                 if took and took[0]:  # taken, then cancelled before we learnt it
@@ -293,12 +327,11 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
             sent = time.monotonic()
 
             def renew(conn: psycopg.Connection[Any]) -> bool:
-                conn.execute(_LEASE_ASYNC_COMMIT)
                 cursor = conn.execute(_RENEW, (self.lease_seconds, session_id, token))
                 return bool(cursor.rowcount == 1)
 
             try:
-                ours = await self._run("session_lease", renew, write=True)
+                ours = await self._on_lane("session_lease", renew)
             except SessionError as exc:
                 if time.monotonic() - confirmed < self.lease_seconds:
                     continue  # try again; the lease has not expired yet
@@ -322,8 +355,45 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
         """Delete the lease if it is still ours (a failure leaves it to expire)."""
 
         def release(conn: psycopg.Connection[Any]) -> None:
-            conn.execute(_LEASE_ASYNC_COMMIT)
             conn.execute(_RELEASE, (session_id, token))
 
         with contextlib.suppress(SessionError):
-            await self._run("session_lease", release, write=True)
+            await self._on_lane("session_lease", release)
+
+    # ------------------------------------------------------------------ the lane
+
+    async def find_session(self, session_id: str) -> SessionState | None:
+        """As every store's (see ``SessionStoreBase``), in one statement on the lane."""
+        check_session_id(session_id)
+
+        def read(conn: psycopg.Connection[Any]) -> SessionState | None:
+            rows = conn.execute(_FIND, (session_id,)).fetchall()
+            if not rows:
+                return None
+            turn, created, updated = rows[0][:3]
+            state = {key: json.loads(value) for *_, key, value in rows if key is not None}
+            return SessionState(session_id, int(turn), state, float(created), float(updated))
+
+        return await self._on_lane("find_session", read)
+
+    async def _on_lane(self, op: str, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+        """Run ``work`` (idempotent single statements, each committing alone) on the
+        lane, in a worker thread; a dead connection is replaced and ``work`` rerun once."""
+
+        def in_thread() -> _T:
+            with self._lane_lock:
+                if self._closed:
+                    raise SessionError(f"{op}: the session store {self.url!r} is closed")
+                try:
+                    return self._lane.once(work)
+                except psycopg.Error as exc:
+                    raise SessionError(
+                        f"{op} on {self.url!r} failed: {self._lane.describe(exc)}"
+                    ) from exc
+
+        return await anyio.to_thread.run_sync(in_thread, limiter=self._lane_limiter)
+
+    def _close_sync(self) -> None:
+        with self._lane_lock:
+            super()._close_sync()
+            self._lane.close()
