@@ -379,14 +379,16 @@ async def test_the_lane_holds_leases_and_reads_and_is_replaced_when_dropped(
     """Leases and ``find_session`` run on a second connection whose commits do not wait
     for the WAL flush (the store's own stay FULL); a dropped one is replaced."""
     async with PostgresSessionStore.open(pg_url, password=postgres_server.password) as store:
+        query = "SELECT pg_backend_pid(), current_setting('synchronous_commit')"
 
-        def backend(conn: Any) -> tuple[int, str]:
-            row = conn.execute("SELECT pg_backend_pid(), current_setting('synchronous_commit')")
-            pid, setting = row.fetchone()
-            return int(pid), str(setting)
+        async def lane() -> tuple[int, str]:
+            (pid, setting), *_ = (await store._lane.execute("pid", query.encode(), ())).rows
+            return int(str(pid)), str(setting)
 
-        lane_pid, lane_setting = await store._on_lane("pid", backend)
-        data_pid, data_setting = await store._run("pid", backend, write=False)
+        lane_pid, lane_setting = await lane()
+        data_pid, data_setting = await store._run(
+            "pid", lambda conn: conn.execute(query).fetchone(), write=False
+        )
         assert lane_pid != data_pid
         assert (lane_setting, data_setting) == ("off", "on")
         await store.record_action("s", turn_expected=0, **_action(hp=3))
@@ -396,10 +398,20 @@ async def test_the_lane_holds_leases_and_reads_and_is_replaced_when_dropped(
             async with store.session_lease("s"):
                 found = await store.find_session("s")
                 assert found is not None and (found.turn, found.state) == (1, {"hp": 3})
-            lane_pid, _ = await store._on_lane("pid", backend)
+            lane_pid, _ = await lane()
         assert await store.find_session("nobody") is None
+        with pytest.raises(SessionError, match=r"^sum on '.*' failed: .*division by zero"):
+            await store._lane.execute("sum", b"SELECT 1 / $1::int", ("0",))
+        assert (await store._lane.execute("sum", b"SELECT 1 / $1::int", ("1",))).rows == [("1",)]
+        # a statement sent runs to its end when its caller is cancelled: the outcome is known
+        with anyio.move_on_after(0.05) as scope:
+            slow = await store._lane.execute("sleep", b"SELECT 'done' FROM pg_sleep(0.3)", ())
+        assert scope.cancel_called and slow.rows == [("done",)]
+        assert (await store._lane.execute("next", b"SELECT 2", ())).rows == [("2",)]
         with postgres_server.connect(pg_url) as conn:
             assert conn.execute("SELECT count(*) FROM session_leases").fetchone()[0] == 0
+    with pytest.raises(SessionError, match="is closed"):
+        await store.find_session("s")
 
 
 async def test_batches_take_the_pipeline_and_fall_back_on_a_failure(

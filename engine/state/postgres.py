@@ -8,10 +8,11 @@ that only one holder at a time can have, so engine processes never run actions o
 one session at the same time. psycopg 3's blocking API runs in a worker thread
 (its async API is asyncio-only; the engine runs on trio too), behind the same lock
 and ``CapacityLimiter(1)`` as SQLite's. A second connection, the *lane*, with its
-own lock and limiter, runs the single statements that need no transaction: the
-leases' (their commits do not wait for the WAL flush) and ``find_session``'s read
-(one statement, one snapshot). They cost one round trip each and never queue
-behind a group commit's write. See docs/state.md ("PostgreSQL").
+own lock, runs the single statements that need no transaction: the leases'
+(their commits do not wait for the WAL flush) and ``find_session``'s read (one
+statement, one snapshot). They cost one round trip each, need no worker thread
+(:mod:`engine.state.postgres_lane`) and never queue behind a group commit's write.
+See docs/state.md ("PostgreSQL").
 
 Usage::
 
@@ -31,11 +32,10 @@ import math
 import os
 import random
 import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, ClassVar, Literal, TypeVar, final
+from typing import Any, ClassVar, Literal, final
 
 import anyio
 import anyio.to_thread
@@ -48,13 +48,12 @@ from ..errors import SessionError
 from .base import SessionStoreBase
 from .group_commit import WritePlacement
 from .postgres_driver import PostgresDriver
+from .postgres_lane import Lane
 from .postgres_schema import Scrubber, connect, prepare
 from .records import DEFAULT_MAX_ACTION_CHARS, SessionState, check_session_id
 from .sqlite import validated
 
 __all__ = ["DEFAULT_LEASE_SECONDS", "PostgresSessionStore"]
-
-_T = TypeVar("_T")
 
 DEFAULT_LEASE_SECONDS = 30.0
 # waiting for a lease: the first poll after ~5 ms, doubling to ~100 ms, each jittered
@@ -63,19 +62,19 @@ _MAX_POLL = 0.1
 
 # Take the lease if it is free, expired, or already held by this holder; the server's
 # clock decides expiry, so the engines' clocks need not agree.
-_TAKE = """
+_TAKE = b"""
 INSERT INTO session_leases AS l (session_id, holder, expires_at)
-VALUES (%s, %s, clock_timestamp() + make_interval(secs => %s))
+VALUES ($1::text, $2::text, clock_timestamp() + make_interval(secs => $3::float8))
 ON CONFLICT (session_id) DO UPDATE
     SET holder = excluded.holder, expires_at = excluded.expires_at
     WHERE l.holder = excluded.holder OR l.expires_at <= clock_timestamp()
 RETURNING l.holder
 """
-_RENEW = """
-UPDATE session_leases SET expires_at = clock_timestamp() + make_interval(secs => %s)
-WHERE session_id = %s AND holder = %s
+_RENEW = b"""
+UPDATE session_leases SET expires_at = clock_timestamp() + make_interval(secs => $1::float8)
+WHERE session_id = $2::text AND holder = $3::text
 """
-_RELEASE = "DELETE FROM session_leases WHERE session_id = %s AND holder = %s"
+_RELEASE = b"DELETE FROM session_leases WHERE session_id = $1::text AND holder = $2::text"
 # The lane's commits need not wait for the WAL flush (``synchronous_commit`` off):
 # after a server crash a lease taken, renewed or released in the last moments may
 # read as it was before. Leases expire anyway, and a session's actions stay safe
@@ -84,10 +83,10 @@ _RELEASE = "DELETE FROM session_leases WHERE session_id = %s AND holder = %s"
 # and release), which the action waited for.
 _LANE_SYNCHRONOUS = "NORMAL"
 # A session and its state in one statement (one snapshot, no transaction needed).
-_FIND = """
+_FIND = b"""
 SELECT s.turn, s.created, s.updated, st.key, st.value
 FROM sessions s LEFT JOIN state st ON st.session_id = s.session_id
-WHERE s.session_id = %s ORDER BY st.key
+WHERE s.session_id = $1::text ORDER BY st.key
 """
 
 
@@ -107,11 +106,7 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
 
     url: str = attrs.field(kw_only=True)
     lease_seconds: float = attrs.field(kw_only=True)
-    _lane: PostgresDriver = attrs.field(kw_only=True)  # see the module docstring
-    _lane_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
-    _lane_limiter: anyio.CapacityLimiter = attrs.field(
-        init=False, factory=lambda: anyio.CapacityLimiter(1)
-    )
+    _lane: Lane = attrs.field(kw_only=True)  # see the module docstring
     _holder: str = attrs.field(
         init=False,
         factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}",
@@ -186,7 +181,7 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
 
         conn = await anyio.to_thread.run_sync(first)
         try:
-            lane = await anyio.to_thread.run_sync(reconnect_lane)
+            lane = await Lane.open(url, reconnect_lane, scrub)
         except BaseException:
             conn.close()
             raise
@@ -197,7 +192,7 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
             in_thread,
             url=url,
             lease_seconds=float(lease_seconds),
-            lane=PostgresDriver(url, lane, reconnect_lane, scrub),
+            lane=lane,
         )
         try:
             yield store
@@ -299,21 +294,13 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
         token = f"{self._holder}#{next(self._leases)}"
         delay = _FIRST_POLL
         while True:
-            took: list[bool] = []
-
-            def attempt(conn: psycopg.Connection[Any], took: list[bool] = took) -> bool:
-                row = conn.execute(_TAKE, (session_id, token, self.lease_seconds)).fetchone()
-                took.append(row is not None)
-                return row is not None
-
-            try:
-                if await self._on_lane("session_lease", attempt):
-                    return token
-            except BaseException:
-                if took and took[0]:  # taken, then cancelled before we learnt it
-                    with anyio.CancelScope(shield=True):
-                        await self._give_back(session_id, token)
-                raise
+            # a take that was sent runs to its end (the lane shields it), so a
+            # cancelled caller never leaves a lease behind that it did not learn of
+            took = await self._lane.execute(
+                "session_lease", _TAKE, (session_id, token, repr(self.lease_seconds))
+            )
+            if took.rows:
+                return token
             await anyio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, _MAX_POLL)
 
@@ -326,12 +313,11 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
             await anyio.sleep(self.lease_seconds / 3)
             sent = time.monotonic()
 
-            def renew(conn: psycopg.Connection[Any]) -> bool:
-                cursor = conn.execute(_RENEW, (self.lease_seconds, session_id, token))
-                return bool(cursor.rowcount == 1)
-
             try:
-                ours = await self._on_lane("session_lease", renew)
+                renewed = await self._lane.execute(
+                    "session_lease", _RENEW, (repr(self.lease_seconds), session_id, token)
+                )
+                ours = renewed.changed == 1
             except SessionError as exc:
                 if time.monotonic() - confirmed < self.lease_seconds:
                     continue  # try again; the lease has not expired yet
@@ -354,46 +340,23 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
     async def _give_back(self, session_id: str, token: str) -> None:
         """Delete the lease if it is still ours (a failure leaves it to expire)."""
 
-        def release(conn: psycopg.Connection[Any]) -> None:
-            conn.execute(_RELEASE, (session_id, token))
-
         with contextlib.suppress(SessionError):
-            await self._on_lane("session_lease", release)
+            await self._lane.execute("session_lease", _RELEASE, (session_id, token))
 
     # ------------------------------------------------------------------ the lane
 
     async def find_session(self, session_id: str) -> SessionState | None:
         """As every store's (see ``SessionStoreBase``), in one statement on the lane."""
         check_session_id(session_id)
+        rows = (await self._lane.execute("find_session", _FIND, (session_id,))).rows
+        if not rows:
+            return None
+        turn, created, updated = (str(v) for v in rows[0][:3])  # NOT NULL columns
+        state = {key: json.loads(str(value)) for *_, key, value in rows if key is not None}
+        return SessionState(session_id, int(turn), state, float(created), float(updated))
 
-        def read(conn: psycopg.Connection[Any]) -> SessionState | None:
-            rows = conn.execute(_FIND, (session_id,)).fetchall()
-            if not rows:
-                return None
-            turn, created, updated = rows[0][:3]
-            state = {key: json.loads(value) for *_, key, value in rows if key is not None}
-            return SessionState(session_id, int(turn), state, float(created), float(updated))
-
-        return await self._on_lane("find_session", read)
-
-    async def _on_lane(self, op: str, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
-        """Run ``work`` (idempotent single statements, each committing alone) on the
-        lane, in a worker thread; a dead connection is replaced and ``work`` rerun once."""
-
-        def in_thread() -> _T:
-            with self._lane_lock:
-                if self._closed:
-                    raise SessionError(f"{op}: the session store {self.url!r} is closed")
-                try:
-                    return self._lane.once(work)
-                except psycopg.Error as exc:
-                    raise SessionError(
-                        f"{op} on {self.url!r} failed: {self._lane.describe(exc)}"
-                    ) from exc
-
-        return await anyio.to_thread.run_sync(in_thread, limiter=self._lane_limiter)
-
-    def _close_sync(self) -> None:
-        with self._lane_lock:
-            super()._close_sync()
-            self._lane.close()
+    async def aclose(self) -> None:
+        """Close both connections (after the statements in flight); idempotent."""
+        with anyio.CancelScope(shield=True):
+            await self._lane.aclose()
+            await super().aclose()

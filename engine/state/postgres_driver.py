@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 
@@ -25,8 +25,6 @@ from .postgres_schema import Scrubber
 from .rows import Driver, Rows
 
 __all__ = ["PostgresDriver"]
-
-_T = TypeVar("_T")
 
 _APPLY = """
 WITH cur AS (
@@ -82,18 +80,6 @@ class PostgresDriver(Driver["psycopg.Connection[Any]"]):
 
     def close(self) -> None:
         self._conn.close()
-
-    def once(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
-        """Run ``work`` outside any transaction (each statement commits alone); a
-        connection found dead is replaced and ``work`` run again, once, so ``work``
-        must be idempotent."""
-        conn = self._connection()
-        try:
-            return work(conn)
-        except psycopg.OperationalError:
-            if not conn.broken:
-                raise
-            return work(self._connection())
 
     def begin(self, *, write: bool) -> psycopg.Connection[Any]:
         """BEGIN; a connection found dead by it (the server restarted or dropped it
