@@ -33,11 +33,12 @@ backend, per session: transcript and ``count_actions``):
       from the transcript.
 
 Concurrency of agent calls:
-    Every worker reports each agent call's start and end on the wall clock
-    (``time.time()``; one machine, so one clock) as they happen. The maximum number
-    of calls running at once over all processes is computed from those intervals
-    (a call of the killed process that never ended counts as running until the
-    kill). ``max_concurrent_agent_calls`` must not exceed
+    Every worker writes each agent call's start and end on the wall clock
+    (``time.time()``; one machine, so one clock) to a calls file of its own as they
+    happen; the coordinator reads the files once the processes have exited (so it
+    is not woken for every call). The maximum number of calls running at once over
+    all processes is computed from those intervals (a call of the killed process
+    that never ended counts as running until the kill). ``max_concurrent_agent_calls`` must not exceed
     ``global_max_concurrent_agents`` when the Redis limiter is configured.
 
 Per action, each worker measures the engine overhead exactly as the single-process
@@ -80,6 +81,7 @@ from ..state import open_session_store
 from .load import SCRIPT, ActionTiming, Figures, _backend, check_load_args
 from .load import load_config as sized_for
 from .options import add_figures, figures_table, with_overrides
+from .worker import read_calls
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup
@@ -229,8 +231,9 @@ class _Worker:
     ready: anyio.Event = attrs.field(factory=anyio.Event)
     settled: anyio.Event = attrs.field(factory=anyio.Event)  # ready, or exited first
     exited: anyio.Event = attrs.field(factory=anyio.Event)
+    calls_file: Path | None = None  # where it logs its agent calls
     killed_at: float | None = None  # wall clock
-    open_calls: dict[int, float] = attrs.field(factory=dict)
+    ended_at: float | None = None  # wall clock: its output ended
     intervals: list[tuple[float, float]] = attrs.field(factory=list)
     ready_cpu: float = 0.0
     bye: dict[str, Any] | None = None
@@ -245,19 +248,20 @@ class _Worker:
         """CPU seconds from ready to exit (0 when it never said bye)."""
         return float(self.bye.get("cpu", 0.0)) - self.ready_cpu if self.bye else 0.0
 
+    def read_calls(self) -> None:
+        """Its agent calls, from its calls file (after it exited): a call still open
+        ran until the kill (or until its output ended)."""
+        if self.calls_file is None or not self.calls_file.exists():
+            return
+        finished, still_open = read_calls(self.calls_file)
+        end = self.killed_at if self.killed_at is not None else self.ended_at or time.time()
+        self.intervals = finished + [(start, end) for start in still_open]
+
     def in_flight(self) -> int:
         return sum(1 for p in self.pending.values() if p.delivered)
 
     def handle(self, message: dict[str, Any]) -> None:
-        if "call" in message:
-            call = message["call"]
-            if "start" in message:
-                self.open_calls[call] = float(message["start"])
-            else:
-                start = self.open_calls.pop(call, None)
-                if start is not None:
-                    self.intervals.append((start, float(message["end"])))
-        elif "id" in message:
+        if "id" in message:
             pending = self.pending.pop(message["id"], None)
             if pending is not None:
                 pending.reply = message
@@ -271,12 +275,9 @@ class _Worker:
             self.bye = message
 
     def ended(self) -> None:
-        """End of its output: every request still waiting has an unknown outcome; a
-        call still open ran until the kill (or until now)."""
+        """End of its output: every request still waiting has an unknown outcome."""
         self.live = False
-        end = self.killed_at if self.killed_at is not None else time.time()
-        self.intervals.extend((start, end) for start in self.open_calls.values())
-        self.open_calls.clear()
+        self.ended_at = time.time()
         for pending in self.pending.values():
             pending.event.set()
         self.pending.clear()
@@ -517,6 +518,7 @@ async def run_process_load_test(
             "refuses a second process)"
         )
     with contextlib.ExitStack() as stack:
+        calls_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dm-calls-")))
         state_path = None
         if not config.state.url:  # one process on SQLite: a fresh file, as load.py
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="dm-load-"))
@@ -541,6 +543,7 @@ async def run_process_load_test(
                 think_time=think_time,
                 kill=kill and processes > 1,
                 state_path=state_path,
+                calls_dir=calls_dir,
                 request_timeout=request_timeout,
                 progress=progress,
             )
@@ -562,6 +565,7 @@ async def _run(
     think_time: float,
     kill: bool,
     state_path: str | None,
+    calls_dir: Path,
     request_timeout: float,
     progress: Callable[[int], None] | None,
 ) -> ProcessLoadResult:
@@ -636,11 +640,15 @@ async def _run(
         stack.push_async_callback(_end_all, workers)  # no process outlives the run
         tg = await stack.enter_async_context(anyio.create_task_group())
         for index in range(processes):
+            calls_file = calls_dir / f"calls-{index}.log"
             process = await anyio.open_process(
-                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                [*command, "--calls-file", str(calls_file)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
             )
             outbox, inbox = anyio.create_memory_object_stream[tuple[bytes, _Pending]](math.inf)
-            worker = _Worker(index, process, outbox, inbox)
+            worker = _Worker(index, process, outbox, inbox, calls_file=calls_file)
             workers.append(worker)
             tg.start_soon(_read_replies, worker)
             tg.start_soon(_read_stderr, worker)
@@ -668,6 +676,7 @@ async def _run(
                 tally.error(f"process {worker.pid} did not exit within {EXIT_TIMEOUT:g} s")
                 os.kill(worker.pid, signal.SIGKILL)
             await worker.process.wait()
+            worker.read_calls()
             if worker.killed_at is None and (worker.process.returncode or worker.bye is None):
                 tally.error(
                     f"process {worker.pid} ended with {worker.process.returncode}: "

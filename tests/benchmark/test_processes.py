@@ -4,6 +4,7 @@ and one Redis limiter, actions sent to random processes, one process SIGKILLed."
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from engine.benchmark.processes import (
     max_concurrent,
     run_process_load_test,
 )
+from engine.benchmark.worker import CallLog, read_calls
 from engine.cli import main
 
 
@@ -110,6 +112,23 @@ def test_max_concurrent() -> None:
     assert max_concurrent([]) == 0
     assert max_concurrent([(0, 1), (1, 2)]) == 1  # touching, not overlapping
     assert max_concurrent([(0, 3), (1, 2), (1.5, 4), (3.5, 5)]) == 3
+
+
+def test_a_calls_file_gives_finished_and_open_calls(tmp_path: Path) -> None:
+    """What a worker wrote before it was killed: two finished calls, one open, and a
+    last line cut short by the kill (ignored)."""
+    log = CallLog(os.open(tmp_path / "calls.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND))
+    first, second = log.start(), log.start()
+    log.end(second)
+    third = log.start()
+    log.end(first)
+    assert log.fd is not None
+    os.write(log.fd, b"e %d 12" % third)  # no newline: cut short
+    os.close(log.fd)
+    finished, still_open = read_calls(tmp_path / "calls.log")
+    assert len(finished) == 2 and len(still_open) == 1 and log.count == 3
+    assert all(start <= end for start, end in finished)
+    assert still_open[0] >= max(start for start, _ in finished)  # the third call's start
 
 
 # ------------------------------------------------------------------ real processes
