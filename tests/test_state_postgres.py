@@ -414,6 +414,23 @@ async def test_the_lane_holds_leases_and_reads_and_is_replaced_when_dropped(
         await store.find_session("s")
 
 
+async def test_a_batch_whose_lock_fails_writes_nothing_and_says_why(
+    postgres_server: PostgresServer, pg_url: str
+) -> None:
+    """The batch's lock goes in its pipeline: when the lock itself fails (here a lock
+    timeout behind another transaction) the whole batch fails with the server's
+    reason, nothing is written, and the store goes on."""
+    async with PostgresSessionStore.open(pg_url, password=postgres_server.password) as store:
+        await store.record_action("s", turn_expected=0, **_action("first"))
+        await store._run("timeout", lambda c: c.execute("SET lock_timeout = '100ms'"), write=True)
+        with postgres_server.connect(pg_url) as other, other.transaction():
+            other.execute("SELECT 1 FROM sessions WHERE session_id = 's' FOR UPDATE")
+            with pytest.raises(SessionError, match=r"(?s)lock timeout.*whole batch of 1 actions"):
+                await store.record_action("s", turn_expected=1, **_action("second"))
+        assert await store.record_action("s", turn_expected=1, **_action("third")) == 2
+        assert [e.action_text for e in await store.transcript("s")] == ["first", "third"]
+
+
 async def test_batches_take_the_pipeline_and_fall_back_on_a_failure(
     postgres_server: PostgresServer, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -285,7 +285,6 @@ def write_batch(driver: Driver[C], batch: list[Pending], clock: Callable[[], flo
     conn: C | None = None
     try:
         conn = driver.begin(write=True)
-        driver.lock_sessions(conn, sorted({p.action.session_id for p in batch}))
         for pending in [] if driver.apply_batch(conn, batch, clock) else batch:
             conn.execute("SAVEPOINT action")
             try:

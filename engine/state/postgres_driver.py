@@ -52,6 +52,7 @@ WITH cur AS (
 SELECT (SELECT turn FROM cur), (SELECT turn FROM logged)
 """
 
+_LOCK = "SELECT 1 FROM sessions WHERE session_id = ANY(%s) ORDER BY session_id FOR UPDATE"
 _ACTIVE = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR)
 
 
@@ -110,26 +111,24 @@ class PostgresDriver(Driver["psycopg.Connection[Any]"]):
     def describe(self, exc: BaseException) -> str:
         return self._scrub(str(exc))
 
-    def lock_sessions(self, conn: psycopg.Connection[Any], session_ids: Sequence[str]) -> None:
-        # every batch locks its sessions in one order: two engines' batches never deadlock
-        conn.execute(
-            "SELECT 1 FROM sessions WHERE session_id = ANY(%s) ORDER BY session_id FOR UPDATE",
-            (list(session_ids),),
-        )
-
     def apply_batch(
         self,
         conn: psycopg.Connection[Any],
         batch: Sequence[Pending],
         clock: Callable[[], float],
     ) -> bool:
-        """The whole batch in one pipeline; False (nothing changed) if a statement failed,
-        or if a session's first action (``turn_expected`` 0) found no session: the
-        savepoint path creates it, in the batch's order."""
-        conn.execute("SAVEPOINT batch")
+        """The whole batch in one pipeline, after the lock of its sessions; False
+        (nothing changed but the lock) if a statement failed, or if a session's first
+        action (``turn_expected`` 0) found no session: the savepoint path creates it,
+        in the batch's order. On success the savepoint stays open: COMMIT ends it."""
         try:
             cursors = []
             with conn.pipeline():
+                # every batch locks its sessions in one order: two engines' batches
+                # never deadlock; the lock is taken before the savepoint, so it holds
+                # for the savepoint path too
+                conn.execute(_LOCK, (sorted({p.action.session_id for p in batch}),))
+                conn.execute("SAVEPOINT batch")
                 for pending in batch:
                     action = pending.action
                     kept = [(k, v) for k, v in action.values if v is not None]
@@ -152,10 +151,13 @@ class PostgresDriver(Driver["psycopg.Connection[Any]"]):
                     )
                     cursors.append(cursor)
             outcomes = [cursor.fetchone() for cursor in cursors]
-        except psycopg.Error:
+        except psycopg.Error as failed:
             if not self.in_transaction(conn):
                 raise  # the connection is gone: the whole batch fails
-            conn.execute("ROLLBACK TO SAVEPOINT batch")
+            try:
+                conn.execute("ROLLBACK TO SAVEPOINT batch")
+            except psycopg.Error:
+                raise failed from None  # the lock itself failed: so does the batch
             conn.execute("RELEASE SAVEPOINT batch")
             return False
         if any(
@@ -165,7 +167,6 @@ class PostgresDriver(Driver["psycopg.Connection[Any]"]):
             conn.execute("ROLLBACK TO SAVEPOINT batch")
             conn.execute("RELEASE SAVEPOINT batch")
             return False
-        conn.execute("RELEASE SAVEPOINT batch")
         for pending, outcome in zip(batch, outcomes, strict=True):
             current, new = outcome if outcome is not None else (None, None)
             sid = pending.action.session_id

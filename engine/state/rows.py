@@ -68,15 +68,13 @@ class Driver(abc.ABC, Generic[C]):
         """The text of a driver error, fit for a message (e.g. without secrets)."""
         return str(exc)
 
-    def lock_sessions(self, conn: C, session_ids: Sequence[str]) -> None:
-        """Before a batch: lock its sessions' rows (no-op where the transaction already
-        excludes every other writer)."""
-
     def apply_batch(self, conn: C, batch: Sequence[Any], clock: Callable[[], float]) -> bool:
         """A backend's faster way to apply a whole batch (``Pending`` actions) in the
         open transaction: set every action's ``result`` or ``error`` and return True,
         or change nothing and return False (then each action runs in its own
-        SAVEPOINT). Default: False."""
+        SAVEPOINT). A backend whose transaction does not exclude other writers locks
+        the batch's sessions here first, and keeps that lock when it returns False.
+        Default: False (SQLite: the write transaction excludes every other writer)."""
         return False
 
     def commit_outcome_unknown(self, conn: C, exc: BaseException) -> bool:
