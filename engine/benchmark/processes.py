@@ -38,8 +38,9 @@ Concurrency of agent calls:
     happen; the coordinator reads the files once the processes have exited (so it
     is not woken for every call). The maximum number of calls running at once over
     all processes is computed from those intervals (a call of the killed process
-    that never ended counts as running until the kill). ``max_concurrent_agent_calls`` must not exceed
-    ``global_max_concurrent_agents`` when the Redis limiter is configured.
+    that never ended counts as running until the kill).
+    ``max_concurrent_agent_calls`` must not exceed ``global_max_concurrent_agents``
+    when the Redis limiter is configured.
 
 Per action, each worker measures the engine overhead exactly as the single-process
 load test does (:func:`~engine.benchmark.load.action_timing` on the action's span

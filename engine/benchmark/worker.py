@@ -31,7 +31,8 @@ Protocol: JSON, one object per line (UTF-8, ``\\n``-terminated).
   ended, ``TIME`` on the wall clock (``time.time()``). A process killed mid-call
   leaves its open calls behind in the file, which the coordinator reads once the
   process has exited. A file, not the pipe: the coordinator is not woken for each
-  call (that cost a loaded two-process run half of its overhead p95).
+  call (through the pipe, a loaded two-process run's overhead p95 was 1.3-1.7
+  times as high in 4 of 5 pairs, docs/scale-out.md).
 
 Every line is written with one blocking ``os.write`` call on the event loop (no
 await, so two tasks' lines never interleave). Anything else the process prints goes
