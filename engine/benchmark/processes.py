@@ -249,7 +249,7 @@ class _Worker:
         """CPU seconds from ready to exit (0 when it never said bye)."""
         return float(self.bye.get("cpu", 0.0)) - self.ready_cpu if self.bye else 0.0
 
-    def read_calls(self) -> None:
+    def load_calls(self) -> None:
         """Its agent calls, from its calls file (after it exited): a call still open
         ran until the kill (or until its output ended)."""
         if self.calls_file is None or not self.calls_file.exists():
@@ -677,7 +677,7 @@ async def _run(
                 tally.error(f"process {worker.pid} did not exit within {EXIT_TIMEOUT:g} s")
                 os.kill(worker.pid, signal.SIGKILL)
             await worker.process.wait()
-            worker.read_calls()
+            worker.load_calls()
             if worker.killed_at is None and (worker.process.returncode or worker.bye is None):
                 tally.error(
                     f"process {worker.pid} ended with {worker.process.returncode}: "

@@ -99,17 +99,7 @@ class Lane:
             with anyio.CancelScope(shield=True):
                 if self._closed:
                     raise SessionError(f"{op}: the session store {self.where!r} is closed")
-                conn = await self._live()
-                try:
-                    result = await self._send(conn.pgconn, sql, values)
-                except psycopg.OperationalError:
-                    if not conn.broken and conn.pgconn.status != pq.ConnStatus.BAD:
-                        raise self._error(op, conn.pgconn.get_error_message()) from None
-                    conn = await self._live()
-                    try:
-                        result = await self._send(conn.pgconn, sql, values)
-                    except psycopg.OperationalError:
-                        raise self._error(op, conn.pgconn.get_error_message()) from None
+                result = await self._send_on_live(op, sql, values)
         if result.status not in _OK:
             raise self._error(op, result.get_error_message())
         rows = [
@@ -128,16 +118,25 @@ class Lane:
                 self._closed = True
                 self._conn.close()
 
-    async def _live(self) -> psycopg.Connection[Any]:
-        """The connection; a dead one is replaced (connecting in a worker thread)."""
-        conn = self._conn
-        if conn.closed or conn.broken or conn.pgconn.status == pq.ConnStatus.BAD:
-            conn.close()
-            self._prepared.clear()
-            self._conn = conn = await anyio.to_thread.run_sync(self._ready, self._connect)
-        return conn
+    async def _send_on_live(self, op: str, sql: bytes, values: list[bytes]) -> pq.abc.PGresult:
+        """Send on a live connection; when the connection dies meanwhile, send once
+        more on a new one."""
+        for last_try in (False, True):
+            conn = self._conn
+            if _dead(conn):
+                conn.close()
+                self._prepared.clear()
+                self._conn = conn = await anyio.to_thread.run_sync(self._ready, self._connect)
+            try:
+                return await self._send(conn.pgconn, sql, values)
+            except psycopg.OperationalError as exc:
+                if last_try or not _dead(conn):
+                    raise self._error(op, str(exc)) from None
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
-    async def _send(self, pgconn: pq.abc.PGconn, sql: bytes, values: list[bytes]) -> Any:
+    async def _send(
+        self, pgconn: pq.abc.PGconn, sql: bytes, values: list[bytes]
+    ) -> pq.abc.PGresult:
         """Run one statement, prepared on this connection the first time it is sent (the
         server then parses and plans it once); raise ``OperationalError`` when the
         connection fails, or return the server's error as a failed result."""
@@ -152,7 +151,7 @@ class Lane:
         pgconn.send_query_prepared(name, values)
         return await self._result(pgconn)
 
-    async def _result(self, pgconn: pq.abc.PGconn) -> Any:
+    async def _result(self, pgconn: pq.abc.PGconn) -> pq.abc.PGresult:
         """Flush what was sent and read its result (a connection the server is closing
         counts as failed: it is then BAD)."""
         fd = pgconn.socket
@@ -175,3 +174,8 @@ class Lane:
     def _error(self, op: str, message: bytes | str) -> SessionError:
         text = message.decode(errors="replace") if isinstance(message, bytes) else message
         return SessionError(f"{op} on {self.where!r} failed: {self._scrub(text.strip())}")
+
+
+def _dead(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the connection is closed or failed (the server restarted or dropped it)."""
+    return conn.closed or conn.broken or conn.pgconn.status == pq.ConnStatus.BAD
