@@ -704,9 +704,16 @@ def _start(
 async def _gated(
     store_at: Backend, *sessions: str
 ) -> AsyncIterator[tuple[AnySessionStore, _Gate, Any]]:
-    """A store in thread mode with a gate clock, its sessions, and a task group."""
+    """A store in thread mode with a gate clock, its sessions, and a task group.
+
+    On PostgreSQL the batches take the one-savepoint-per-action path in the worker
+    thread, as on SQLite: the pipelined path reads the clock on the loop, which the
+    gate would block (its queueing and cancellation are tested with a server-side
+    lock in test_state_postgres.py)."""
     gate = _Gate()
     async with store_at.open(clock=gate, synchronous="NORMAL", in_thread=True) as store:
+        if isinstance(store, PostgresSessionStore):
+            store._commit.write_first = None
         for sid in sessions:
             await store.ensure_session(sid)
         try:

@@ -8,7 +8,9 @@ crash safety in ``test_state_postgres_crash.py``. Real clock, trio and asyncio.
 
 from __future__ import annotations
 
+import functools
 import re
+import time
 import traceback
 import urllib.parse
 from pathlib import Path
@@ -24,7 +26,6 @@ import engine
 from engine.config import Config, StateConfig, parse_config
 from engine.errors import ConfigError, SessionError
 from engine.state import PostgresSessionStore, SessionStore, open_session_store
-from engine.state.postgres_driver import PostgresDriver
 
 pytestmark = pytest.mark.anyio
 
@@ -418,10 +419,13 @@ async def test_a_batch_whose_lock_fails_writes_nothing_and_says_why(
     postgres_server: PostgresServer, pg_url: str
 ) -> None:
     """The batch's lock goes in its pipeline: when the lock itself fails (here a lock
-    timeout behind another transaction) the whole batch fails with the server's
-    reason, nothing is written, and the store goes on."""
+    timeout behind another transaction, in the pipelined transaction and then in the
+    one-savepoint-per-action one) the whole batch fails with the server's reason,
+    nothing is written, and the store goes on."""
     async with PostgresSessionStore.open(pg_url, password=postgres_server.password) as store:
         await store.record_action("s", turn_expected=0, **_action("first"))
+        # on both connections that write a batch: the pipelined one, then the fallback's
+        await store._commit_lane.execute("timeout", b"SET lock_timeout = '100ms'", ())
         await store._run("timeout", lambda c: c.execute("SET lock_timeout = '100ms'"), write=True)
         with postgres_server.connect(pg_url) as other, other.transaction():
             other.execute("SELECT 1 FROM sessions WHERE session_id = 's' FOR UPDATE")
@@ -437,13 +441,13 @@ async def test_batches_take_the_pipeline_and_fall_back_on_a_failure(
     """An unknown session or a stale ``turn_expected`` fails alone inside the pipelined
     batch; a failing statement sends the batch to the one-savepoint-per-action path."""
     taken: list[bool] = []
-    real = PostgresDriver.apply_batch
+    real = PostgresSessionStore._write_on_lane
 
-    def spy(self: PostgresDriver, *args: Any) -> bool:
-        taken.append(real(self, *args))
+    async def spy(self: PostgresSessionStore, batch: list[Any]) -> bool:
+        taken.append(await real(self, batch))
         return taken[-1]
 
-    monkeypatch.setattr(PostgresDriver, "apply_batch", spy)
+    monkeypatch.setattr(PostgresSessionStore, "_write_on_lane", spy)
     async with PostgresSessionStore.open(
         pg_url, password=postgres_server.password, in_thread=False
     ) as store:
@@ -484,3 +488,125 @@ async def test_batches_take_the_pipeline_and_fall_back_on_a_failure(
             state = await store.get_session(sid)
             assert (state.turn, state.state) == (2, {"hp": texts[-1]})
         assert store.statistics().batches == 2
+
+
+def _wait_on_server(server: PostgresServer, url: str, pid: int, condition: str) -> None:
+    """Poll (real time, bounded) until backend ``pid`` matches ``condition`` in
+    ``pg_stat_activity``; a connection of its own."""
+    with server.connect(url) as admin:
+        for _ in range(1000):
+            sql = f"SELECT 1 FROM pg_stat_activity WHERE pid = %s AND {condition}"
+            if admin.execute(sql, (pid,)).fetchone():
+                return
+            time.sleep(0.01)
+    pytest.fail(f"backend {pid} never matched {condition}")  # pragma: no cover
+
+
+async def _commit_lane_pid(store: PostgresSessionStore) -> int:
+    ((pid,),) = (await store._commit_lane.execute("pid", b"SELECT pg_backend_pid()", ())).rows
+    return int(str(pid))
+
+
+async def test_a_pipelined_batch_in_flight_queues_later_callers_and_ends_when_cancelled(
+    postgres_server: PostgresServer, pg_url: str
+) -> None:
+    """A batch waiting on the server (here for a row lock another transaction holds):
+    later callers queue for the next batch, a queued caller cancelled leaves unwritten
+    at once, and the cancelled flusher's transaction still runs to its end."""
+    async with PostgresSessionStore.open(pg_url, password=postgres_server.password) as store:
+        await store.ensure_session("s0")
+        await store.ensure_session("s1")
+        pid = await _commit_lane_pid(store)
+        outcomes: dict[str, Any] = {}
+        scopes = {name: anyio.CancelScope() for name in ("first", "a", "b", "c")}
+
+        async def act(name: str, sid: str) -> None:
+            outcomes[name] = "cancelled"
+            with scopes[name]:
+                outcomes[name] = await store.record_action(sid, **_action(name))
+
+        async def settle(until: Any) -> None:
+            for _ in range(1000):
+                if until():
+                    return
+                await anyio.sleep(0.01)
+            pytest.fail("never settled")  # pragma: no cover
+
+        with postgres_server.connect(pg_url) as other:
+            other.execute("BEGIN")
+            other.execute("SELECT 1 FROM sessions WHERE session_id = 's0' FOR UPDATE")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(act, "first", "s0")
+                await anyio.to_thread.run_sync(
+                    _wait_on_server, postgres_server, pg_url, pid, "wait_event_type = 'Lock'"
+                )
+                for name in ("a", "b", "c"):
+                    tg.start_soon(act, name, "s1")
+                await settle(lambda: store.statistics().pending == 3)
+                assert store.statistics().batches == 1 and store.statistics().flushing
+                scopes["a"].cancel()
+                await settle(lambda: store.statistics().withdrawn == 1)
+                scopes["first"].cancel()
+                await anyio.sleep(0.05)
+                assert "first" in outcomes and store.statistics().flushing  # still waiting
+                other.execute("ROLLBACK")
+        assert (outcomes["first"], outcomes["a"]) == ("cancelled", "cancelled")
+        assert sorted([outcomes["b"], outcomes["c"]]) == [1, 2]  # trio starts tasks in any order
+        assert [e.action_text for e in await store.transcript("s0")] == ["first"]
+        assert [e.action_text for e in await store.transcript("s1")] == sorted(
+            ["b", "c"], key=outcomes.__getitem__
+        )
+        stats = store.statistics()
+        assert (stats.batches, stats.largest_batch, stats.actions_written) == (2, 2, 3)
+
+
+async def test_a_pipelined_batch_whose_commit_fails_or_is_lost_says_so(
+    postgres_server: PostgresServer, pg_url: str
+) -> None:
+    """A COMMIT that fails (a deferred trigger) fails the whole batch, nothing written;
+    a COMMIT lost with its connection says the outcome is unknown; the store goes on."""
+    async with PostgresSessionStore.open(pg_url, password=postgres_server.password) as store:
+        await store.ensure_session("s")
+        with postgres_server.connect(pg_url) as conn:
+            conn.execute(
+                "CREATE FUNCTION doom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                " IF NEW.key = 'stall' THEN PERFORM pg_sleep(30); END IF;"
+                " RAISE EXCEPTION 'doomed'; END $$"
+            )
+            conn.execute(
+                "CREATE CONSTRAINT TRIGGER doom AFTER INSERT ON state DEFERRABLE INITIALLY"
+                " DEFERRED FOR EACH ROW WHEN (NEW.key IN ('doom', 'stall'))"
+                " EXECUTE FUNCTION doom()"
+            )
+        outcomes: list[Any] = []
+
+        async def act(**changes: Any) -> None:
+            try:
+                outcomes.append(await store.record_action("s", **_action(**changes)))
+            except SessionError as exc:
+                outcomes.append(exc)
+
+        async with anyio.create_task_group() as tg:  # one batch
+            for changes in ({"hp": 1}, {"doom": 1}, {"hp": 2}):
+                tg.start_soon(functools.partial(act, **changes))
+        assert all("doomed" in str(o) and "whole batch of 3" in str(o) for o in outcomes)
+        assert await store.count_actions("s") == 0
+        pid = await _commit_lane_pid(store)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(act, stall=1))
+            await anyio.to_thread.run_sync(
+                _wait_on_server, postgres_server, pg_url, pid, "wait_event = 'PgSleep'"
+            )
+            with postgres_server.connect() as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        lost = outcomes[-1]
+        assert isinstance(lost, SessionError)
+        assert re.search(
+            r"(?s)lost while committing .*whether the batch of 1 actions was stored is "
+            r"unknown; reread the session",
+            str(lost),
+        )
+        _no_secret(postgres_server, str(lost))
+        assert await store.count_actions("s") == 0  # here it was not
+        assert await store.record_action("s", **_action(hp=9)) == 1  # on a new connection
+        assert await _commit_lane_pid(store) != pid

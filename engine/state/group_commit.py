@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal, TypeVar
 
 import anyio
@@ -149,12 +149,18 @@ class GroupCommit:
             worker thread or on the loop, as ``placement`` says).
         where: names the store in messages.
         placement: where batches are written (the store's; it times them).
+        write_first: a backend's own way to write a batch on the loop, tried before
+            ``write`` without holding ``limiter``: it sets each action's ``result``
+            or ``error`` and returns True, or writes nothing and returns False (then
+            ``write`` runs). PostgreSQL's: one pipelined transaction on a
+            connection of its own.
     """
 
     limiter: anyio.CapacityLimiter
     write: Callable[[list[Pending]], None]
     where: str
     placement: WritePlacement = attrs.field(factory=lambda: WritePlacement("thread"))
+    write_first: Callable[[list[Pending]], Awaitable[bool]] | None = None
     # queued actions in submission order (a dict: O(1) withdrawal)
     _queue: dict[Pending, None] = attrs.field(factory=dict, init=False)
     _flushing: bool = attrs.field(default=False, init=False)
@@ -211,13 +217,14 @@ class GroupCommit:
     async def _flush(self) -> None:
         """Write every queued action in ONE transaction; the caller is the flusher.
 
-        Waiting for the connection (``limiter``) is the batching window: actions
-        queued meanwhile join the batch. Cancellation before the batch is taken
+        Waiting for the connection (``limiter``; with ``write_first``, one pass of
+        the loop) is the batching window: actions queued meanwhile join the batch. Cancellation before the batch is taken
         leaves everything queued (the caller withdraws); after it, the write runs
         shielded to the end and ``Cancelled`` is raised afterwards.
         """
         placement = self.placement
-        holds_slot = placement.may_use_threads  # no thread may hold the connection
+        # no thread may hold the connection (``write_first`` needs none)
+        holds_slot = placement.may_use_threads and self.write_first is None
         if holds_slot:
             await self.limiter.acquire()  # a checkpoint: callers of this loop pass join
         else:
@@ -230,12 +237,16 @@ class GroupCommit:
         self._largest = max(self._largest, len(batch))
         try:
             with anyio.CancelScope(shield=True):
-                if placement.in_thread():
-                    await anyio.to_thread.run_sync(
-                        placement.timed, lambda: self.write(batch), limiter=self._thread_slot
-                    )
-                else:
-                    placement.timed(lambda: self.write(batch))
+                if self.write_first is None or not await self.write_first(batch):
+                    if not holds_slot and placement.may_use_threads:
+                        await self.limiter.acquire()
+                        holds_slot = True
+                    if placement.in_thread():
+                        await anyio.to_thread.run_sync(
+                            placement.timed, lambda: self.write(batch), limiter=self._thread_slot
+                        )
+                    else:
+                        placement.timed(lambda: self.write(batch))
         finally:
             if holds_slot:
                 self.limiter.release()

@@ -1,18 +1,22 @@
 """The shared backend: session state in PostgreSQL, for many engine processes.
 
-Same contract as the SQLite store (one transaction per group-commit batch, one
-SAVEPOINT per action; nothing reported done is lost; turn counters equal
-transcript rows; ``turn_expected`` compare-and-set), plus **session leases**:
-``async with store.session_lease(session_id)`` holds a row of ``session_leases``
-that only one holder at a time can have, so engine processes never run actions of
-one session at the same time. psycopg 3's blocking API runs in a worker thread
-(its async API is asyncio-only; the engine runs on trio too), behind the same lock
-and ``CapacityLimiter(1)`` as SQLite's. A second connection, the *lane*, with its
-own lock, runs the single statements that need no transaction: the leases'
-(their commits do not wait for the WAL flush) and ``find_session``'s read (one
-statement, one snapshot). They cost one round trip each, need no worker thread
-(:mod:`engine.state.postgres_lane`) and never queue behind a group commit's write.
-See docs/state.md ("PostgreSQL").
+Same contract as the SQLite store (one transaction per group-commit batch; one
+action's failure fails that action alone; nothing reported done is lost; turn
+counters equal transcript rows; ``turn_expected`` compare-and-set), plus **session
+leases**: ``async with store.session_lease(session_id)`` holds a row of
+``session_leases`` that only one holder at a time can have, so engine processes
+never run actions of one session at the same time.
+
+Three connections. Two *lanes* are driven from the event loop with libpq's
+non-blocking API (:mod:`engine.state.postgres_lane`; psycopg's async API is
+asyncio-only, and the engine runs on trio too): one runs the single statements that
+need no transaction, the leases' (their commits do not wait for the WAL flush) and
+``find_session``'s read, one round trip each; the other runs each group-commit batch
+as one pipelined transaction, two round trips (:mod:`engine.state.postgres_batch`).
+The main connection runs everything else with psycopg's blocking API in a worker
+thread, behind the same lock and ``CapacityLimiter(1)`` as SQLite's — and a batch
+whose pipelined transaction failed, again with one SAVEPOINT per action. See
+docs/state.md ("PostgreSQL").
 
 Usage::
 
@@ -46,7 +50,8 @@ from ..config import StateConfig
 from ..config_checks import postgres_url_problem, redact_url
 from ..errors import SessionError
 from .base import SessionStoreBase
-from .group_commit import WritePlacement
+from .group_commit import Pending, WritePlacement
+from .postgres_batch import write_on_lane
 from .postgres_driver import PostgresDriver
 from .postgres_lane import Lane
 from .postgres_schema import Scrubber, connect, prepare
@@ -107,6 +112,7 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
     url: str = attrs.field(kw_only=True)
     lease_seconds: float = attrs.field(kw_only=True)
     _lane: Lane = attrs.field(kw_only=True)  # see the module docstring
+    _commit_lane: Lane = attrs.field(kw_only=True)
     _holder: str = attrs.field(
         init=False,
         factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}",
@@ -114,6 +120,13 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
     _leases: itertools.count[int] = attrs.field(init=False, factory=itertools.count)
     # per session: a FIFO lock for this store's waiters (one of them polls the server)
     _waiting: dict[str, tuple[anyio.Lock, int]] = attrs.field(init=False, factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._commit.write_first = self._write_on_lane
+
+    async def _write_on_lane(self, batch: list[Pending]) -> bool:
+        return await write_on_lane(self._commit_lane, batch, self._clock)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -180,9 +193,14 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
             )
 
         conn = await anyio.to_thread.run_sync(first)
+        lanes: list[Lane] = []
         try:
-            lane = await Lane.open(url, reconnect_lane, scrub)
+            lanes.append(await Lane.open(url, reconnect_lane, scrub))
+            lanes.append(await Lane.open(url, reconnect, scrub))
         except BaseException:
+            with anyio.CancelScope(shield=True):
+                for lane in lanes:
+                    await lane.aclose()
             conn.close()
             raise
         store = cls(
@@ -192,7 +210,8 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
             in_thread,
             url=url,
             lease_seconds=float(lease_seconds),
-            lane=lane,
+            lane=lanes[0],
+            commit_lane=lanes[1],
         )
         try:
             yield store
@@ -359,4 +378,5 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
         """Close both connections (after the statements in flight); idempotent."""
         with anyio.CancelScope(shield=True):
             await self._lane.aclose()
+            await self._commit_lane.aclose()
             await super().aclose()
