@@ -282,10 +282,9 @@ class GroupCommit:
 def write_batch(driver: Driver[C], batch: list[Pending], clock: Callable[[], float]) -> None:
     """One transaction; each action in its own SAVEPOINT (runs holding the connection).
 
-    Sets each action's ``result`` or ``error``. A backend may apply the whole batch
-    faster first (``Driver.apply_batch``, PostgreSQL's pipeline); if it cannot (one
-    of its statements failed) it changes nothing and the savepoint loop runs. An action's own failure rolls back
-    that action only; a failure of the transaction itself (BEGIN, COMMIT, or an
+    Sets each action's ``result`` or ``error``. The batch's sessions are locked
+    first (``Driver.lock_sessions``). An action's own failure rolls back that action
+    only; a failure of the transaction itself (BEGIN, COMMIT, or an
     error after which the backend aborted the whole transaction, such as a full
     disk or a lost connection) fails every action of the batch and writes none —
     except that when a COMMIT is lost with the connection, PostgreSQL may have
@@ -296,7 +295,8 @@ def write_batch(driver: Driver[C], batch: list[Pending], clock: Callable[[], flo
     conn: C | None = None
     try:
         conn = driver.begin(write=True)
-        for pending in [] if driver.apply_batch(conn, batch, clock) else batch:
+        driver.lock_sessions(conn, sorted({p.action.session_id for p in batch}))
+        for pending in batch:
             conn.execute("SAVEPOINT action")
             try:
                 pending.result = driver.rows.apply_action(conn, pending.action, clock())

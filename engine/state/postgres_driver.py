@@ -1,7 +1,7 @@
 """The PostgreSQL store's driver: the transactions of its main connection (in a
-worker thread), errors, reconnection, and the lock a group-commit batch takes on the
-one-SAVEPOINT-per-action path (which runs when the batch's fast path, one pipelined
-transaction on the commit lane, failed: see ``postgres_batch``).
+worker thread), errors, reconnection, and the sessions' lock of a group-commit batch
+on the one-SAVEPOINT-per-action path (which runs when the batch's pipelined
+transaction on the commit lane failed: see ``postgres_batch``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import Any
 
 import psycopg
 
-from .group_commit import Pending
 from .postgres_schema import Scrubber
 from .rows import Driver, Rows
 
@@ -77,18 +76,10 @@ class PostgresDriver(Driver["psycopg.Connection[Any]"]):
     def describe(self, exc: BaseException) -> str:
         return self._scrub(str(exc))
 
-    def apply_batch(
-        self,
-        conn: psycopg.Connection[Any],
-        batch: Sequence[Pending],
-        clock: Callable[[], float],
-    ) -> bool:
-        """Lock the batch's sessions (in one order: two engines' batches never deadlock)
-        and return False: each action then runs in its own SAVEPOINT. (The fast path,
-        one pipelined transaction, ran before on the commit lane and failed; see
-        ``postgres_batch``.)"""
-        conn.execute(_LOCK, (sorted({p.action.session_id for p in batch}),))
-        return False
+    def lock_sessions(self, conn: psycopg.Connection[Any], session_ids: Sequence[str]) -> None:
+        """``SELECT … ORDER BY session_id FOR UPDATE``: two engines' batches never
+        deadlock on their sessions."""
+        conn.execute(_LOCK, (list(session_ids),))
 
     def commit_outcome_unknown(self, conn: psycopg.Connection[Any], exc: BaseException) -> bool:
         return conn.closed or conn.broken

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..errors import SessionError
@@ -68,14 +68,10 @@ class Driver(abc.ABC, Generic[C]):
         """The text of a driver error, fit for a message (e.g. without secrets)."""
         return str(exc)
 
-    def apply_batch(self, conn: C, batch: Sequence[Any], clock: Callable[[], float]) -> bool:
-        """A backend's faster way to apply a whole batch (``Pending`` actions) in the
-        open transaction: set every action's ``result`` or ``error`` and return True,
-        or change nothing and return False (then each action runs in its own
-        SAVEPOINT). A backend whose transaction does not exclude other writers locks
-        the batch's sessions here first, and keeps that lock when it returns False.
-        Default: False (SQLite: the write transaction excludes every other writer)."""
-        return False
+    def lock_sessions(self, conn: C, session_ids: Sequence[str]) -> None:
+        """Lock these sessions' rows for the open write transaction, in one order (a
+        backend whose write transaction does not exclude every other writer, as
+        PostgreSQL's); default: nothing (SQLite's excludes them all)."""
 
     def commit_outcome_unknown(self, conn: C, exc: BaseException) -> bool:
         """Whether a failed ``COMMIT`` may have committed all the same (a lost connection)."""
