@@ -168,14 +168,16 @@ class SimulatedAgent:
         if sink is None or self.output != "text":
             await anyio.sleep(latency)
         else:
-            await anyio.sleep(first)
+            # each piece is due at a fixed time from the start, as a server's stream
+            # arrives whatever the reader does: a late wake-up delays the pieces after
+            # it only until they are due, instead of pushing every later one back
+            start = anyio.current_time()
             pieces = _pieces(answer["text"], latency - first)
             step = (latency - first) / max(len(pieces), 1)
             for i, piece in enumerate(pieces):
-                if i:
-                    await anyio.sleep(step)
+                await anyio.sleep_until(start + first + i * step)
                 sink(piece)
-            await anyio.sleep(step)
+            await anyio.sleep_until(start + latency)
         answer["usage"] = {
             "input_tokens": total,
             "cached_tokens": cached,

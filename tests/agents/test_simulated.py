@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
 import anyio
 import attrs
 import pytest
+import trio
 
 from engine.agents.base import AgentRequest
 from engine.agents.prompts import build_prompt
@@ -180,6 +182,39 @@ async def test_piece_times_are_exact_in_virtual_time() -> None:
     step = (latency - 0.5) / n
     assert [t for t, _ in sink.got] == pytest.approx([0.5 + i * step for i in range(n)])
     assert elapsed == pytest.approx(latency, abs=1e-12)
+
+
+def _stall(seconds: float) -> None:
+    """Move the virtual clock on without running anything: an event loop busy elsewhere."""
+    try:
+        trio.lowlevel.current_clock().jump(seconds)  # type: ignore[attr-defined]
+    except RuntimeError:  # not in trio: the VirtualTimeLoop
+        loop = asyncio.get_running_loop()
+        loop._virtual_now += seconds  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+async def test_a_reader_that_falls_behind_catches_up_with_the_stream() -> None:
+    """Each piece is due at a fixed time from the start, as a server's stream arrives
+    whatever the reader does: a reader stalled at the first piece gets the pieces due
+    meanwhile at once and ends on time, instead of pushing every later one back."""
+    agent = SimulatedAgent("narrator", NO_JITTER, output_tokens=100, seed=1)
+    sink = Pieces()
+
+    def stalled(piece: str) -> None:
+        sink(piece)
+        if len(sink.got) == 1:
+            _stall(0.4)
+
+    out = await agent.run(request(stalled), {})
+    latency = out["simulated_latency"]
+    assert anyio.current_time() - sink.t0 == pytest.approx(latency, abs=1e-12)
+    assert sink.text == out["text"]
+    n = len(sink.got)
+    step = (latency - 0.5) / n
+    due = [0.5 + i * step for i in range(n)]
+    assert [t for t, _ in sink.got] == pytest.approx([0.5, *(max(0.9, d) for d in due[1:])])
+    assert sum(d < 0.9 for d in due) > 1  # the stall did hold pieces back
 
 
 @pytest.mark.anyio
