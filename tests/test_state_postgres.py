@@ -8,6 +8,7 @@ crash safety in ``test_state_postgres_crash.py``. Real clock, trio and asyncio.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import attrs
 import pg_server
 import pytest
@@ -610,3 +612,47 @@ async def test_a_pipelined_batch_whose_commit_fails_or_is_lost_says_so(
         assert await store.count_actions("s") == 0  # here it was not
         assert await store.record_action("s", **_action(hp=9)) == 1  # on a new connection
         assert await _commit_lane_pid(store) != pid
+
+
+async def test_the_lane_sends_statements_called_meanwhile_in_one_pipeline_each_alone(
+    postgres_server: PostgresServer, pg_url: str
+) -> None:
+    """Statements called while the lane waits for the server go together in its next
+    pipeline, each its own transaction (one failing fails alone); a caller cancelled
+    before they were sent sends nothing."""
+    async with PostgresSessionStore.open(pg_url, password=postgres_server.password) as store:
+        lane = store._lane
+        outcomes: dict[str, Any] = {}
+        ghost = anyio.CancelScope()
+
+        async def run(name: str, sql: bytes, *params: Any) -> None:
+            outcomes[name] = "cancelled"
+            with ghost if name == "ghost" else contextlib.nullcontext():
+                try:
+                    outcomes[name] = (await lane.execute(name, sql, params)).rows
+                except SessionError as exc:
+                    outcomes[name] = str(exc)
+
+        async def until(condition: Any) -> None:
+            while not condition():
+                await anyio.lowlevel.checkpoint()
+
+        first = lane.pipelines
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "slow", b"SELECT 'slow' FROM pg_sleep(0.3)")
+            await until(lambda: lane.pipelines == first + 1)  # sent, not yet answered
+            tg.start_soon(run, "ghost", b"INSERT INTO session_leases VALUES ('g', 'h', now())")
+            await until(lambda: len(lane._queue) == 1)
+            ghost.cancel()
+            await until(lambda: not lane._queue)
+            for i in range(4):
+                tg.start_soon(run, f"double {i}", b"SELECT $1::int * 2", i)
+            tg.start_soon(run, "broken", b"SELECT 1 / $1::int", 0)
+            await until(lambda: len(lane._queue) == 5)
+        assert lane.pipelines == first + 2  # the slow one, then the other five together
+        assert outcomes.pop("slow") == [("slow",)]
+        assert outcomes.pop("ghost") == "cancelled"
+        assert re.fullmatch(r"broken on '.*' failed: .*division by zero", outcomes.pop("broken"))
+        assert outcomes == {f"double {i}": [(str(2 * i),)] for i in range(4)}
+        with postgres_server.connect(pg_url) as conn:
+            assert conn.execute("SELECT count(*) FROM session_leases").fetchone()[0] == 0

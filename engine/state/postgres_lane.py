@@ -10,7 +10,10 @@ a worker thread (on trio about 0.15 ms of CPU each, several times the statement'
 client cost), and the statements sent together share one round trip.
 
 Guarantees:
-    * Calls run one at a time, in the order their callers came (FIFO).
+    * Statements run in the order their callers came (FIFO), a transaction's alone;
+      ``execute`` calls made while a pipeline is under way go together in the next one
+      (one round trip and one wake-up of the loop for all of them under load), each
+      still its own transaction.
     * What was sent runs to its end even if its caller is cancelled (the wait for the
       results is shielded), so its outcome is known and the connection stays in step;
       a caller cancelled while still waiting for its turn sends nothing.
@@ -74,6 +77,20 @@ class LaneResult:
         return cls(rows, result.command_tuples or 0)
 
 
+@attrs.define(eq=False)
+class _Call:
+    """One ``execute`` call: queued, then taken into a pipeline, then done."""
+
+    op: str
+    statement: Statement
+    taken: bool = False
+    promoted: bool = False  # its caller sends the next pipeline
+    result: pq.abc.PGresult | None = None
+    error: SessionError | None = None
+    wakeup: anyio.Event = attrs.field(factory=anyio.Event)  # promoted, or done
+    done: anyio.Event = attrs.field(factory=anyio.Event)
+
+
 @final
 @attrs.define(eq=False)
 class Lane:
@@ -90,6 +107,11 @@ class Lane:
     _prepared: dict[bytes, bytes] = attrs.field(factory=dict, init=False)
     _names: itertools.count[int] = attrs.field(factory=itertools.count, init=False)
     _dumper: abc.Transformer = attrs.field(factory=Transformer, init=False)
+    # ``execute`` calls not yet sent, in call order, and whether a caller sends them
+    _queue: dict[_Call, None] = attrs.field(factory=dict, init=False)
+    _sending: bool = attrs.field(default=False, init=False)
+    #: pipelines sent so far (one round trip each; a transaction sends two)
+    pipelines: int = attrs.field(default=0, init=False)
 
     @classmethod
     async def open(
@@ -115,19 +137,83 @@ class Lane:
         return conn
 
     async def execute(self, op: str, sql: bytes, params: Sequence[Any]) -> LaneResult:
-        """Run one statement, autocommit.
+        """Run one statement, autocommit. Statements called while a pipeline is under
+        way are sent together in the next one (one round trip), each still its own
+        transaction: one's failure fails it alone.
 
         Raises:
             SessionError: the lane is closed, the statement failed, or the server
                 could not be reached (twice).
         """
-        async with self._lock:
+        call = _Call(op, (sql, params))
+        self._queue[call] = None
+        if not self._sending:
+            self._sending = call.promoted = True
+        try:
+            if not call.promoted:
+                await call.wakeup.wait()  # promoted, or done by another caller's pipeline
+            if not call.taken:
+                await self._send_queued()
+        except BaseException:
             with anyio.CancelScope(shield=True):
-                self._check_open(op)
-                (result,) = await self._send_on_live(op, [(sql, params)])
-        if result.status not in _OK:
-            raise self._error(op, result.get_error_message())
-        return LaneResult.of(result)
+                if call.taken:
+                    await call.done.wait()  # sent: its outcome comes, whatever we do
+                else:
+                    self._withdraw(call)  # never sent
+            raise
+        if call.error is not None:
+            raise call.error
+        assert call.result is not None
+        if call.result.status not in _OK:
+            raise self._error(op, call.result.get_error_message())
+        return LaneResult.of(call.result)
+
+    async def _send_queued(self) -> None:
+        """Send every queued call in one pipeline (the caller was promoted), then pass
+        the role on to the oldest call queued meanwhile."""
+        async with self._lock:  # a transaction may hold the connection
+            batch = list(self._queue)
+            self._queue.clear()
+            for call in batch:
+                call.taken = True
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._run_calls(batch)
+            finally:
+                for call in batch:
+                    call.done.set()
+                    call.wakeup.set()
+                self._hand_off()
+
+    async def _run_calls(self, batch: list[_Call]) -> None:
+        """Send the calls' statements, each followed by its own sync (its own
+        transaction); set each call's result or error."""
+        if self._closed:
+            for call in batch:
+                call.error = SessionError(f"{call.op}: the session store {self.where!r} is closed")
+            return
+        try:
+            results = await self._send_on_live([call.statement for call in batch], each=True)
+        except psycopg.OperationalError as exc:
+            for call in batch:
+                call.error = self._error(call.op, str(exc))
+            return
+        for call, result in zip(batch, results, strict=True):
+            call.result = result
+
+    def _withdraw(self, call: _Call) -> None:
+        """Remove a cancelled caller's unsent call; pass on its sender role."""
+        del self._queue[call]
+        if call.promoted:
+            self._hand_off()
+
+    def _hand_off(self) -> None:
+        """The sender role is free: give it to the oldest queued call, if any."""
+        for first in self._queue:
+            first.promoted = True
+            first.wakeup.set()
+            return
+        self._sending = False
 
     async def transaction(self, op: str, statements: Sequence[Statement]) -> list[LaneResult]:
         """Run ``statements`` in ONE transaction and commit it: two round trips
@@ -141,7 +227,10 @@ class Lane:
         async with self._lock:
             with anyio.CancelScope(shield=True):
                 self._check_open(op)
-                results = await self._send_on_live(op, [(b"BEGIN", ()), *statements])
+                try:
+                    results = await self._send_on_live([(b"BEGIN", ()), *statements])
+                except psycopg.OperationalError as exc:
+                    raise self._error(op, str(exc)) from None
                 failed = next((r for r in results if r.status not in _OK), None)
                 if failed is None:
                     failed = await self._commit(op)
@@ -191,10 +280,10 @@ class Lane:
         conn.close()
 
     async def _send_on_live(
-        self, op: str, statements: Sequence[Statement]
+        self, statements: Sequence[Statement], *, each: bool = False
     ) -> list[pq.abc.PGresult]:
         """Send on a live connection; when the connection dies meanwhile, send once
-        more on a new one."""
+        more on a new one (raise ``OperationalError`` if that fails too)."""
         for last_try in (False, True):
             conn = self._conn
             if _dead(conn):
@@ -202,19 +291,21 @@ class Lane:
                 self._prepared.clear()
                 self._conn = conn = await anyio.to_thread.run_sync(self._ready, self._connect)
             try:
-                return await self._send(conn.pgconn, statements)
-            except psycopg.OperationalError as exc:
+                return await self._send(conn.pgconn, statements, each=each)
+            except psycopg.OperationalError:
                 if last_try or not _dead(conn):
-                    raise self._error(op, str(exc)) from None
+                    raise
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     async def _send(
-        self, pgconn: pq.abc.PGconn, statements: Sequence[Statement]
+        self, pgconn: pq.abc.PGconn, statements: Sequence[Statement], *, each: bool = False
     ) -> list[pq.abc.PGresult]:
         """Send ``statements`` in one pipeline, each prepared on this connection the
         first time it is sent (the server then parses and plans it once), and return
         one result per statement: a failed one, and the ones the server then skipped,
-        are failed results. Raise ``OperationalError`` when the connection fails."""
+        are failed results. ``each``: a sync after every statement, so each is its own
+        transaction and a failure skips nothing else. Raise ``OperationalError`` when
+        the connection fails."""
         dump = self._dumper.dump_sequence
         values = [dump(params, [PyFormat.TEXT] * len(params)) for _, params in statements]
         prepared = self._prepared
@@ -230,8 +321,12 @@ class Lane:
                     sent.append(sql)
                 pgconn.send_query_prepared(name, params)
                 sent.append(None)
-            pgconn.pipeline_sync()
-            results = await self._results(pgconn)
+                if each:
+                    pgconn.pipeline_sync()
+            if not each:
+                pgconn.pipeline_sync()
+            self.pipelines += 1
+            results = await self._results(pgconn, len(statements) if each else 1)
         finally:
             with contextlib.suppress(psycopg.OperationalError):
                 pgconn.exit_pipeline_mode()  # fails only with the connection
@@ -240,9 +335,9 @@ class Lane:
                 prepared[first] = fresh[first]
         return [result for first, result in zip(sent, results, strict=True) if first is None]
 
-    async def _results(self, pgconn: pq.abc.PGconn) -> list[pq.abc.PGresult]:
-        """Flush the pipeline and read its results up to its sync (a connection the
-        server is closing counts as failed: it is then BAD)."""
+    async def _results(self, pgconn: pq.abc.PGconn, syncs: int) -> list[pq.abc.PGresult]:
+        """Flush the pipeline and read its results up to its last of ``syncs`` syncs
+        (a connection the server is closing counts as failed: it is then BAD)."""
         fd = pgconn.socket
         while pgconn.flush():
             await anyio.wait_writable(fd)
@@ -258,7 +353,9 @@ class Lane:
                     results.append(last)
                     last = None
                 elif result.status == pq.ExecStatus.PIPELINE_SYNC:
-                    return results
+                    syncs -= 1
+                    if not syncs:
+                        return results
                 elif result.status not in _OK and pgconn.status == pq.ConnStatus.BAD:
                     raise psycopg.OperationalError(result.get_error_message())
                 else:
