@@ -27,7 +27,11 @@ Guarantees:
 * **Waiting, and fairness between processes.** A call that cannot be admitted
   waits: for a rate, as long as the script says (plus up to 2 ms of jitter); for a
   slot, until a holder in this process releases one or a jittered backoff (5 ms
-  doubling to 50 ms) expires; then it asks Redis again. Within a process waiters are
+  doubling to 50 ms) expires; then it asks Redis again. A call that finds nobody of
+  its process waiting asks Redis at once, beside other such calls (their admissions
+  go out together on the one multiplexed connection), and is admitted only if every
+  head queued in Redis (below) could have a slot too; refused, it takes no place
+  there and joins its process's queue. Within a process waiters are
   served FIFO and only the head of that queue asks Redis. The heads of the waiting
   processes queue in Redis (a sorted set of tickets, ordered by when each head first
   asked, dropped when not refreshed for ``min(lease_seconds, 2 s)``), and a slot
@@ -266,8 +270,10 @@ class RedisLimiter:
     _lease_prefix: str = attrs.field(init=False)
     _lease_serial: int = attrs.field(init=False, default=0)
     _ticket_seconds: float = attrs.field(init=False)
-    _admit_args: tuple[int | float, ...] = attrs.field(init=False)
+    _slot_args: tuple[int, ...] = attrs.field(init=False)
+    _rate_args: tuple[int | float, ...] = attrs.field(init=False)
     _waiting: int = attrs.field(init=False, default=0)
+    _queued: int = attrs.field(init=False, default=0)  # callers in ``_queue``'s path
     _acquired: int = attrs.field(init=False, default=0)
     _waited: int = attrs.field(init=False, default=0)
     _wait_seconds: float = attrs.field(init=False, default=0.0)
@@ -285,10 +291,12 @@ class RedisLimiter:
         host = socket.gethostname().replace(":", "_")
         self._lease_prefix = f"{host}:{os.getpid()}:{secrets.token_hex(4)}"
         self._ticket_seconds = min(self.lease_seconds, _TICKET_SECONDS)
-        self._admit_args = (
+        self._slot_args = (
             self.max_concurrent or 0,
             round(self.lease_seconds * 1e6),
             round(self._ticket_seconds * 1e6),
+        )
+        self._rate_args = (
             _interval_us(self.requests_per_minute),
             self.requests_burst,
             1,
@@ -479,27 +487,28 @@ class RedisLimiter:
         waited = False
         self._waiting += 1
         try:
-            async with self._queue:  # FIFO within the process; only the head polls
-                backoff = _BACKOFF_MIN
-                while True:
-                    asked = True
-                    attempt = await self._try_admit(lease_id, tokens)
-                    if attempt.admitted:
-                        break
-                    waited = True
-                    if attempt.rate_wait > 0:
-                        self._rate_limited += 1
-                        delay = attempt.rate_wait + self._random.uniform(0, _RATE_JITTER)
-                        if lease_id is not None:  # ask again before the ticket expires
-                            delay = min(delay, self._ticket_seconds / 3)
-                        await anyio.sleep(delay)
-                    else:
-                        self._full += 1
-                        delay = backoff * self._random.uniform(0.5, 1.0)
-                        delay = min(delay, self._ticket_seconds / 3)
-                        backoff = min(backoff * 2, _BACKOFF_MAX)
-                        with anyio.move_on_after(delay):
-                            await self._released.wait()  # a local release: ask again now
+            attempt = None
+            if not self._queued:  # nobody of this process waits: ask at once, beside others
+                asked = True
+                attempt = await self._try_admit(lease_id, tokens, queue=False)
+                waited = not attempt.admitted
+                if waited:
+                    self._count_refusal(attempt)
+            if attempt is None or not attempt.admitted:
+                self._queued += 1
+                try:
+                    async with self._queue:  # FIFO within the process; only the head polls
+                        backoff = _BACKOFF_MIN
+                        while True:
+                            asked = True
+                            attempt = await self._try_admit(lease_id, tokens, queue=True)
+                            if attempt.admitted:
+                                break
+                            waited = True
+                            self._count_refusal(attempt)
+                            backoff = await self._wait_after(attempt, lease_id is not None, backoff)
+                finally:
+                    self._queued -= 1
         except BaseException:
             # Cancelled or failed, perhaps after the script admitted us: hold nothing.
             if lease_id is not None and asked:
@@ -513,9 +522,33 @@ class RedisLimiter:
         self._waited += waited
         return Lease(lease_id, attempt.now, anyio.current_time() - start, tokens)
 
-    async def _try_admit(self, lease_id: str | None, tokens: int) -> _Attempt:
-        """One run of the admission script, shielded: its outcome is always known."""
-        args = (lease_id or "", *self._admit_args, tokens)
+    def _count_refusal(self, attempt: _Attempt) -> None:
+        if attempt.rate_wait > 0:
+            self._rate_limited += 1
+        else:
+            self._full += 1
+
+    async def _wait_after(self, refused: _Attempt, queued: bool, backoff: float) -> float:
+        """Wait before the head asks again; return the next backoff. For a rate, as
+        long as the script said (a queued head asks again before its ticket expires);
+        for a slot, until a holder of this process releases one or the jittered
+        backoff expires."""
+        if refused.rate_wait > 0:
+            delay = refused.rate_wait + self._random.uniform(0, _RATE_JITTER)
+            if queued:
+                delay = min(delay, self._ticket_seconds / 3)
+            await anyio.sleep(delay)
+            return backoff
+        delay = min(backoff * self._random.uniform(0.5, 1.0), self._ticket_seconds / 3)
+        with anyio.move_on_after(delay):
+            await self._released.wait()  # a local release: ask again now
+        return min(backoff * 2, _BACKOFF_MAX)
+
+    async def _try_admit(self, lease_id: str | None, tokens: int, *, queue: bool) -> _Attempt:
+        """One run of the admission script, shielded: its outcome is always known.
+        ``queue``: as a waiting process's head, which keeps its place in the queue of
+        heads in Redis; else as a newcomer, which takes no place there."""
+        args = (lease_id or "", *self._slot_args, int(queue), *self._rate_args, tokens)
         with anyio.CancelScope(shield=True):
             reply = await self._call(
                 self._evalsha(self._admit_script, self._keys, args), "admitting a call"

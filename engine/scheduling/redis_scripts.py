@@ -28,8 +28,10 @@ end
 """
 
 #: KEYS: slots zset, queue zset, tickets zset, requests key, tokens key.
-#: ARGV: lease id, slots (0: none), lease µs, ticket µs, then per rate (requests,
-#: tokens): interval µs per unit (0: none), burst units, cost units.
+#: ARGV: lease id, slots (0: none), lease µs, ticket µs, queue (1: a waiting process's
+#: head, which keeps its place in the queue of heads; 0: a newcomer, admitted only if
+#: every queued head could have a slot too, and not queued when refused), then per
+#: rate (requests, tokens): interval µs per unit (0: none), burst units, cost units.
 #: Returns {admitted, rate wait µs, reclaimed, held, now µs, slots full}.
 ADMIT = (
     PRELUDE
@@ -38,6 +40,7 @@ local lease = ARGV[1]
 local slots = tonumber(ARGV[2])
 local lease_us = tonumber(ARGV[3])
 local ticket_us = tonumber(ARGV[4])
+local queue = tonumber(ARGV[5]) == 1
 local reclaimed, held, ahead = 0, 0, 0
 if slots > 0 then
   if redis.call('ZSCORE', KEYS[1], lease) then
@@ -51,18 +54,22 @@ if slots > 0 then
   local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
   for i = 1, #gone do redis.call('ZREM', KEYS[2], gone[i]) end
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  redis.call('ZADD', KEYS[2], 'NX', now, lease)
-  redis.call('ZADD', KEYS[3], now + ticket_us, lease)
-  keep_key(KEYS[2], ticket_us)
-  keep_key(KEYS[3], ticket_us)
-  ahead = redis.call('ZRANK', KEYS[2], lease)
+  if queue then
+    redis.call('ZADD', KEYS[2], 'NX', now, lease)
+    redis.call('ZADD', KEYS[3], now + ticket_us, lease)
+    keep_key(KEYS[2], ticket_us)
+    keep_key(KEYS[3], ticket_us)
+    ahead = redis.call('ZRANK', KEYS[2], lease)
+  else
+    ahead = redis.call('ZCARD', KEYS[2])
+  end
 end
 local wait = 0
 local tats = {}
 for i = 1, 2 do
-  local interval = tonumber(ARGV[2 + 3 * i])
-  local burst = tonumber(ARGV[3 + 3 * i])
-  local cost = tonumber(ARGV[4 + 3 * i])
+  local interval = tonumber(ARGV[3 + 3 * i])
+  local burst = tonumber(ARGV[4 + 3 * i])
+  local cost = tonumber(ARGV[5 + 3 * i])
   if interval > 0 and cost > 0 then
     local tat = tonumber(redis.call('GET', KEYS[3 + i]) or 0)
     if tat < now then tat = now end

@@ -180,6 +180,85 @@ async def test_never_more_than_n_holders_across_limiters(redis_url: str) -> None
         assert counts[-1] == 0
 
 
+async def _until(condition: Callable[[], bool]) -> None:
+    """Poll (real time, bounded) until ``condition()`` holds."""
+    for _ in range(2000):
+        if condition():
+            return
+        await anyio.sleep(0.005)
+    pytest.fail("the condition never held")  # pragma: no cover
+
+
+async def test_callers_finding_nobody_waiting_ask_redis_at_once(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With slots free, concurrent callers of one process are admitted together (their
+    admissions in flight at once), not one round trip after another."""
+    original = RedisLimiter._try_admit
+    in_flight = most = 0
+
+    async def counted(self: RedisLimiter, *args: Any, **kwargs: Any) -> Any:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            return await original(self, *args, **kwargs)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(RedisLimiter, "_try_admit", counted)
+    async with RedisLimiter.connect(redis_url, name=fresh_name(), max_concurrent=10) as limiter:
+        entered = anyio.Event()
+        inside = 0
+
+        async def hold() -> None:
+            nonlocal inside
+            async with limiter.slot():
+                inside += 1
+                if inside == 10:
+                    entered.set()
+                await entered.wait()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(hold)
+        stats = limiter.statistics()
+        assert (most, stats.acquired, stats.waited) == (10, 10, 0)
+
+
+async def test_a_refused_newcomer_takes_no_place_in_the_queue_of_heads(redis_url: str) -> None:
+    """Callers refused at once wait in their process's queue, whose head alone holds a
+    place in Redis's queue of heads; then they are served in turn."""
+    name = fresh_name()
+    queue_key = f"dm-engine:limits:{{{name}}}:queue"
+    async with (
+        coredis.Redis.from_url(redis_url) as probe,
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=2) as a,
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=2) as b,
+    ):
+        release = anyio.Event()
+        served = 0
+
+        async def hold(limiter: RedisLimiter, until: anyio.Event | None) -> None:
+            nonlocal served
+            async with limiter.slot():
+                served += 1
+                if until is not None:
+                    await until.wait()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(hold, a, release)
+            await _until(lambda: a.statistics().held == 2)
+            for _ in range(5):
+                tg.start_soon(hold, b, None)
+            await _until(lambda: b.statistics().full >= 5)  # each was refused at least once
+            assert await probe.zcard(queue_key) == 1  # b's head only
+            release.set()
+        assert served == 7
+        assert await probe.zcard(queue_key) == 0
+
+
 CHILD_LOAD = """
 import sys, trio, coredis
 from engine.scheduling.global_limits import RedisLimiter
@@ -343,8 +422,10 @@ async def test_cancelled_after_the_script_admitted_releases(
     original = RedisLimiter._try_admit
     scope = anyio.CancelScope()
 
-    async def admit_then_cancel(self: RedisLimiter, lease_id: str | None, tokens: int) -> Any:
-        attempt = await original(self, lease_id, tokens)
+    async def admit_then_cancel(
+        self: RedisLimiter, lease_id: str | None, tokens: int, *, queue: bool
+    ) -> Any:
+        attempt = await original(self, lease_id, tokens, queue=queue)
         assert attempt.admitted and await self.held_globally() == 1
         scope.cancel()
         await anyio.lowlevel.checkpoint()  # raises the cancellation here
