@@ -218,9 +218,10 @@ class GroupCommit:
         """Write every queued action in ONE transaction; the caller is the flusher.
 
         Waiting for the connection (``limiter``; with ``write_first``, one pass of
-        the loop) is the batching window: actions queued meanwhile join the batch. Cancellation before the batch is taken
-        leaves everything queued (the caller withdraws); after it, the write runs
-        shielded to the end and ``Cancelled`` is raised afterwards.
+        the loop) is the batching window: actions queued meanwhile join the batch.
+        Cancellation before the batch is taken leaves everything queued (the caller
+        withdraws); after it, the write runs shielded to the end and ``Cancelled``
+        is raised afterwards.
         """
         placement = self.placement
         # no thread may hold the connection (``write_first`` needs none)

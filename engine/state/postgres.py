@@ -11,7 +11,8 @@ Three connections. Two *lanes* are driven from the event loop with libpq's
 non-blocking API (:mod:`engine.state.postgres_lane`; psycopg's async API is
 asyncio-only, and the engine runs on trio too): one runs the single statements that
 need no transaction, the leases' (their commits do not wait for the WAL flush) and
-``find_session``'s read, one round trip each; the other runs each group-commit batch
+``find_session``'s read, the ones called together in one round trip; the other runs
+each group-commit batch
 as one pipelined transaction, two round trips (:mod:`engine.state.postgres_batch`).
 The main connection runs everything else with psycopg's blocking API in a worker
 thread, behind the same lock and ``CapacityLimiter(1)`` as SQLite's — and a batch

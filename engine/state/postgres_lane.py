@@ -194,7 +194,7 @@ class Lane:
             return
         try:
             results = await self._send_on_live([call.statement for call in batch], each=True)
-        except psycopg.OperationalError as exc:
+        except psycopg.Error as exc:  # the connection failed (or a value could not be sent)
             for call in batch:
                 call.error = self._error(call.op, str(exc))
             return
