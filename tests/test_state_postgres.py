@@ -22,6 +22,8 @@ import anyio.lowlevel
 import attrs
 import pg_server
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pg_server import PASSWORD_ENV, PostgresServer
 
 import engine
@@ -656,3 +658,79 @@ async def test_the_lane_sends_statements_called_meanwhile_in_one_pipeline_each_a
         assert outcomes == {f"double {i}": [(str(2 * i),)] for i in range(4)}
         with postgres_server.connect(pg_url) as conn:
             assert conn.execute("SELECT count(*) FROM session_leases").fetchone()[0] == 0
+
+
+# each call: whether its statement succeeds, and after how many of the test's
+# checkpoints its caller is cancelled (None: never)
+_lane_calls = st.lists(
+    st.tuples(st.sampled_from(["ok", "fail"]), st.one_of(st.none(), st.integers(0, 8))),
+    min_size=1,
+    max_size=12,
+)
+
+
+async def _lane_schedule(
+    server: PostgresServer, url: str, calls: list[tuple[str, int | None]]
+) -> tuple[list[int], dict[int, Any], list[tuple[int, int]]]:
+    """Run the calls at once on a store's lane, cancelling as drawn; return the order
+    the calls entered ``execute``, each one's outcome, and the rows written."""
+    order: list[int] = []
+    outcome: dict[int, Any] = {}
+    scopes = [anyio.CancelScope() for _ in calls]
+    async with PostgresSessionStore.open(url, password=server.password) as store:
+        lane = store._lane
+
+        async def one(i: int, kind: str) -> None:
+            sql = b"INSERT INTO log (tag) VALUES ($1::int) RETURNING id"
+            if kind == "fail":
+                sql = b"INSERT INTO log (tag) SELECT $1::int WHERE 1 / 0 = 1"
+            outcome[i] = "cancelled"
+            with scopes[i]:
+                order.append(i)  # no checkpoint before execute queues the call
+                try:
+                    outcome[i] = (await lane.execute("log", sql, (i,))).rows
+                except SessionError as exc:
+                    outcome[i] = exc
+
+        async with anyio.create_task_group() as tg:
+            for i, (kind, _) in enumerate(calls):
+                tg.start_soon(one, i, kind)
+            for step in range(10):
+                for i, (_, at) in enumerate(calls):
+                    if at == step:
+                        scopes[i].cancel()
+                await anyio.lowlevel.checkpoint()
+        assert not lane._queue and not lane._sending  # nothing left behind
+    with server.connect(url) as conn:
+        rows = [(int(r[0]), int(r[1])) for r in conn.execute("SELECT id, tag FROM log ORDER BY id")]
+    return order, outcome, rows
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(calls=_lane_calls)
+def test_lane_calls_with_cancellations_match_the_sequential_model(
+    backend: str, postgres_server: PostgresServer, calls: list[tuple[str, int | None]]
+) -> None:
+    """Concurrent ``execute`` calls, some failing, some cancelled at any point: each
+    statement runs at most once, in the order the calls came; a failing one fails
+    alone; one that returned is stored with the id it returned; a cancelled one is
+    stored or not, never twice; the lane is left idle."""
+    url = postgres_server.schema_url()
+    with postgres_server.connect(url) as conn:
+        conn.execute("CREATE TABLE log (id bigserial PRIMARY KEY, tag integer NOT NULL)")
+    order, outcome, rows = anyio.run(_lane_schedule, postgres_server, url, calls, backend=backend)
+    tags = [tag for _, tag in rows]
+    assert len(set(tags)) == len(tags)  # never twice
+    assert tags == [i for i in order if i in tags]  # in the order the calls came
+    for i, (kind, cancel_at) in enumerate(calls):
+        out = outcome[i]
+        if out == "cancelled":
+            assert cancel_at is not None
+            assert kind == "ok" or i not in tags
+        elif kind == "fail":
+            assert isinstance(out, SessionError) and "division by zero" in str(out)
+            assert i not in tags
+        else:
+            ((returned,),) = out
+            assert (int(str(returned)), i) in rows
