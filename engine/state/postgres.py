@@ -376,7 +376,7 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
         return SessionState(session_id, int(turn), state, float(created), float(updated))
 
     async def aclose(self) -> None:
-        """Close both connections (after the statements in flight); idempotent."""
+        """Close the three connections (after the statements in flight); idempotent."""
         with anyio.CancelScope(shield=True):
             await self._lane.aclose()
             await self._commit_lane.aclose()
