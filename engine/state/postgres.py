@@ -12,8 +12,8 @@ non-blocking API (:mod:`engine.state.postgres_lane`; psycopg's async API is
 asyncio-only, and the engine runs on trio too): one runs the single statements that
 need no transaction, the leases' (their commits do not wait for the WAL flush) and
 ``find_session``'s read, the ones called together in one round trip; the other runs
-each group-commit batch
-as one pipelined transaction, two round trips (:mod:`engine.state.postgres_batch`).
+each group-commit batch as one pipelined transaction, two round trips
+(:mod:`engine.state.postgres_batch`).
 The main connection runs everything else with psycopg's blocking API in a worker
 thread, behind the same lock and ``CapacityLimiter(1)`` as SQLite's — and a batch
 whose pipelined transaction failed, again with one SAVEPOINT per action. See
@@ -317,7 +317,7 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
             # a take that was sent runs to its end (the lane shields it), so a
             # cancelled caller never leaves a lease behind that it did not learn of
             took = await self._lane.execute(
-                "session_lease", _TAKE, (session_id, token, repr(self.lease_seconds))
+                "session_lease", _TAKE, (session_id, token, self.lease_seconds)
             )
             if took.rows:
                 return token
@@ -335,7 +335,7 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
 
             try:
                 renewed = await self._lane.execute(
-                    "session_lease", _RENEW, (repr(self.lease_seconds), session_id, token)
+                    "session_lease", _RENEW, (self.lease_seconds, session_id, token)
                 )
                 ours = renewed.changed == 1
             except SessionError as exc:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from ..errors import SessionError
 from .group_commit import Pending
 from .postgres_lane import CommitOutcomeUnknown, Lane, Statement
+from .records import turn_moved_on, unknown_session
 
 __all__ = ["write_on_lane"]
 
@@ -110,10 +111,7 @@ async def write_on_lane(lane: Lane, batch: Sequence[Pending], clock: Callable[[]
         if new is not None:
             pending.result = int(new)
         elif current is None:
-            pending.error = SessionError(f"unknown session {sid!r}")
+            pending.error = unknown_session(sid)
         else:
-            pending.error = SessionError(
-                f"session {sid!r} is at turn {current}, not {pending.action.turn_expected}: "
-                "another action was recorded in between"
-            )
+            pending.error = turn_moved_on(sid, current, pending.action.turn_expected)
     return True

@@ -22,6 +22,8 @@ __all__ = [
     "TranscriptEntry",
     "action_row",
     "check_session_id",
+    "turn_moved_on",
+    "unknown_session",
 ]
 
 MAX_SESSION_ID_CHARS = 200
@@ -64,6 +66,19 @@ class ActionRow:
     changes_json: str
     responses_json: str
     values: tuple[tuple[str, str | None], ...]  # state key -> JSON value, None deletes
+
+
+def unknown_session(session_id: str) -> SessionError:
+    """The error for a session the store does not have."""
+    return SessionError(f"unknown session {session_id!r}")
+
+
+def turn_moved_on(session_id: str, turn: object, expected: int | None) -> SessionError:
+    """The error for a ``turn_expected`` the session's ``turn`` no longer matches."""
+    return SessionError(
+        f"session {session_id!r} is at turn {turn}, not {expected}: "
+        "another action was recorded in between"
+    )
 
 
 def check_text(what: str, text: str) -> None:

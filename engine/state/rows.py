@@ -15,8 +15,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
-from ..errors import SessionError
-from .records import ActionRow, SessionState, TranscriptEntry
+from .records import ActionRow, SessionState, TranscriptEntry, turn_moved_on, unknown_session
 
 __all__ = ["Connection", "Driver", "Rows"]
 
@@ -116,13 +115,13 @@ class Rows:
     ) -> tuple[Any, ...]:
         row = self.session_row(conn, session_id, lock=lock)
         if row is None:
-            raise SessionError(f"unknown session {session_id!r}")
+            raise unknown_session(session_id)
         return row
 
     def load_session(self, conn: Connection, session_id: str) -> SessionState:
         state = self.find_session(conn, session_id)
         if state is None:
-            raise SessionError(f"unknown session {session_id!r}")
+            raise unknown_session(session_id)
         return state
 
     def find_session(self, conn: Connection, session_id: str) -> SessionState | None:
@@ -189,13 +188,10 @@ class Rows:
             self.insert_session(conn, session_id, now, if_missing=True)
             row = self.session_row(conn, session_id, lock=True)
         if row is None:
-            raise SessionError(f"unknown session {session_id!r}")
+            raise unknown_session(session_id)
         turn = int(row[0])
         if action.turn_expected is not None and turn != action.turn_expected:
-            raise SessionError(
-                f"session {session_id!r} is at turn {turn}, not {action.turn_expected}: "
-                "another action was recorded in between"
-            )
+            raise turn_moved_on(session_id, turn, action.turn_expected)
         new_turn = turn + 1
         conn.execute(
             self.sql(
