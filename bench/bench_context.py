@@ -9,8 +9,11 @@ queries in a worker thread, the default; False: on the event loop):
 * SRD compile time and file size (a cold compile into a temporary cache folder);
 * p50/p95 of ``OptimizedContextBuilder.build_context`` (without and with a warm
   ``ModuleCache``; "cold": the store's kept searches dropped before each build, so
-  every build runs its FTS5 query, as for a text never seen before) and of ``ModuleStore.search`` alone, against the naive baseline
-  in the same process: the previous design's full scan, every chunk held in memory
+  every build runs its FTS5 queries, as for the store's very first text; "new text": the
+  202 player actions of tests/content/data in turn, none searched before, the store's
+  kept searches and phrase scores all dropped at the start of each pass, so each
+  text pays for the phrases the earlier ones did not use, as in play) and of
+  ``ModuleStore.search`` alone, against the naive baseline in the same process: the previous design's full scan, every chunk held in memory
   and scored by counting the query's keywords (3+ letters) in it, then the same
   greedy selection. Two variants of the baseline: lower-casing every chunk per query
   (as issue 5 measured it) and lower-cased once when loaded (the stronger one; the
@@ -72,6 +75,8 @@ QUERIES = [
     ("I drink a potion of healing", "other"),
     ("the ghoul claws me, am I paralyzed", "combat"),
 ]
+#: player actions as typed (the recall sets' first column), for the "new text" stream
+ACTIONS_DATA = Path(__file__).resolve().parent.parent / "tests" / "content" / "data"
 _WORD = re.compile(r"[a-z0-9]+")
 T = TypeVar("T")
 Lowered = list[tuple[str, Chunk]]
@@ -81,6 +86,16 @@ def request(text: str, action_type: str) -> AgentRequest:
     return AgentRequest(
         id="q", agent="arbiter", context={"action": text, "action_type": action_type}
     )
+
+
+def player_actions() -> list[str]:
+    """The recall sets' player actions, each once, in file order."""
+    out: dict[str, None] = {}
+    for path in sorted(ACTIONS_DATA.glob("recall_*.tsv")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip() and not line.startswith("#"):
+                out[line.split("\t", 1)[0]] = None
+    return list(out)
 
 
 def _greedy(scored: list[tuple[int, str, Chunk]], budget: int) -> list[str]:
@@ -210,11 +225,15 @@ async def steady_state(
     samples: dict[str, list[float]] = {
         "builder": [],
         "builder, cold": [],
+        "builder, new text": [],
         "builder+cache": [],
+        "builder+cache, new text": [],
         "search": [],
         "naive": [],
         "naive (lowered)": [],
+        "naive (lowered), new text": [],
     }
+    stream = [request(text, "other") for text in player_actions()]
     async with (
         await open_module("srd", cache_dir=cache_dir, query_in_thread=in_thread) as store,
         await open_module("srd", cache_dir=cache_dir, query_in_thread=in_thread) as cold_store,
@@ -222,6 +241,8 @@ async def steady_state(
         plain = OptimizedContextBuilder(store)
         cold = OptimizedContextBuilder(cold_store)  # its kept searches dropped before each
         cached = OptimizedContextBuilder(store, ModuleCache())
+        # the engine's own set-up (engine/runtime.py): the builder with a ModuleCache
+        cold_cached = OptimizedContextBuilder(cold_store, ModuleCache())
         reqs = [request(*q) for q in QUERIES]
         for r in reqs:  # warm-up: first calls, cache fill
             await plain.build_context(r, BUDGET)
@@ -240,9 +261,20 @@ async def steady_state(
                 samples["builder, cold"].append(
                     (await timed(lambda r=r: cold.build_context(r, BUDGET)))[1]
                 )
+            cold_store.forget_searches()  # the stream starts from nothing kept
+            for r in stream:
+                samples["builder, new text"].append(
+                    (await timed(lambda r=r: cold.build_context(r, BUDGET)))[1]
+                )
             for r in reqs:
                 samples["builder+cache"].append(
                     (await timed(lambda r=r: cached.build_context(r, BUDGET)))[1]
+                )
+            cold_store.forget_searches()
+            cold_cached.cache = ModuleCache()  # nor any chunk text
+            for r in stream:
+                samples["builder+cache, new text"].append(
+                    (await timed(lambda r=r: cold_cached.build_context(r, BUDGET)))[1]
                 )
             for r in reqs:
                 action = r.context["action"]
@@ -255,6 +287,10 @@ async def steady_state(
                 t0 = time.perf_counter()
                 naive_lowered(lowered, r.context["action"], BUDGET)
                 samples["naive (lowered)"].append(time.perf_counter() - t0)
+            for r in stream:
+                t0 = time.perf_counter()
+                naive_lowered(lowered, r.context["action"], BUDGET)
+                samples["naive (lowered), new text"].append(time.perf_counter() - t0)
     return samples
 
 
@@ -306,11 +342,14 @@ async def main(rounds: int, rss: bool) -> None:
         # ---- steady state, both store modes
         for in_thread in (True, False):
             samples = await steady_state(cache_dir, in_thread, rounds, everything, lowered)
-            n = len(samples["naive"])
-            print(f"build_context, budget {BUDGET}, query_in_thread={in_thread}, {n} samples each:")
+            n, m = len(samples["naive"]), len(samples["builder, new text"])
+            print(
+                f"build_context, budget {BUDGET}, query_in_thread={in_thread}, {n} samples "
+                f"each ({m} of the new texts):"
+            )
             for name, s in samples.items():
                 print(
-                    f"  {name:16s} p50 {pct(s, 50) * 1e3:7.3f} ms  p95 {pct(s, 95) * 1e3:7.3f} ms"
+                    f"  {name:26s} p50 {pct(s, 50) * 1e3:7.3f} ms  p95 {pct(s, 95) * 1e3:7.3f} ms"
                     f"  mean {statistics.fmean(s) * 1e3:7.3f} ms"
                 )
             for base in ("naive", "naive (lowered)"):
@@ -321,6 +360,13 @@ async def main(rounds: int, rss: bool) -> None:
                         f"p95 {pct(b, 95) / pct(s, 95):.1f}x, "
                         f"mean {statistics.fmean(b) / statistics.fmean(s):.1f}x"
                     )
+            for name in ("builder, new text", "builder+cache, new text"):
+                b, s = samples["naive (lowered), new text"], samples[name]
+                print(
+                    f"  naive (lowered) / {name} (same texts): p50 "
+                    f"{pct(b, 50) / pct(s, 50):.1f}x, p95 {pct(b, 95) / pct(s, 95):.1f}x, "
+                    f"mean {statistics.fmean(b) / statistics.fmean(s):.1f}x"
+                )
 
 
 if __name__ == "__main__":

@@ -278,7 +278,7 @@ class OptimizedContextBuilder:
         A ``ModuleStore`` answers in one query (ranking, entries and, ``with_text``,
         text); any other source through ``search`` and its catalogue."""
         action, location, npcs, action_type = self._request_parts(request)
-        query = " ".join([action, location, *npcs])
+        query = " ".join(part for part in (action, location, *npcs) if part)
         module = self.module
         entries: dict[str, CatalogueEntry] = {}
         texts: dict[str, str] = {}

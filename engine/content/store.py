@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 
 import anyio
 import anyio.to_thread
@@ -38,6 +38,7 @@ import attrs
 
 from ..errors import LoadError, ModuleError
 from .compiler import compile_module, connect_read_only, locate_module, read_meta
+from .phrase_scores import PhraseScores, Weights
 from .query import STOPWORDS, expand_query
 from .sources import (
     ADVENTURE_SECTIONS,
@@ -47,6 +48,8 @@ from .sources import (
 
 if TYPE_CHECKING:
     from ..config import ModuleConfig
+
+T = TypeVar("T")
 
 __all__ = [
     "Catalogue",
@@ -70,6 +73,10 @@ class CatalogueEntry:
     digest: str
     rowid: int
     units: int | None = None  # the default counter's unscaled count (see tokens.py)
+
+
+#: a search hit: the chunk's entry, its score, its text (None when not asked for)
+Hit = tuple[CatalogueEntry, float, "str | None"]
 
 
 @attrs.frozen
@@ -108,11 +115,11 @@ def query_terms(text: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=1024)
-def fts_query(text: str, *more: str) -> str:
-    """An FTS5 MATCH expression from free text: its terms (stop words dropped) and each
-    pair of adjacent terms as a phrase, OR-ed and quoted; '' when there are no terms.
+def fts_phrases(text: str, *more: str) -> tuple[str, ...]:
+    """The quoted FTS5 phrases of free text: its terms (stop words dropped), then each
+    pair of adjacent terms, without repeats; ``()`` when there are no terms.
 
-    ``more``: further segments (alias expansions) whose terms and pairs are OR-ed in;
+    ``more``: further segments (alias expansions) whose terms and pairs are added;
     pairs never span two segments."""
     out: dict[str, None] = {}
     pairs: dict[str, None] = {}
@@ -121,27 +128,23 @@ def fts_query(text: str, *more: str) -> str:
         out.update(dict.fromkeys(words))
         # adjacent pairs as phrases too: a chunk saying "hold person" beats one saying "hold"
         pairs.update(dict.fromkeys(f"{a} {b}" for a, b in itertools.pairwise(words)))
-    return " OR ".join(f'"{t}"' for t in [*out, *pairs])
+    return tuple(f'"{t}"' for t in [*out, *pairs])
+
+
+def fts_query(text: str, *more: str) -> str:
+    """The FTS5 MATCH expression of ``fts_phrases(text, *more)``: the phrases OR-ed;
+    '' when there are no terms."""
+    return " OR ".join(fts_phrases(text, *more))
 
 
 #: Search results kept per store (all dropped at once when full, like the expansions).
 _SEARCHES_KEPT: Final = 256
+#: Vocabulary look-ups kept per store (known words and the unknown ones asked about).
+_WORDS_KEPT: Final = 50_000
 
 _COLUMNS: Final = "c.id, c.section, c.title, c.tokens, c.keys, c.digest, c.rowid, c.units"
-_RANKED: Final = (
-    "SELECT rowid, -bm25(chunks_fts, ?, ?, ?) AS s FROM chunks_fts "
-    "WHERE chunks_fts MATCH ? ORDER BY s DESC, rowid LIMIT ?"
-)
-# one query for the ranking and the hits' catalogue entries (and text): the FTS5 part
-# is materialized first, so only the LIMIT rows are joined to the chunk table
-_SEARCH: Final = (
-    f"SELECT {_COLUMNS}, f.s FROM ({_RANKED}) AS f JOIN chunks AS c ON c.rowid = f.rowid "
-    "ORDER BY f.s DESC, f.rowid"
-)
-_SEARCH_TEXT: Final = (
-    f"SELECT {_COLUMNS}, f.s, c.text FROM ({_RANKED}) AS f JOIN chunks AS c "
-    "ON c.rowid = f.rowid ORDER BY f.s DESC, f.rowid"
-)
+# one phrase's BM25 contribution to every row it matches (summed by PhraseScores)
+_PHRASE: Final = "SELECT rowid, -bm25(chunks_fts, ?, ?, ?) FROM chunks_fts WHERE chunks_fts MATCH ?"
 
 
 def _entry(row: Sequence[Any]) -> CatalogueEntry:
@@ -170,12 +173,13 @@ class Catalogue(Mapping[str, CatalogueEntry]):
     as a store query instead. An entry never changes once known: the file is read-only.
     """
 
-    __slots__ = ("_complete", "_known", "_load_all")
+    __slots__ = ("_at_rowid", "_complete", "_known", "_load_all")
 
     def __init__(
         self, known: Iterable[CatalogueEntry], load_all: Callable[[], list[CatalogueEntry]]
     ) -> None:
         self._known: dict[str, CatalogueEntry] = {e.id: e for e in known}
+        self._at_rowid = {e.rowid: e for e in self._known.values()}
         self._complete = False
         self._load_all = load_all
 
@@ -187,13 +191,18 @@ class Catalogue(Mapping[str, CatalogueEntry]):
     def _remember(self, row: Sequence[Any]) -> CatalogueEntry:
         e = self._known.get(row[0])
         if e is None:
-            e = self._known[row[0]] = _entry(row)
+            e = self._known[row[0]] = self._at_rowid[row[6]] = _entry(row)
         return e
+
+    def _known_at(self, rowid: int) -> CatalogueEntry | None:
+        """The entry of the chunk at ``rowid`` if some query returned it, else None."""
+        return self._at_rowid.get(rowid)
 
     def _fill(self, entries: list[CatalogueEntry]) -> None:
         if not self._complete:
             known = self._known
             self._known = {e.id: known.get(e.id, e) for e in entries}  # module order
+            self._at_rowid = {e.rowid: e for e in self._known.values()}
             self._complete = True
 
     def _all(self) -> dict[str, CatalogueEntry]:
@@ -242,11 +251,12 @@ class ModuleStore:
     _catalogue: Catalogue = attrs.field(init=False)
     _by_key: dict[str, list[str]] = attrs.field(factory=dict, init=False)
     _expansions: dict[str, tuple[str, ...]] = attrs.field(factory=dict, init=False)
-    # search rows per (sql, weights, FTS expression, limit): the file is read-only, so
-    # equal queries give equal rows; an FTS5 query over the SRD costs 0.3-2.5 ms
-    _searches: dict[tuple[object, ...], list[tuple[Any, ...]]] = attrs.field(
-        factory=dict, init=False
-    )
+    # search rows per (with text, weights, FTS phrases, limit): the file is read-only,
+    # so equal queries give equal rows
+    _searches: dict[tuple[object, ...], list[Hit]] = attrs.field(factory=dict, init=False)
+    # each phrase's BM25 per row: a new text of known phrases runs no FTS5 query
+    _words: dict[str, int] = attrs.field(factory=dict, init=False)  # vocabulary look-ups
+    _scores: PhraseScores = attrs.field(factory=lambda: PhraseScores(1), kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         self._catalogue = Catalogue((e for _, e in self._keyed), self._read_catalogue)
@@ -312,7 +322,9 @@ class ModuleStore:
 
     # ----- queries (worker thread, or the event loop with query_in_thread=False)
 
-    def _run(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
+    def _locked(self, work: Callable[..., T], *args: Any) -> T:
+        """``work(connection, *args)`` under the connection's lock; an SQLite error
+        becomes a ``ModuleError`` naming the file."""
         # a query takes milliseconds: a lock still held after 30 s is a bug, and an
         # error names it where a plain ``with`` would hang the event loop for good
         if not self._lock.acquire(timeout=30.0):
@@ -321,11 +333,14 @@ class ModuleStore:
             if self._conn is None:
                 raise ModuleError(f"module {self.name!r} is closed")
             try:
-                return self._conn.execute(sql, params).fetchall()
+                return work(self._conn, *args)
             except sqlite3.Error as e:
                 raise ModuleError(f"{self.path}: query failed: {e}") from e
         finally:
             self._lock.release()
+
+    def _run(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
+        return self._locked(lambda conn: conn.execute(sql, params).fetchall())
 
     async def _query(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
         if self.query_in_thread:
@@ -339,7 +354,7 @@ class ModuleStore:
         return Chunk(e.id, e.section, e.title, row[9], e.tokens, row[8], e.keys)
 
     async def search(
-        self, query: str, limit: int = 40, *, weights: tuple[float, float, float] = (4.0, 3.0, 1.0)
+        self, query: str, limit: int = 40, *, weights: Weights = (4.0, 3.0, 1.0)
     ) -> list[tuple[str, float]]:
         """Chunk ids ranked by FTS5 BM25 over title, keys and text, best first.
 
@@ -354,7 +369,7 @@ class ModuleStore:
         query: str,
         limit: int = 40,
         *,
-        weights: tuple[float, float, float] = (4.0, 3.0, 1.0),
+        weights: Weights = (4.0, 3.0, 1.0),
         with_text: bool = False,
     ) -> tuple[list[tuple[CatalogueEntry, float]], dict[str, str]]:
         """``search`` in one query that also returns the hits' catalogue entries and,
@@ -368,43 +383,74 @@ class ModuleStore:
         if limit <= 0 or not query_terms(query):
             await anyio.lowlevel.checkpoint()
             return [], {}
-        sql = _SEARCH_TEXT if with_text else _SEARCH
-        rows = self._kept_rows(sql, query, weights, limit)
+        rows = self._kept_rows(query, weights, limit, with_text)
         if rows is not None:  # a text searched before: no query, no trip through the loop
             await anyio.lowlevel.checkpoint_if_cancelled()
         elif self.query_in_thread:
-            rows = await anyio.to_thread.run_sync(self._search_rows, sql, query, weights, limit)
+            rows = await anyio.to_thread.run_sync(
+                self._search_rows, query, weights, limit, with_text
+            )
         else:
             await anyio.lowlevel.checkpoint()
-            rows = self._search_rows(sql, query, weights, limit)
-        remember = self._catalogue._remember
-        hits = [(remember(r), r[8]) for r in rows]
-        texts = {r[0]: r[9] for r in rows} if with_text else {}
+            rows = self._search_rows(query, weights, limit, with_text)
+        hits = [(e, score) for e, score, _ in rows]
+        texts = {e.id: text for e, _, text in rows if text is not None}
         return hits, texts
 
     def _kept_rows(
-        self, sql: str, query: str, weights: tuple[float, float, float], limit: int
-    ) -> list[tuple[Any, ...]] | None:
+        self, query: str, weights: Weights, limit: int, with_text: bool
+    ) -> list[Hit] | None:
         """The kept result of this search, or ``None`` when it must run."""
         segments = self._expansions.get(query)
         if segments is None:
             return None
-        return self._searches.get((sql, weights, fts_query(*segments), limit))
+        return self._searches.get((with_text, weights, fts_phrases(*segments), limit))
 
-    def _search_rows(
-        self, sql: str, query: str, weights: tuple[float, float, float], limit: int
-    ) -> list[tuple[Any, ...]]:
-        expr = fts_query(*self._expand(query))
-        if not expr:
+    def _search_rows(self, query: str, weights: Weights, limit: int, with_text: bool) -> list[Hit]:
+        phrases = fts_phrases(*self._expand(query))
+        if not phrases:
             return []
-        key = (sql, weights, expr, limit)
+        key = (with_text, weights, phrases, limit)
         rows = self._searches.get(key)
         if rows is None:
-            rows = self._run(sql, (*weights, expr, limit))
+            rows = self._locked(self._ranked_rows, phrases, weights, limit, with_text)
             if len(self._searches) >= _SEARCHES_KEPT:
                 self._searches.clear()
             self._searches[key] = rows
         return rows
+
+    def _ranked_rows(
+        self,
+        conn: sqlite3.Connection,
+        phrases: tuple[str, ...],
+        weights: Weights,
+        limit: int,
+        with_text: bool,
+    ) -> list[Hit]:
+        """The ranked hits: entry, score and (``with_text``) text. Entries some query
+        returned before are not read again; without text, often nothing is read."""
+
+        def fetch(phrase: str, w: Weights) -> list[tuple[int, float]]:
+            return conn.execute(_PHRASE, (*w, phrase)).fetchall()
+
+        ranked = self._scores.rank(phrases, weights, limit, fetch)
+        catalogue = self._catalogue
+        need = [r for r, _ in ranked if with_text or catalogue._known_at(r) is None]
+        read: dict[int, tuple[CatalogueEntry, str | None]] = {}
+        if need:
+            text = ", c.text" if with_text else ""
+            for row in conn.execute(
+                f"SELECT {_COLUMNS}{text} FROM chunks AS c WHERE c.rowid IN "
+                f"({','.join('?' * len(need))})",
+                need,
+            ):
+                read[row[6]] = (catalogue._remember(row), row[8] if with_text else None)
+        out: list[Hit] = []
+        for rowid, score in ranked:
+            e, chunk_text = read.get(rowid) or (catalogue._known_at(rowid), None)
+            assert e is not None  # every rowid was read or known
+            out.append((e, score, chunk_text))
+        return out
 
     def _expand(self, query: str) -> tuple[str, ...]:
         segments = self._expansions.get(query)
@@ -421,15 +467,25 @@ class ModuleStore:
         return self._expand(query)
 
     def _known_words(self, candidates: Sequence[str]) -> dict[str, int]:
-        """Which of ``candidates`` the module's text uses, with their frequencies."""
-        out: dict[str, int] = {}
-        for start in range(0, len(candidates), 900):
-            batch = candidates[start : start + 900]
-            rows = self._run(
-                f"SELECT word, n FROM vocab WHERE word IN ({','.join('?' * len(batch))})", batch
+        """Which of ``candidates`` the module's text uses, with their frequencies; each
+        word's answer is kept (a text of known words queries nothing)."""
+        return self._locked(self._look_up_words, candidates)
+
+    def _look_up_words(self, conn: sqlite3.Connection, candidates: Sequence[str]) -> dict[str, int]:
+        words = self._words
+        missing = [w for w in dict.fromkeys(candidates) if w not in words]
+        if len(words) + len(missing) > _WORDS_KEPT:
+            words.clear()
+        words.update(dict.fromkeys(missing, 0))
+        for start in range(0, len(missing), 900):  # stay under SQLite's variable limit
+            batch = missing[start : start + 900]
+            words.update(
+                conn.execute(
+                    f"SELECT word, n FROM vocab WHERE word IN ({','.join('?' * len(batch))})",
+                    batch,
+                ).fetchall()
             )
-            out.update(rows)
-        return out
+        return {w: n for w in candidates if (n := words.get(w, 0))}
 
     def expression(self, query: str) -> str:
         """The FTS5 expression ``search`` runs for ``query`` (repaired and expanded)."""
@@ -464,12 +520,17 @@ class ModuleStore:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self._close)
 
-    def forget_searches(self) -> None:
-        """Drop the kept search results and query expansions: the next searches run
-        their FTS5 queries again (what a text never seen before costs)."""
+    def forget_searches(self, *, phrases: bool = True) -> None:
+        """Drop the kept search results and query expansions, and with ``phrases`` the
+        kept per-phrase scores and vocabulary look-ups: the next searches cost what they
+        cost on a new store (``phrases=False``: what a new text of words and phrases
+        searched before costs)."""
         with self._lock:
             self._searches.clear()
             self._expansions.clear()
+            if phrases:
+                self._scores.clear()
+                self._words.clear()
 
     def _close(self) -> None:
         with self._lock:
@@ -477,6 +538,8 @@ class ModuleStore:
                 self._conn.close()
                 self._conn = None
             self._searches.clear()  # a closed store answers no query, cached or not
+            self._scores.clear()
+            self._words.clear()
 
     async def __aenter__(self) -> ModuleStore:
         return self
@@ -502,6 +565,7 @@ def _open(path: Path, query_in_thread: bool = False) -> ModuleStore:
                 f"SELECT {_COLUMNS}, k.key FROM chunk_keys AS k JOIN chunks AS c "
                 "ON c.rowid = k.chunk ORDER BY k.key, c.rowid"
             ).fetchall()
+            (last,) = conn.execute("SELECT coalesce(max(rowid), 0) FROM chunks").fetchone()
         except sqlite3.Error as e:
             raise ModuleError(f"{path}: unreadable module catalogue ({e})") from e
     except BaseException:
@@ -518,6 +582,7 @@ def _open(path: Path, query_in_thread: bool = False) -> ModuleStore:
         sections=tuple(s for s in meta.get("sections", "").split("\n") if s),
         keyed=keyed,
         query_in_thread=query_in_thread,
+        scores=PhraseScores(last + 1),
     )
 
 

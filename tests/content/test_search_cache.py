@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -16,28 +14,57 @@ from engine.errors import ModuleError
 pytestmark = pytest.mark.anyio
 
 
-async def test_repeated_search_is_answered_from_the_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _traced(m: ModuleStore) -> list[str]:
+    """Every SQL statement the store runs from now on (not FTS5's own, traced as "--")."""
+    statements: list[str] = []
+    assert m._conn is not None
+    m._conn.set_trace_callback(lambda sql: None if sql.startswith("--") else statements.append(sql))
+    return statements
+
+
+async def test_repeated_search_is_answered_from_the_cache(tmp_path: Path) -> None:
     async with await open_module("default", include_srd=False, cache_dir=tmp_path) as m:
         first = await m.search_chunks("I search the altar for traps", 10)
         first_text = await m.search_chunks("I search the altar for traps", 10, with_text=True)
         assert first[0]
-        queries: list[str] = []
-        run = ModuleStore._run
-
-        def counted(self: ModuleStore, sql: str, params: Sequence[object]) -> list[Any]:
-            queries.append(sql)
-            return run(self, sql, params)
-
-        monkeypatch.setattr(ModuleStore, "_run", counted)
+        queries = _traced(m)
         assert await m.search_chunks("I search the altar for traps", 10) == first
         assert await m.search_chunks("I search the altar for traps", 10, with_text=True) == (
             first_text
         )
         assert queries == []  # both answered from the cache
         other = await m.search_chunks("I search the altar for traps", 3)  # another limit
-        assert len(queries) == 1 and other[0] == first[0][:3]
+        assert other[0] == first[0][:3]
+        assert queries == []  # its phrases' scores and its hits' entries were kept
+        texts = await m.search_chunks("I search the altar for traps", 4, with_text=True)
+        assert texts[0] == first[0][:4] and texts[1] == {
+            e.id: first_text[1][e.id] for e, _ in first[0][:4]
+        }
+        # no FTS5 query: one read of the hits' text
+        assert len(queries) == 1 and "chunks_fts" not in queries[0]
+
+
+async def test_a_new_text_of_known_phrases_runs_no_fts5_query(tmp_path: Path) -> None:
+    async with await open_module("default", include_srd=False, cache_dir=tmp_path) as m:
+        await m.search_chunks("search the altar", 10)
+        await m.search_chunks("traps on the altar", 10)
+        queries = _traced(m)
+        both = await m.search_chunks("traps, altar", 10)  # phrases "traps", "altar" kept
+        assert both[0] and not [q for q in queries if "chunks_fts" in q]
+        queries.clear()
+        await m.search_chunks("altar chapel", 10)  # "chapel" and "altar chapel" are new
+        assert len([q for q in queries if "chunks_fts" in q]) == 2
+        m.forget_searches(phrases=False)
+        queries.clear()
+        assert await m.search_chunks("traps, altar", 10) == both
+        # expanded again from kept vocabulary look-ups, ranked from kept phrase scores,
+        # its hits' entries known: not one query
+        assert queries == []
+        m.forget_searches()
+        queries.clear()
+        assert await m.search_chunks("traps, altar", 10) == both
+        assert len([q for q in queries if "chunks_fts" in q]) == 3  # traps, altar, the pair
+        assert len([q for q in queries if "FROM vocab" in q]) == 1
 
 
 async def test_search_cache_is_bounded_and_cleared_on_close(

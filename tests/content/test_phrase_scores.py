@@ -1,0 +1,155 @@
+"""PhraseScores ranks an OR of phrases exactly as FTS5's bm25() does, within its bytes."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.content.phrase_scores import Fetch, PhraseScores, Weights
+from engine.content.store import _PHRASE, open_module
+
+# the reference: one FTS5 query for the whole OR, ranked by -bm25(), ties by rowid
+_REFERENCE = (
+    "SELECT rowid, -bm25(chunks_fts, ?, ?, ?) AS s FROM chunks_fts WHERE chunks_fts MATCH ? "
+    "ORDER BY s DESC, rowid LIMIT ?"
+)
+
+
+@pytest.fixture(scope="module")
+def conn(compiled: Path) -> Iterator[sqlite3.Connection]:
+    (path,) = compiled.glob("*.sqlite")
+    c = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def words(conn: sqlite3.Connection) -> list[str]:
+    # frequent and rare words alike: every 7th word of the module's vocabulary
+    rows = conn.execute("SELECT word FROM vocab ORDER BY word").fetchall()
+    return [w for (w,) in rows[::7] if w.isalpha()]
+
+
+def _rows(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT max(rowid) FROM chunks").fetchone()[0]) + 1
+
+
+def _fetcher(conn: sqlite3.Connection, asked: list[str]) -> Fetch:
+    def fetch(phrase: str, w: Weights) -> list[tuple[int, float]]:
+        asked.append(phrase)
+        return conn.execute(_PHRASE, (*w, phrase)).fetchall()
+
+    return fetch
+
+
+_weights = st.tuples(*[st.sampled_from([0.0, 0.5, 1.0, 3.0, 4.0])] * 3)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    data=st.data(),
+    weights=_weights,
+    limit=st.integers(1, 60),
+    max_bytes=st.sampled_from([2_000, 40_000, 8 << 20]),
+)
+def test_ranking_equals_fts5_bm25_of_the_or_query(
+    conn: sqlite3.Connection,
+    words: list[str],
+    data: st.DataObject,
+    weights: Weights,
+    limit: int,
+    max_bytes: int,
+) -> None:
+    scores = PhraseScores(_rows(conn), max_bytes=max_bytes)
+    for _ in range(3):  # the same object over several queries: kept phrases are reused
+        terms = data.draw(st.lists(st.sampled_from(words), min_size=1, max_size=6, unique=True))
+        phrases = [f'"{t}"' for t in terms] + [f'"{a} {b}"' for a, b in itertools.pairwise(terms)]
+        asked: list[str] = []
+        got = scores.rank(phrases, weights, limit, _fetcher(conn, asked))
+        want = conn.execute(_REFERENCE, (*weights, " OR ".join(phrases), limit)).fetchall()
+        assert got == [tuple(r) for r in want]  # same rows, same order, scores to the bit
+        assert scores.nbytes <= max_bytes
+        again: list[str] = []
+        assert scores.rank(phrases, weights, limit, _fetcher(conn, again)) == got
+        if max_bytes == 8 << 20:
+            assert again == []  # every phrase kept: no FTS5 query the second time
+
+
+def _size(conn: sqlite3.Connection, phrase: str) -> int:
+    alone = PhraseScores(_rows(conn))
+    alone.rank([phrase], (4.0, 3.0, 1.0), 5, _fetcher(conn, []))
+    return alone.nbytes
+
+
+def test_a_phrase_past_the_byte_bound_drops_what_was_kept(conn: sqlite3.Connection) -> None:
+    goblin, attack = _size(conn, '"goblin"'), _size(conn, '"attack"')
+    scores = PhraseScores(_rows(conn), max_bytes=goblin + attack - 1)
+    asked: list[str] = []
+    fetch = _fetcher(conn, asked)
+    for phrase in ('"goblin"', '"attack"', '"attack"', '"goblin"'):
+        scores.rank([phrase], (4.0, 3.0, 1.0), 5, fetch)
+        assert scores.nbytes <= goblin + attack - 1
+    # "attack" did not fit beside "goblin": goblin's scores went, attack's stayed
+    assert asked == ['"goblin"', '"attack"', '"goblin"']
+    assert len(scores) == 1 and scores.nbytes == goblin
+
+
+def test_a_phrase_larger_than_the_bound_is_never_kept(conn: sqlite3.Connection) -> None:
+    attack = _size(conn, '"attack"')
+    scores = PhraseScores(_rows(conn), max_bytes=attack - 1)
+    asked: list[str] = []
+    ranked = [
+        scores.rank(['"attack"'], (4.0, 3.0, 1.0), 5, _fetcher(conn, asked)) for _ in range(2)
+    ]
+    assert ranked[0] == ranked[1] and len(ranked[0]) == 5
+    assert asked == ['"attack"', '"attack"'] and len(scores) == 0 and scores.nbytes == 0
+
+
+def test_a_query_no_row_matches_is_empty(conn: sqlite3.Connection) -> None:
+    scores = PhraseScores(_rows(conn))
+    fetch = _fetcher(conn, [])
+    assert scores.rank(['"zzqxj"'], (4.0, 3.0, 1.0), 10, fetch) == []
+    assert scores.rank([], (4.0, 3.0, 1.0), 10, fetch) == []
+    assert scores.rank(['"goblin"'], (4.0, 3.0, 1.0), 0, fetch) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("query_in_thread", [False, True])
+async def test_concurrent_searches_equal_sequential_ones(
+    compiled: Path, query_in_thread: bool
+) -> None:
+    texts = [
+        "I attack the goblin",
+        "cast fireball at the goblins",
+        "search the altar for traps",
+        "we take a short rest",
+        "I hide behind the pillar",
+        "attack of opportunity",
+        "the goblin hides",
+        "grapple the cultist",
+    ] * 3
+    async with await open_module("default", cache_dir=compiled) as m:
+        sequential = [await m.search(t, 20) for t in texts]
+    async with await open_module(
+        "default", cache_dir=compiled, query_in_thread=query_in_thread
+    ) as m:
+        m._scores.max_bytes = 30_000  # drops everything now and then, mid-run
+        got: dict[int, list[tuple[str, float]]] = {}
+
+        async def one(i: int) -> None:
+            got[i] = await m.search(texts[i], 20)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(texts)):
+                tg.start_soon(one, i)
+        assert [got[i] for i in range(len(texts))] == sequential
+        assert m._scores.nbytes <= 30_000
