@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Final
 
 from ..errors import ModuleError
-from .query import words
+from .phrase_scores import WORD_SCORES_SCHEMA, write_word_scores
+from .query import STOPWORDS, words
 from .sources import (
     FORMAT_VERSION,
     Chunk,
@@ -37,7 +38,7 @@ from .tokens import DEFAULT_COUNTER
 
 __all__ = ["SCHEMA_VERSION", "compile_module", "connect_read_only", "locate_module", "read_meta"]
 
-SCHEMA_VERSION: Final = "dm-engine-module-3"
+SCHEMA_VERSION: Final = "dm-engine-module-4"
 _SCHEMA_FAMILY: Final = "dm-engine-module-"  # every version ever written
 
 _SCHEMA = """
@@ -59,7 +60,7 @@ CREATE TABLE vocab(word TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
 def _write(path: Path, name: str, fingerprint: str, chunks: Iterable[Chunk]) -> int:
     conn = sqlite3.connect(path)
     try:
-        conn.executescript(_SCHEMA)
+        conn.executescript(_SCHEMA + WORD_SCORES_SCHEMA)
         n = 0
         seen: set[str] = set()
         sections: dict[str, None] = {}
@@ -97,6 +98,8 @@ def _write(path: Path, name: str, fingerprint: str, chunks: Iterable[Chunk]) -> 
             )
             conn.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('optimize')")
             conn.executemany("INSERT INTO vocab VALUES (?, ?)", sorted(vocab.items()))
+            # each query word's BM25 per chunk (the words a search can ask for)
+            write_word_scores(conn, (w for w in sorted(vocab) if len(w) > 1 and w not in STOPWORDS))
             conn.executemany(
                 "INSERT INTO meta VALUES (?, ?)",
                 [

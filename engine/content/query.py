@@ -228,7 +228,8 @@ _IRREGULAR: Final = {
 }
 
 
-def related_forms(word: str) -> set[str]:
+@functools.lru_cache(maxsize=8192)
+def related_forms(word: str) -> frozenset[str]:
     """Inflections of ``word`` and the stems it may inflect ("listen": "listening";
     "stopping": "stop"; "breather": "breath"): a word with a known relative is not a
     typo, however the module happens to spell it."""
@@ -240,7 +241,7 @@ def related_forms(word: str) -> set[str]:
             if stem[-1] == stem[-2]:  # stopping -> stop
                 out.add(stem[:-1])
     out.discard(word)
-    return out
+    return frozenset(out)
 
 
 def singulars(word: str) -> tuple[str, ...]:
@@ -253,7 +254,11 @@ def singulars(word: str) -> tuple[str, ...]:
     return ()
 
 
-def expand_query(text: str, known: Callable[[Sequence[str]], Mapping[str, int]]) -> tuple[str, ...]:
+def expand_query(
+    text: str,
+    known: Callable[[Sequence[str]], Mapping[str, int]],
+    repairs: dict[str, str | None] | None = None,
+) -> tuple[str, ...]:
     """``text`` with its typos repaired, then the alias table's expansions of it (and
     of the text as typed), then known singulars of its irregular plurals.
 
@@ -263,7 +268,9 @@ def expand_query(text: str, known: Callable[[Sequence[str]], Mapping[str, int]])
     the most frequent known word one edit away (ties: alphabetical). Two adjacent
     words of 3+ letters, neither a stop word, whose concatenation is known ("owl
     bear") are replaced by it. One call for the words, their relatives and the pairs;
-    one more only when some word is unknown."""
+    one more only when some word is unknown and not in ``repairs``, a dict the caller
+    keeps for the same vocabulary: each unknown word's repair (None: none) is
+    remembered there."""
     tokens = words(text)
     if not tokens:
         return (text,)
@@ -288,14 +295,16 @@ def expand_query(text: str, known: Callable[[Sequence[str]], Mapping[str, int]])
         for w in checkable
         if w not in found and w not in protected and found.keys().isdisjoint(relatives[w])
     ]
-    fixes: dict[str, str] = {}
-    if unknown:
-        neighbours = {w: edits1(w) for w in unknown}
+    if repairs is None:
+        repairs = {}
+    new = [w for w in unknown if w not in repairs]
+    if new:
+        neighbours = {w: edits1(w) for w in new}
         pool = known(sorted(set().union(*neighbours.values())))
         for w, near in neighbours.items():
-            best = sorted((-pool[c], c) for c in near if c in pool)
-            if best:
-                fixes[w] = best[0][1]
+            best = min(((-pool[c], c) for c in near if c in pool), default=None)
+            repairs[w] = best[1] if best is not None else None
+    fixes = {w: fix for w in unknown if (fix := repairs[w]) is not None}
     out: list[str] = []
     i = 0
     changed = False

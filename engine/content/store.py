@@ -38,7 +38,14 @@ import attrs
 
 from ..errors import LoadError, ModuleError
 from .compiler import compile_module, connect_read_only, locate_module, read_meta
-from .phrase_scores import PhraseScores, Weights
+from .phrase_scores import (
+    BM25_WEIGHTS,
+    PhraseScores,
+    Scores,
+    Weights,
+    fts5_scores,
+    read_word_scores,
+)
 from .query import STOPWORDS, expand_query
 from .sources import (
     ADVENTURE_SECTIONS,
@@ -143,8 +150,6 @@ _SEARCHES_KEPT: Final = 256
 _WORDS_KEPT: Final = 50_000
 
 _COLUMNS: Final = "c.id, c.section, c.title, c.tokens, c.keys, c.digest, c.rowid, c.units"
-# one phrase's BM25 contribution to every row it matches (summed by PhraseScores)
-_PHRASE: Final = "SELECT rowid, -bm25(chunks_fts, ?, ?, ?) FROM chunks_fts WHERE chunks_fts MATCH ?"
 
 
 def _entry(row: Sequence[Any]) -> CatalogueEntry:
@@ -256,6 +261,7 @@ class ModuleStore:
     _searches: dict[tuple[object, ...], list[Hit]] = attrs.field(factory=dict, init=False)
     # each phrase's BM25 per row: a new text of known phrases runs no FTS5 query
     _words: dict[str, int] = attrs.field(factory=dict, init=False)  # vocabulary look-ups
+    _repairs: dict[str, str | None] = attrs.field(factory=dict, init=False)  # typo -> fix
     _scores: PhraseScores = attrs.field(factory=lambda: PhraseScores(1), kw_only=True)
 
     def __attrs_post_init__(self) -> None:
@@ -354,7 +360,7 @@ class ModuleStore:
         return Chunk(e.id, e.section, e.title, row[9], e.tokens, row[8], e.keys)
 
     async def search(
-        self, query: str, limit: int = 40, *, weights: Weights = (4.0, 3.0, 1.0)
+        self, query: str, limit: int = 40, *, weights: Weights = BM25_WEIGHTS
     ) -> list[tuple[str, float]]:
         """Chunk ids ranked by FTS5 BM25 over title, keys and text, best first.
 
@@ -369,7 +375,7 @@ class ModuleStore:
         query: str,
         limit: int = 40,
         *,
-        weights: Weights = (4.0, 3.0, 1.0),
+        weights: Weights = BM25_WEIGHTS,
         with_text: bool = False,
     ) -> tuple[list[tuple[CatalogueEntry, float]], dict[str, str]]:
         """``search`` in one query that also returns the hits' catalogue entries and,
@@ -430,8 +436,12 @@ class ModuleStore:
         """The ranked hits: entry, score and (``with_text``) text. Entries some query
         returned before are not read again; without text, often nothing is read."""
 
-        def fetch(phrase: str, w: Weights) -> list[tuple[int, float]]:
-            return conn.execute(_PHRASE, (*w, phrase)).fetchall()
+        def fetch(phrase: str, w: Weights) -> Scores:
+            if w == BM25_WEIGHTS and " " not in phrase:  # a word: compiled, if known
+                compiled = read_word_scores(conn, phrase[1:-1])
+                if compiled is not None:
+                    return compiled
+            return fts5_scores(conn, phrase, w)
 
         ranked = self._scores.rank(phrases, weights, limit, fetch)
         catalogue = self._catalogue
@@ -455,7 +465,7 @@ class ModuleStore:
     def _expand(self, query: str) -> tuple[str, ...]:
         segments = self._expansions.get(query)
         if segments is None:
-            segments = expand_query(query, self._known_words)
+            segments = expand_query(query, self._known_words, self._repairs)
             if len(self._expansions) >= 1024:
                 self._expansions.clear()
             self._expansions[query] = segments
@@ -476,6 +486,7 @@ class ModuleStore:
         missing = [w for w in dict.fromkeys(candidates) if w not in words]
         if len(words) + len(missing) > _WORDS_KEPT:
             words.clear()
+            self._repairs.clear()
         words.update(dict.fromkeys(missing, 0))
         for start in range(0, len(missing), 900):  # stay under SQLite's variable limit
             batch = missing[start : start + 900]
@@ -531,6 +542,7 @@ class ModuleStore:
             if phrases:
                 self._scores.clear()
                 self._words.clear()
+                self._repairs.clear()
 
     def _close(self) -> None:
         with self._lock:
@@ -540,6 +552,7 @@ class ModuleStore:
             self._searches.clear()  # a closed store answers no query, cached or not
             self._scores.clear()
             self._words.clear()
+            self._repairs.clear()
 
     async def __aenter__(self) -> ModuleStore:
         return self

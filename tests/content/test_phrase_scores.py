@@ -12,8 +12,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.content.phrase_scores import Fetch, PhraseScores, Weights
-from engine.content.store import _PHRASE, open_module
+from engine.content.phrase_scores import (
+    BM25_WEIGHTS,
+    Fetch,
+    PhraseScores,
+    Scores,
+    Weights,
+    fts5_scores,
+    read_word_scores,
+)
+from engine.content.store import open_module
 
 # the reference: one FTS5 query for the whole OR, ranked by -bm25(), ties by rowid
 _REFERENCE = (
@@ -42,9 +50,9 @@ def _rows(conn: sqlite3.Connection) -> int:
 
 
 def _fetcher(conn: sqlite3.Connection, asked: list[str]) -> Fetch:
-    def fetch(phrase: str, w: Weights) -> list[tuple[int, float]]:
+    def fetch(phrase: str, w: Weights) -> Scores:
         asked.append(phrase)
-        return conn.execute(_PHRASE, (*w, phrase)).fetchall()
+        return fts5_scores(conn, phrase, w)
 
     return fetch
 
@@ -120,6 +128,21 @@ def test_a_query_no_row_matches_is_empty(conn: sqlite3.Connection) -> None:
     assert scores.rank(['"zzqxj"'], (4.0, 3.0, 1.0), 10, fetch) == []
     assert scores.rank([], (4.0, 3.0, 1.0), 10, fetch) == []
     assert scores.rank(['"goblin"'], (4.0, 3.0, 1.0), 0, fetch) == []
+
+
+def test_compiled_word_scores_equal_their_fts5_queries(conn: sqlite3.Connection) -> None:
+    words = [w for (w,) in conn.execute("SELECT word FROM bm25_words")]
+    assert len(words) > 1000 and "goblin" in words and "the" not in words  # no stop words
+    for word in words:
+        compiled = read_word_scores(conn, word)
+        assert compiled is not None
+        queried = fts5_scores(conn, f'"{word}"', BM25_WEIGHTS)
+        assert compiled[0].tolist() == queried[0].tolist(), word
+        assert compiled[1].tolist() == queried[1].tolist(), word  # to the bit
+    assert read_word_scores(conn, "zzqxj") is None
+    # one stem, one stored list: "hit" and "hits" share it
+    rows = dict(conn.execute("SELECT word, list FROM bm25_words WHERE word IN ('hit', 'hits')"))
+    assert rows["hit"] == rows["hits"]
 
 
 @pytest.mark.anyio
