@@ -14,7 +14,8 @@ Two places keep a phrase's ``(rowids, scores)``:
   word's list is one primary-key read where its FTS5 query scores every row it
   matches, about 1 us a row, and common words match a thousand rows;
 * ``PhraseScores``, per open store: the phrases its searches used (pairs, words the
-  vocabulary lacks, other weights), as numpy arrays, bounded in bytes.
+  vocabulary lacks, other weights), as numpy arrays, bounded in bytes. A pair whose
+  words are kept and never share a row matches nothing: no query either.
 
 ``PhraseScores.rank`` adds the kept arrays with ``numpy.bincount``: 0.02 ms for a query
 FTS5 answers in 0.1-1 ms (bench/bench_context.py).
@@ -53,6 +54,7 @@ _PHRASE: Final = "SELECT rowid, -bm25(chunks_fts, ?, ?, ?) FROM chunks_fts WHERE
 _ROWIDS: Final = np.dtype("<i4")  # stored little-endian, whatever the machine
 _SCORES: Final = np.dtype("<f8")
 _DEFAULT_BYTES: Final = 8 << 20
+_NO_MATCH: Final[Scores] = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
 
 WORD_SCORES_SCHEMA: Final = """
 CREATE TABLE bm25_lists(id INTEGER PRIMARY KEY, rowids BLOB NOT NULL, scores BLOB NOT NULL);
@@ -131,7 +133,7 @@ class PhraseScores:
         key = (phrase, weights)
         kept = self._kept.get(key)
         if kept is None:
-            kept = fetch(phrase, weights)
+            kept = _NO_MATCH if self._cannot_match(phrase, weights) else fetch(phrase, weights)
             size = kept[0].nbytes + kept[1].nbytes + len(phrase) + 200
             if self._bytes + size > self.max_bytes:
                 self.clear()
@@ -139,6 +141,21 @@ class PhraseScores:
                 self._kept[key] = kept
                 self._bytes += size
         return kept
+
+    def _cannot_match(self, phrase: str, weights: Weights) -> bool:
+        """True when ``phrase`` has several words, each kept as a phrase of its own, and
+        no row has them all: a phrase matches only rows each of its words matches."""
+        words = phrase[1:-1].split(" ")
+        if len(words) < 2:
+            return False
+        rowids = []
+        for word in words:
+            alone = self._kept.get((f'"{word}"', weights))
+            if alone is None:
+                return False  # not known here: ask
+            rowids.append(alone[0])
+        together = np.bincount(np.concatenate(rowids), minlength=self.rows)
+        return not (together == len(words)).any()
 
     def rank(
         self, phrases: Sequence[str], weights: Weights, limit: int, fetch: Fetch

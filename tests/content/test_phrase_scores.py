@@ -122,6 +122,26 @@ def test_a_phrase_larger_than_the_bound_is_never_kept(conn: sqlite3.Connection) 
     assert asked == ['"attack"', '"attack"'] and len(scores) == 0 and scores.nbytes == 0
 
 
+def test_a_pair_whose_words_share_no_row_is_not_asked_for(conn: sqlite3.Connection) -> None:
+    scores = PhraseScores(_rows(conn))
+    asked: list[str] = []
+    fetch = _fetcher(conn, asked)
+    together = ['"hit"', '"points"', '"hit points"']  # share rows, and adjacent in many
+    apart = ['"fireball"', '"grappling"', '"fireball grappling"']  # share no row
+    want = conn.execute(_REFERENCE, (*BM25_WEIGHTS, " OR ".join(together), 30)).fetchall()
+    assert scores.rank(together, BM25_WEIGHTS, 30, fetch) == [tuple(r) for r in want]
+    assert asked == together  # the pair was asked for: its words share rows
+    asked.clear()
+    want = conn.execute(_REFERENCE, (*BM25_WEIGHTS, " OR ".join(apart), 30)).fetchall()
+    assert scores.rank(apart, BM25_WEIGHTS, 30, fetch) == [tuple(r) for r in want]
+    assert asked == ['"fireball"', '"grappling"']  # not the pair
+    # a pair whose words are not kept on their own is asked for
+    asked.clear()
+    scores.rank(['"grappling fireball"'], BM25_WEIGHTS, 30, fetch)
+    scores.rank(['"orc troll"'], BM25_WEIGHTS, 30, fetch)
+    assert asked == ['"orc troll"']
+
+
 def test_a_query_no_row_matches_is_empty(conn: sqlite3.Connection) -> None:
     scores = PhraseScores(_rows(conn))
     fetch = _fetcher(conn, [])

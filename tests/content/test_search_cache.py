@@ -59,15 +59,30 @@ async def test_a_new_text_of_known_phrases_runs_no_fts5_query(tmp_path: Path) ->
         m.forget_searches(phrases=False)
         queries.clear()
         assert await m.search_chunks("traps, altar", 10) == both
-        # expanded again from kept vocabulary look-ups, ranked from kept phrase scores,
-        # its hits' entries known: not one query
-        assert queries == []
+        # expanded again (one vocabulary look-up), ranked from kept phrase scores, its
+        # hits' entries known: no other query
+        assert len(queries) == 1 and "FROM vocab" in queries[0]
         m.forget_searches()
         queries.clear()
         assert await m.search_chunks("traps, altar", 10) == both
         assert len([q for q in queries if "chunks_fts" in q]) == 1  # the pair
         assert len([q for q in queries if "bm25_words" in q]) == 2  # traps, altar
         assert len([q for q in queries if "FROM vocab" in q]) == 1
+
+
+async def test_a_typo_reads_the_vocabulary_once(tmp_path: Path) -> None:
+    async with await open_module("default", include_srd=False, cache_dir=tmp_path) as m:
+        queries = _traced(m)
+        await m.search_chunks("the altar", 5)  # no typo: the words looked up
+        assert [q for q in queries if "vocab" in q and "group_concat" not in q]
+        queries.clear()
+        repaired = m.expand("the altr")  # a typo: its neighbours, the whole vocabulary
+        assert repaired[0] == "the altar"
+        assert len([q for q in queries if "group_concat" in q]) == 1
+        queries.clear()
+        assert m.expand("the chapell behind the altr")[0] == "the chapel behind the altar"
+        assert m.expand("a goblin guard")[0] == "a goblin guard"
+        assert [q for q in queries if "vocab" in q] == []  # answered from memory
 
 
 async def test_search_cache_is_bounded_and_cleared_on_close(
