@@ -7,9 +7,15 @@ hits that name them, and chunk text is fetched on demand; the whole catalogue is
 read only when something iterates it or looks up an id no query has returned yet.
 Compiling (and recompiling when the sources change) is ``compiler.py``'s part.
 
+A search ranks by FTS5's BM25 without running the OR query: it adds each phrase's
+kept scores (``phrase_scores.py``; a word's come from the compiled lists), so a text
+of phrases seen before runs no FTS5 query. Kept per store, each bounded and dropped
+at close: search results (256), query expansions (1 024), phrase scores (8 MB),
+typo repairs (10 000) and, from the first typo repair on, the vocabulary.
+
 Threads: one ``sqlite3`` connection per store, ``check_same_thread=False``, every use
 under a ``threading.Lock``. Queries run on the event loop by default: measured, a
-search is 0.3 ms at p50 and under 1 ms at p95 over the whole SRD, a worker-thread
+search of a new text is 0.3 ms at p50 and under 1 ms at p95 over the whole SRD, a worker-thread
 round trip costs about as much, and under load a busy loop hands the GIL back to a
 worker thread slowly (bench/bench_context.py, docs/load-test.md). A thread wait
 would also let a mock clock's autojump advance virtual time in the middle of a
@@ -549,22 +555,22 @@ class ModuleStore:
         cost on a new store (``phrases=False``: what a new text of words and phrases
         searched before costs)."""
         with self._lock:
-            self._searches.clear()
-            self._expansions.clear()
-            if phrases:
-                self._scores.clear()
-                self._vocabulary = None
-                self._repairs.clear()
+            self._drop_kept(phrases=phrases)
+
+    def _drop_kept(self, *, phrases: bool) -> None:
+        self._searches.clear()
+        self._expansions.clear()
+        if phrases:
+            self._scores.clear()
+            self._vocabulary = None
+            self._repairs.clear()
 
     def _close(self) -> None:
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-            self._searches.clear()  # a closed store answers no query, cached or not
-            self._scores.clear()
-            self._vocabulary = None
-            self._repairs.clear()
+            self._drop_kept(phrases=True)  # a closed store answers no query, kept or not
 
     async def __aenter__(self) -> ModuleStore:
         return self
