@@ -213,6 +213,7 @@ def edits1(word: str) -> set[str]:
 
 
 _SUFFIXES: Final = ("s", "es", "ed", "d", "ing", "er", "ers", "ly")
+_UNKNOWN: Final = object()  # a word ``repairs`` has no answer for yet
 #: irregular plurals of the game's nouns the -ves rule below does not cover
 _IRREGULAR: Final = {
     "mice": "mouse",
@@ -295,16 +296,20 @@ def expand_query(
         for w in checkable
         if w not in found and w not in protected and found.keys().isdisjoint(relatives[w])
     ]
-    if repairs is None:
-        repairs = {}
-    new = [w for w in unknown if w not in repairs]
+    # read once, written once: another thread may clear ``repairs`` meanwhile
+    found_fixes = {w: repairs.get(w, _UNKNOWN) for w in unknown} if repairs else {}
+    new = [w for w in unknown if found_fixes.get(w, _UNKNOWN) is _UNKNOWN]
     if new:
         neighbours = {w: edits1(w) for w in new}
         pool = known(sorted(set().union(*neighbours.values())))
+        made: dict[str, str | None] = {}
         for w, near in neighbours.items():
             best = min(((-pool[c], c) for c in near if c in pool), default=None)
-            repairs[w] = best[1] if best is not None else None
-    fixes = {w: fix for w in unknown if (fix := repairs[w]) is not None}
+            made[w] = best[1] if best is not None else None
+        found_fixes.update(made)
+        if repairs is not None:
+            repairs.update(made)
+    fixes = {w: fix for w, fix in found_fixes.items() if isinstance(fix, str)}
     out: list[str] = []
     i = 0
     changed = False

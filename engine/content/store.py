@@ -15,8 +15,8 @@ typo repairs (10 000) and, from the first typo repair on, the vocabulary.
 
 Threads: one ``sqlite3`` connection per store, ``check_same_thread=False``, every use
 under a ``threading.Lock``. Queries run on the event loop by default: measured, a
-search of a new text is 0.3 ms at p50 and under 1 ms at p95 over the whole SRD, a worker-thread
-round trip costs about as much, and under load a busy loop hands the GIL back to a
+search of a new text is 0.3 ms at p50 and under 1 ms at p95 over the whole SRD, a
+worker-thread round trip costs about as much, and under load a busy loop hands the GIL back to a
 worker thread slowly (bench/bench_context.py, docs/load-test.md). A thread wait
 would also let a mock clock's autojump advance virtual time in the middle of a
 context build. ``query_in_thread=True`` runs every query in
@@ -267,9 +267,9 @@ class ModuleStore:
     # search rows per (with text, weights, FTS phrases, limit): the file is read-only,
     # so equal queries give equal rows
     _searches: dict[tuple[object, ...], list[Hit]] = attrs.field(factory=dict, init=False)
-    # each phrase's BM25 per row: a new text of known phrases runs no FTS5 query
     _vocabulary: dict[str, int] | None = attrs.field(default=None, init=False)  # word -> n
     _repairs: dict[str, str | None] = attrs.field(factory=dict, init=False)  # typo -> fix
+    # each phrase's BM25 per row: a new text of known phrases runs no FTS5 query
     _scores: PhraseScores = attrs.field(factory=lambda: PhraseScores(1), kw_only=True)
 
     def __attrs_post_init__(self) -> None:
@@ -386,14 +386,16 @@ class ModuleStore:
         weights: Weights = BM25_WEIGHTS,
         with_text: bool = False,
     ) -> tuple[list[tuple[CatalogueEntry, float]], dict[str, str]]:
-        """``search`` in one query that also returns the hits' catalogue entries and,
-        ``with_text``, their text: ``(hits, {chunk id: text})``.
+        """``search``, also returning the hits' catalogue entries and, ``with_text``,
+        their text: ``(hits, {chunk id: text})``.
 
         The query is repaired and expanded first (``expression``): words the module's
         vocabulary does not know are replaced by their most frequent neighbour one
-        edit away, and the alias table's SRD phrasing is OR-ed in. The last 256
-        distinct searches are kept: one of them is answered at once, without a query
-        (a cancellation point, not a schedule point)."""
+        edit away, and the alias table's SRD phrasing is OR-ed in. The hits and scores
+        are those of FTS5's ``bm25()`` for the OR of the expression's phrases, added
+        from each phrase's kept scores (``phrase_scores.py``). The last 256 distinct
+        searches are kept: one of them is answered at once, without a query (a
+        cancellation point, not a schedule point)."""
         if limit <= 0 or not query_terms(query):
             await anyio.lowlevel.checkpoint()
             return [], {}
@@ -551,9 +553,9 @@ class ModuleStore:
 
     def forget_searches(self, *, phrases: bool = True) -> None:
         """Drop the kept search results and query expansions, and with ``phrases`` the
-        kept per-phrase scores and vocabulary look-ups: the next searches cost what they
-        cost on a new store (``phrases=False``: what a new text of words and phrases
-        searched before costs)."""
+        kept phrase scores, typo repairs and vocabulary: the next searches cost what
+        they cost on a new store (``phrases=False``: what a new text of words and
+        phrases searched before costs)."""
         with self._lock:
             self._drop_kept(phrases=phrases)
 
