@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from engine.content.phrase_scores import (
     fts5_scores,
     read_word_scores,
 )
-from engine.content.store import open_module
+from engine.content.store import ModuleStore, open_module
 
 # the reference: one FTS5 query for the whole OR, ranked by -bm25(), ties by rowid
 _REFERENCE = (
@@ -43,6 +44,22 @@ def words(conn: sqlite3.Connection) -> list[str]:
     # frequent and rare words alike: every 7th word of the module's vocabulary
     rows = conn.execute("SELECT word FROM vocab ORDER BY word").fetchall()
     return [w for (w,) in rows[::7] if w.isalpha()]
+
+
+@pytest.fixture(scope="module")
+def passages(conn: sqlite3.Connection) -> list[list[str]]:
+    """The words of some chunks in text order: runs of them make phrases that match."""
+    rows = conn.execute("SELECT text FROM chunks WHERE rowid % 13 = 0").fetchall()
+    return [ws for (text,) in rows if len(ws := re.findall(r"[a-z]+", text.lower())) >= 8]
+
+
+def _words_of(data: st.DataObject, words: list[str], passages: list[list[str]]) -> list[str]:
+    """Random vocabulary words, or a run of a chunk's own words (whose pairs match)."""
+    if data.draw(st.booleans()):
+        return data.draw(st.lists(st.sampled_from(words), min_size=1, max_size=6, unique=True))
+    passage = data.draw(st.sampled_from(passages))
+    start = data.draw(st.integers(0, len(passage) - 2))
+    return passage[start : start + data.draw(st.integers(2, 6))]
 
 
 def _rows(conn: sqlite3.Connection) -> int:
@@ -72,6 +89,7 @@ _weights = st.tuples(*[st.sampled_from([0.0, 0.5, 1.0, 3.0, 4.0])] * 3)
 def test_ranking_equals_fts5_bm25_of_the_or_query(
     conn: sqlite3.Connection,
     words: list[str],
+    passages: list[list[str]],
     data: st.DataObject,
     weights: Weights,
     limit: int,
@@ -79,7 +97,7 @@ def test_ranking_equals_fts5_bm25_of_the_or_query(
 ) -> None:
     scores = PhraseScores(_rows(conn), max_bytes=max_bytes)
     for _ in range(3):  # the same object over several queries: kept phrases are reused
-        terms = data.draw(st.lists(st.sampled_from(words), min_size=1, max_size=6, unique=True))
+        terms = list(dict.fromkeys(_words_of(data, words, passages)))
         phrases = [f'"{t}"' for t in terms] + [f'"{a} {b}"' for a, b in itertools.pairwise(terms)]
         asked: list[str] = []
         got = scores.rank(phrases, weights, limit, _fetcher(conn, asked))
@@ -196,3 +214,62 @@ async def test_concurrent_searches_equal_sequential_ones(
                 tg.start_soon(one, i)
         assert [got[i] for i in range(len(texts))] == sequential
         assert m._scores.nbytes <= 30_000
+
+
+# the store's search before phrase scores: FTS5's OR query joined to the chunk table
+_OLD_SEARCH = (
+    "SELECT c.id, f.s, c.text FROM (SELECT rowid, -bm25(chunks_fts, ?, ?, ?) AS s "
+    "FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY s DESC, rowid LIMIT ?) AS f "
+    "JOIN chunks AS c ON c.rowid = f.rowid ORDER BY f.s DESC, f.rowid"
+)
+
+
+@pytest.fixture(scope="module")
+def store(compiled: Path) -> Iterator[ModuleStore]:
+    opened = anyio.run(lambda: open_module("default", cache_dir=compiled))
+    yield opened
+    anyio.run(opened.aclose)
+
+
+_filler = st.sampled_from(["the", "I", "at", "my", "a", "of", "to", "zzqx", "gobln", "initative"])
+
+
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    data=st.data(),
+    limit=st.integers(1, 50),
+    with_text=st.booleans(),
+    max_bytes=st.sampled_from([30_000, 8 << 20]),
+    forget=st.booleans(),
+)
+def test_store_search_equals_fts5s_or_query_joined_to_the_chunks(
+    store: ModuleStore,
+    conn: sqlite3.Connection,
+    words: list[str],
+    passages: list[list[str]],
+    data: st.DataObject,
+    limit: int,
+    with_text: bool,
+    max_bytes: int,
+    forget: bool,
+) -> None:
+    """Through the whole store (expansion, compiled word lists, kept phrases, pairs not
+    asked for, entries, text): the hits, scores and texts of the OR query it replaced."""
+    parts = _words_of(data, words, passages)
+    parts += data.draw(st.lists(_filler, max_size=2))
+    text = " ".join(data.draw(st.permutations(parts)) if data.draw(st.booleans()) else parts)
+    if forget:
+        store.forget_searches()
+    store._scores.max_bytes = max_bytes
+    hits, texts = anyio.run(lambda: store.search_chunks(text, limit, with_text=with_text))
+    expression = store.expression(text)
+    want = (
+        conn.execute(_OLD_SEARCH, (*BM25_WEIGHTS, expression, limit)).fetchall()
+        if expression
+        else []
+    )
+    assert [(e.id, score) for e, score in hits] == [(cid, score) for cid, score, _ in want]
+    assert texts == ({cid: chunk for cid, _, chunk in want} if with_text else {})
+    assert store._scores.nbytes <= max_bytes
