@@ -22,7 +22,7 @@ from typing import Final
 
 from ..errors import ModuleError
 from .phrase_scores import WORD_SCORES_SCHEMA, write_word_scores
-from .query import STOPWORDS, words
+from .query import is_term, words
 from .sources import (
     FORMAT_VERSION,
     Chunk,
@@ -99,7 +99,7 @@ def _write(path: Path, name: str, fingerprint: str, chunks: Iterable[Chunk]) -> 
             conn.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('optimize')")
             conn.executemany("INSERT INTO vocab VALUES (?, ?)", sorted(vocab.items()))
             # each query word's BM25 per chunk (the words a search can ask for)
-            write_word_scores(conn, (w for w in sorted(vocab) if len(w) > 1 and w not in STOPWORDS))
+            write_word_scores(conn, filter(is_term, sorted(vocab)))
             conn.executemany(
                 "INSERT INTO meta VALUES (?, ?)",
                 [

@@ -275,7 +275,7 @@ class OptimizedContextBuilder:
     ) -> tuple[list[tuple[str, float]], dict[str, CatalogueEntry], dict[str, str]]:
         """(candidates best first, their catalogue entries, text the search returned).
 
-        A ``ModuleStore`` answers in one query (ranking, entries and, ``with_text``,
+        A ``ModuleStore`` answers in one call (ranking, entries and, ``with_text``,
         text); any other source through ``search`` and its catalogue."""
         action, location, npcs, action_type = self._request_parts(request)
         query = " ".join(part for part in (action, location, *npcs) if part)

@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final
 
-__all__ = ["ALIASES", "STOPWORDS", "aliases", "edits1", "expand_query", "words"]
+__all__ = ["ALIASES", "STOPWORDS", "aliases", "edits1", "expand_query", "is_term", "words"]
 
 STOPWORDS: Final = frozenset(
     [
@@ -196,6 +196,11 @@ def _alias_matches(text: str) -> tuple[tuple[str, ...], frozenset[str]]:
     return tuple(found), frozenset(matched)
 
 
+def is_term(word: str) -> bool:
+    """Whether a lower-case word is a query term: 2+ characters, not a stop word."""
+    return len(word) > 1 and word not in STOPWORDS
+
+
 def words(text: str) -> list[str]:
     """Lower-case alphanumeric words of ``text`` (the vocabulary's unit)."""
     return _WORD.findall(text.lower())
@@ -213,7 +218,6 @@ def edits1(word: str) -> set[str]:
 
 
 _SUFFIXES: Final = ("s", "es", "ed", "d", "ing", "er", "ers", "ly")
-_UNKNOWN: Final = object()  # a word ``repairs`` has no answer for yet
 #: irregular plurals of the game's nouns the -ves rule below does not cover
 _IRREGULAR: Final = {
     "mice": "mouse",
@@ -253,6 +257,9 @@ def singulars(word: str) -> tuple[str, ...]:
     if word.endswith("ves") and len(word) > 4:
         return (word[:-3] + "f", word[:-3] + "fe")
     return ()
+
+
+_UNKNOWN: Final = object()  # a word ``repairs`` has no answer for yet
 
 
 def expand_query(

@@ -52,7 +52,7 @@ from .phrase_scores import (
     fts5_scores,
     read_word_scores,
 )
-from .query import STOPWORDS, expand_query
+from .query import expand_query, is_term
 from .sources import (
     ADVENTURE_SECTIONS,
     SRD_SECTIONS,
@@ -122,7 +122,7 @@ def query_terms(text: str) -> list[str]:
         elif word:
             w = "".join(word)
             word.clear()
-            if len(w) > 1 and w not in STOPWORDS:
+            if is_term(w):
                 terms[w] = None
     return list(terms)
 
