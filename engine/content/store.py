@@ -270,7 +270,7 @@ class ModuleStore:
     _vocabulary: dict[str, int] | None = attrs.field(default=None, init=False)  # word -> n
     _repairs: dict[str, str | None] = attrs.field(factory=dict, init=False)  # typo -> fix
     # each phrase's BM25 per row: a new text of known phrases runs no FTS5 query
-    _scores: PhraseScores = attrs.field(factory=lambda: PhraseScores(1), kw_only=True)
+    _scores: PhraseScores = attrs.field(alias="scores", kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         self._catalogue = Catalogue((e for _, e in self._keyed), self._read_catalogue)
