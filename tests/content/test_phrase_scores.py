@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -231,39 +232,55 @@ def store(compiled: Path) -> Iterator[ModuleStore]:
     anyio.run(opened.aclose)
 
 
-_filler = st.sampled_from(["the", "I", "at", "my", "a", "of", "to", "zzqx", "gobln", "initative"])
+_FILLER = ["the", "I", "at", "my", "a", "of", "to", "zzqx", "gobln", "initative"]
 
 
+def _player_text(choice: random.Random, words: list[str], passages: list[list[str]]) -> str:
+    """Vocabulary words or a run of a chunk's words, some filler (stop words, typos),
+    sometimes shuffled."""
+    if choice.random() < 0.5:
+        parts = choice.sample(words, choice.randint(1, 6))
+    else:
+        passage = choice.choice(passages)
+        start = choice.randrange(len(passage) - 1)
+        parts = passage[start : start + choice.randint(2, 6)]
+    parts = parts + choice.sample(_FILLER, choice.randint(0, 2))
+    if choice.random() < 0.5:
+        choice.shuffle(parts)
+    return " ".join(parts)
+
+
+@pytest.mark.anyio
 @settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    data=st.data(),
+    seed=st.integers(0, 2**32 - 1),
     limit=st.integers(1, 50),
     with_text=st.booleans(),
     max_bytes=st.sampled_from([30_000, 8 << 20]),
     forget=st.booleans(),
 )
-def test_store_search_equals_fts5s_or_query_joined_to_the_chunks(
+async def test_store_search_equals_fts5s_or_query_joined_to_the_chunks(
     store: ModuleStore,
     conn: sqlite3.Connection,
     words: list[str],
     passages: list[list[str]],
-    data: st.DataObject,
+    seed: int,
     limit: int,
     with_text: bool,
     max_bytes: int,
     forget: bool,
 ) -> None:
     """Through the whole store (expansion, compiled word lists, kept phrases, pairs not
-    asked for, entries, text): the hits, scores and texts of the OR query it replaced."""
-    parts = _words_of(data, words, passages)
-    parts += data.draw(st.lists(_filler, max_size=2))
-    text = " ".join(data.draw(st.permutations(parts)) if data.draw(st.booleans()) else parts)
+    asked for, entries, text): the hits, scores and texts of the OR query it replaced.
+    (The text comes from a seed: drawn interactively, hypothesis reported its data
+    generation inconsistent in about one run in five.)"""
+    text = _player_text(random.Random(seed), words, passages)
     if forget:
         store.forget_searches()
     store._scores.max_bytes = max_bytes
-    hits, texts = anyio.run(lambda: store.search_chunks(text, limit, with_text=with_text))
+    hits, texts = await store.search_chunks(text, limit, with_text=with_text)
     expression = store.expression(text)
     want = (
         conn.execute(_OLD_SEARCH, (*BM25_WEIGHTS, expression, limit)).fetchall()
