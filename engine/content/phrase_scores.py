@@ -33,8 +33,11 @@ import numpy.typing as npt
 
 __all__ = [
     "BM25_WEIGHTS",
+    "WORD_SCORES_SCHEMA",
+    "Fetch",
     "PhraseScores",
     "Scores",
+    "Weights",
     "fts5_scores",
     "read_word_scores",
     "write_word_scores",
