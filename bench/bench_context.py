@@ -8,12 +8,13 @@ queries in a worker thread, the default; False: on the event loop):
 
 * SRD compile time and file size (a cold compile into a temporary cache folder);
 * p50/p95 of ``OptimizedContextBuilder.build_context`` (without and with a warm
-  ``ModuleCache``; "cold": the store's kept searches dropped before each build, so
-  every build runs its FTS5 queries, as for the store's very first text; "new text": the
-  202 player actions of tests/content/data in turn, none searched before, the store's
-  kept searches and phrase scores all dropped at the start of each pass, so each
-  text pays for the phrases the earlier ones did not use, as in play) and of
-  ``ModuleStore.search`` alone, against the naive baseline in the same process: the previous design's full scan, every chunk held in memory
+  ``ModuleCache``; "cold": everything the store keeps dropped before each build, so
+  every build runs its FTS5 queries, as for the store's very first text; "new text":
+  the 202 player actions of tests/content/data in turn, none searched before,
+  everything the store keeps dropped at the start of each pass, so each text pays
+  for the phrases the earlier ones did not use, as in play) and of
+  ``ModuleStore.search`` alone, against the naive baseline in the same process: the
+  previous design's full scan, every chunk held in memory
   and scored by counting the query's keywords (3+ letters) in it, then the same
   greedy selection. Two variants of the baseline: lower-casing every chunk per query
   (as issue 5 measured it) and lower-cased once when loaded (the stronger one; the
@@ -239,7 +240,7 @@ async def steady_state(
         await open_module("srd", cache_dir=cache_dir, query_in_thread=in_thread) as cold_store,
     ):
         plain = OptimizedContextBuilder(store)
-        cold = OptimizedContextBuilder(cold_store)  # its kept searches dropped before each
+        cold = OptimizedContextBuilder(cold_store)  # its store forgets all before each
         cached = OptimizedContextBuilder(store, ModuleCache())
         # the engine's own set-up (engine/runtime.py): the builder with a ModuleCache
         cold_cached = OptimizedContextBuilder(cold_store, ModuleCache())
