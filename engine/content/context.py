@@ -45,7 +45,7 @@ import anyio.lowlevel
 import attrs
 
 from .sources import Chunk
-from .store import CatalogueEntry, SectionContent, fts_query
+from .store import CatalogueEntry, SectionContent, fts_phrases
 from .tokens import DEFAULT_COUNTER, TokenCounter
 
 if TYPE_CHECKING:
@@ -338,7 +338,7 @@ class OptimizedContextBuilder:
         or text) for ``request``: term overlap with the action (title terms count more)
         plus the same location/NPC/section boosts as ``build_context``. No index scan."""
         action, location, npcs, action_type = self._request_parts(request)
-        query = _stems(" ".join(fts_query(action).replace('"', "").split(" OR ")))
+        query = _stems(" ".join(phrase.strip('"') for phrase in fts_phrases(action)))
         title, text, section = "", "", ""
         keys: tuple[str, ...] = ()
         if isinstance(content, Chunk):

@@ -137,6 +137,7 @@ class PhraseScores:
         kept = self._kept.get(key)
         if kept is None:
             kept = _NO_MATCH if self._cannot_match(phrase, weights) else fetch(phrase, weights)
+            # the arrays, the key, and about 200 bytes of objects around them
             size = kept[0].nbytes + kept[1].nbytes + len(phrase) + 200
             if self._bytes + size > self.max_bytes:
                 self.clear()

@@ -190,7 +190,7 @@ class Lane:
         transaction); set each call's result or error."""
         if self._closed:
             for call in batch:
-                call.error = SessionError(f"{call.op}: the session store {self.where!r} is closed")
+                call.error = self._closed_error(call.op)
             return
         try:
             results = await self._send_on_live([call.statement for call in batch], each=True)
@@ -249,7 +249,10 @@ class Lane:
 
     def _check_open(self, op: str) -> None:
         if self._closed:
-            raise SessionError(f"{op}: the session store {self.where!r} is closed")
+            raise self._closed_error(op)
+
+    def _closed_error(self, op: str) -> SessionError:
+        return SessionError(f"{op}: the session store {self.where!r} is closed")
 
     async def _commit(self, op: str) -> pq.abc.PGresult | None:
         """COMMIT; None when it committed, else its failed result (then nothing was).
