@@ -27,14 +27,19 @@ ENTRIES = 20_000
 ENTRY_SIZE = 100
 
 
-def _per_call(fn: Callable[[], None], n: int, repeat: int) -> float:
-    """Best-of-``repeat`` seconds per call of a loop doing ``n`` operations."""
-    best = float("inf")
+def _per_call(fns: dict[str, Callable[[], None]], n: int, repeat: int) -> dict[str, float]:
+    """Best-of-``repeat`` seconds per call of each loop doing ``n`` operations.
+
+    The rounds interleave the contenders (each round times every one of them once),
+    so a slow stretch of the shared machine falls on all of them, not on one.
+    """
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best / n
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: sec / n for name, sec in best.items()}
 
 
 async def bench_get(n: int, repeat: int) -> dict[str, float]:
@@ -69,12 +74,16 @@ async def bench_get(n: int, repeat: int) -> dict[str, float]:
 
     for fn in (run_ours, run_lru, run_ttl, run_ttl_get):  # warm-up
         fn()
-    return {
-        "ModuleCache.get": _per_call(run_ours, n, repeat),
-        "LRUCache[k]": _per_call(run_lru, n, repeat),
-        "TTLCache[k]": _per_call(run_ttl, n, repeat),
-        "TTLCache.get(k)": _per_call(run_ttl_get, n, repeat),
-    }
+    return _per_call(
+        {
+            "ModuleCache.get": run_ours,
+            "LRUCache[k]": run_lru,
+            "TTLCache[k]": run_ttl,
+            "TTLCache.get(k)": run_ttl_get,
+        },
+        n,
+        repeat,
+    )
 
 
 async def bench_put_evicting(n: int, repeat: int) -> dict[str, float]:

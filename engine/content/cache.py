@@ -26,9 +26,11 @@ import fnmatch
 import re
 import sys
 import warnings
-from asyncio import get_running_loop
+from asyncio import BaseEventLoop, get_running_loop
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
+from threading import get_ident
+from time import monotonic
 from typing import TYPE_CHECKING, Any, Protocol, final
 
 import anyio
@@ -99,7 +101,12 @@ def estimate_size(value: object) -> int:
 
 
 def _asyncio_time() -> float:
-    return get_running_loop().time()  # what anyio's asyncio backend returns
+    """What anyio's asyncio backend returns; notes a loop whose clock is monotonic()."""
+    global _monotonic_loop
+    loop = get_running_loop()
+    if type(loop).time is _BASE_LOOP_TIME and hasattr(loop, "_thread_id"):
+        _monotonic_loop = loop
+    return loop.time()
 
 
 def _no_clock_yet() -> float:
@@ -134,6 +141,13 @@ def _resolve_clock() -> Callable[[], float]:
 #: run, asyncio's without a running asyncio loop in this thread), which is when it
 #: is resolved anew: a hit pays one call, not anyio's backend lookup per read.
 _clock: Callable[[], float] = _no_clock_yet
+
+_BASE_LOOP_TIME = BaseEventLoop.time  # time.monotonic(), the stdlib loops' clock
+#: The last asyncio loop seen running whose clock is the stdlib's ``time.monotonic()``.
+#: ``get`` reads ``time.monotonic()`` directly while that loop runs in the calling
+#: thread (``BaseEventLoop`` sets ``_thread_id`` for exactly that span): on Python
+#: 3.11 ``asyncio.get_running_loop()`` makes a ``getpid()`` system call, half of a hit.
+_monotonic_loop: Any = None
 
 
 def _now() -> float:
@@ -259,10 +273,14 @@ class ModuleCache:
 
     def get(self, key: str) -> Any:
         """The live value of ``key`` (marked most recently used), or None. O(1)."""
-        try:  # _now(), inlined: this is the hot path (asyncio's clock without a call)
-            now = get_running_loop().time() if _clock is _asyncio_time else _clock()
-        except RuntimeError:
-            now = _now()  # another kind of loop (or none: the explanatory error)
+        loop = _monotonic_loop  # _now(), inlined: this is the hot path
+        if loop is not None and loop._thread_id == get_ident():
+            now = monotonic()  # that loop's time(), without finding the loop
+        else:
+            try:
+                now = _clock()
+            except RuntimeError:
+                now = _now()  # another kind of loop (or none: the explanatory error)
         if now >= self._next_expiry:
             self._sweep(now)
         entry = self._lru.get(key)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -78,3 +79,43 @@ def test_a_thread_without_a_loop_gets_the_explanatory_error() -> None:
     trio.run(main)
     (error,) = errors
     assert "ModuleCache needs a running event loop (trio or asyncio)" in str(error)
+
+
+def test_a_stdlib_loop_is_read_through_time_monotonic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a stdlib loop (``time()`` not overridden) a hit reads ``time.monotonic()``
+    without finding the loop; the TTL still expires on it, and a trio run in between
+    and a thread outside the loop still get their own clock and the explanatory error."""
+    import engine.content.cache as cache_module
+
+    cache = ModuleCache(ttl_minutes=1)
+    jump = [0.0]
+    monkeypatch.setattr(cache_module, "monotonic", lambda: asyncio_now[0]() + jump[0])
+    asyncio_now: list[Callable[[], float]] = []
+    errors: list[BaseException] = []
+
+    async def main() -> None:
+        asyncio_now[:] = [asyncio.get_running_loop().time]
+        jump[0] = 0.0
+        cache.put("k", "v", size=1)
+        assert cache.get("k") == "v"  # also notes this loop as a monotonic one
+        jump[0] = 59.0
+        assert cache.get("k") == "v"
+        jump[0] = 61.0  # only get's direct read moves: the loop's own time() does not
+        assert cache.get("k") is None
+
+        def in_thread() -> None:
+            try:
+                cache.get("k")
+            except RuntimeError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=in_thread)
+        thread.start()
+        thread.join()
+
+    asyncio.run(main())
+    _trio_run(cache, "trio between")
+    asyncio.run(main())  # a second stdlib loop takes the first one's place
+    assert cache.statistics().expirations == 3
+    assert len(errors) == 2
+    assert all("needs a running event loop" in str(e) for e in errors)
