@@ -25,7 +25,16 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final
 
-__all__ = ["ALIASES", "STOPWORDS", "aliases", "edits1", "expand_query", "is_term", "words"]
+__all__ = [
+    "ALIASES",
+    "STOPWORDS",
+    "aliases",
+    "edits1",
+    "expand_query",
+    "forget_alias_matches",
+    "is_term",
+    "words",
+]
 
 STOPWORDS: Final = frozenset(
     [
@@ -167,7 +176,26 @@ ALIASES: Final[tuple[tuple[str, str], ...]] = (
     (r"tavern|pub|bar", "inn"),
 )
 
-_COMPILED: Final = tuple((re.compile(rf"(?<![a-z0-9])(?:{p})(?![a-z0-9])"), e) for p, e in ALIASES)
+
+def _whole_words(pattern: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![a-z0-9])(?:{pattern})(?![a-z0-9])")
+
+
+def _alias_groups(
+    size: int,
+) -> tuple[tuple[re.Pattern[str], tuple[tuple[re.Pattern[str], str], ...]], ...]:
+    """The table in groups of ``size``, each with one pattern that matches where any
+    of its members does: a text no member of a group matches costs one search for the
+    group (each pattern's own scan costs about as much as the group's: 0.7 us)."""
+    groups = []
+    for start in range(0, len(ALIASES), size):
+        part = ALIASES[start : start + size]
+        any_member = _whole_words("|".join(f"(?:{p})" for p, _ in part))
+        groups.append((any_member, tuple((_whole_words(p), e) for p, e in part)))
+    return tuple(groups)
+
+
+_ALIAS_GROUPS: Final = _alias_groups(8)
 
 _WORD: Final = re.compile(r"[a-z0-9]+")
 _LETTERS: Final = "abcdefghijklmnopqrstuvwxyz"
@@ -189,11 +217,19 @@ def _alias_matches(text: str) -> tuple[tuple[str, ...], frozenset[str]]:
     low = text.lower()
     found: dict[str, None] = {}
     matched: set[str] = set()
-    for rx, expansion in _COMPILED:
-        for m in rx.finditer(low):
-            found[expansion] = None
-            matched.update(words(m.group(0)))
+    for any_member, members in _ALIAS_GROUPS:
+        if any_member.search(low) is None:
+            continue
+        for rx, expansion in members:
+            for m in rx.finditer(low):
+                found[expansion] = None
+                matched.update(words(m.group(0)))
     return tuple(found), frozenset(matched)
+
+
+def forget_alias_matches() -> None:
+    """Drop the memo of texts' alias matches (a benchmark's "never seen" texts)."""
+    _alias_matches.cache_clear()
 
 
 def is_term(word: str) -> bool:

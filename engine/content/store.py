@@ -52,7 +52,7 @@ from .phrase_scores import (
     fts5_scores,
     read_word_scores,
 )
-from .query import expand_query, is_term
+from .query import expand_query, forget_alias_matches, is_term
 from .sources import (
     ADVENTURE_SECTIONS,
     SRD_SECTIONS,
@@ -553,11 +553,15 @@ class ModuleStore:
 
     def forget_searches(self, *, phrases: bool = True) -> None:
         """Drop the kept search results and query expansions, and with ``phrases`` the
-        kept phrase scores, typo repairs and vocabulary: the next searches cost what
-        they cost on a new store (``phrases=False``: what a new text of words and
-        phrases searched before costs)."""
+        kept phrase scores, typo repairs and vocabulary, and the process's memos of
+        query texts (their phrases, their alias matches): the next searches cost what
+        they cost on a new store for texts never seen (``phrases=False``: what a new
+        text of words and phrases searched before costs)."""
         with self._lock:
             self._drop_kept(phrases=phrases)
+        if phrases:
+            fts_phrases.cache_clear()
+            forget_alias_matches()
 
     def _drop_kept(self, *, phrases: bool) -> None:
         self._searches.clear()

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from engine.content.query import expand_query, related_forms, singulars
+from engine.content.query import (
+    ALIASES,
+    _alias_words,
+    aliases,
+    expand_query,
+    forget_alias_matches,
+    related_forms,
+    singulars,
+    words,
+)
 
 VOCAB = {
     "initiative": 40,
@@ -106,3 +118,30 @@ def test_no_words_no_expansion() -> None:
     known, calls = known_in(VOCAB)
     assert expand_query("?!", known) == ("?!",)
     assert calls == []
+
+
+# words the alias patterns spell, so that drawn texts hit them (and their overlaps)
+_ALIAS_WORDS = sorted({w for p, _ in ALIASES for w in re.findall(r"[a-z0-9]+", p)} - {"w", "s"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.sampled_from(_ALIAS_WORDS), st.sampled_from(["the", "my", "on", "0", "x"])),
+        max_size=12,
+    ),
+    st.sampled_from([" ", "-", ", ", "  "]),
+)
+def test_alias_matches_equal_each_pattern_run_on_its_own(parts: list[str], sep: str) -> None:
+    """The groups' shared pattern only skips groups no member matches: the aliases
+    found, and the words they match, are those of every pattern run alone."""
+    text = sep.join(parts)
+    found: dict[str, None] = {}
+    matched: set[str] = set()
+    for pattern, expansion in ALIASES:
+        for m in re.finditer(rf"(?<![a-z0-9])(?:{pattern})(?![a-z0-9])", text.lower()):
+            found[expansion] = None
+            matched.update(words(m.group(0)))
+    forget_alias_matches()
+    assert aliases(text) == tuple(found)
+    assert _alias_words(text) == frozenset(matched)
