@@ -105,6 +105,13 @@ def read_word_scores(conn: sqlite3.Connection, word: str) -> Scores | None:
     )
 
 
+def _row_bits(rowids: npt.NDArray[np.int64], rows: int) -> int:
+    """``rowids`` as the set bits of an int (bit ``r`` for row ``r``)."""
+    mask = np.zeros(rows, dtype=bool)
+    mask[rowids] = True
+    return int.from_bytes(np.packbits(mask, bitorder="little").tobytes(), "little")
+
+
 @attrs.define(eq=False)
 class PhraseScores:
     """Each phrase's BM25 contribution per row, kept; queries ranked by adding them.
@@ -118,6 +125,8 @@ class PhraseScores:
     rows: int  # one more than the largest rowid
     max_bytes: int = _DEFAULT_BYTES
     _kept: dict[tuple[str, Weights], Scores] = attrs.field(factory=dict, init=False)
+    #: the rows a kept one-word phrase matches, as the bits of an int (made on first use)
+    _rows_of: dict[tuple[str, Weights], int] = attrs.field(factory=dict, init=False)
     _bytes: int = attrs.field(default=0, init=False)
 
     @property
@@ -130,6 +139,7 @@ class PhraseScores:
 
     def clear(self) -> None:
         self._kept.clear()
+        self._rows_of.clear()
         self._bytes = 0
 
     def _phrase(self, phrase: str, weights: Weights, fetch: Fetch) -> Scores:
@@ -137,8 +147,9 @@ class PhraseScores:
         kept = self._kept.get(key)
         if kept is None:
             kept = _NO_MATCH if self._cannot_match(phrase, weights) else fetch(phrase, weights)
-            # the arrays, the key, and about 200 bytes of objects around them
-            size = kept[0].nbytes + kept[1].nbytes + len(phrase) + 200
+            # the arrays, the key, about 200 bytes of objects around them, and a word's
+            # row bits (rows / 8 bytes) should a pair need them
+            size = kept[0].nbytes + kept[1].nbytes + len(phrase) + 200 + self.rows // 8
             if self._bytes + size > self.max_bytes:
                 self.clear()
             if size <= self.max_bytes:
@@ -152,14 +163,16 @@ class PhraseScores:
         words = phrase[1:-1].split(" ")
         if len(words) < 2:
             return False
-        rowids = []
+        common = -1  # every row
         for word in words:
-            alone = self._kept.get((f'"{word}"', weights))
-            if alone is None:
-                return False  # not known here: ask
-            rowids.append(alone[0])
-        together = np.bincount(np.concatenate(rowids), minlength=self.rows)
-        return not (together == len(words)).any()
+            rows = self._rows_of.get((f'"{word}"', weights))
+            if rows is None:
+                alone = self._kept.get((f'"{word}"', weights))
+                if alone is None:
+                    return False  # not known here: ask
+                rows = self._rows_of[(f'"{word}"', weights)] = _row_bits(alone[0], self.rows)
+            common &= rows
+        return common == 0
 
     def rank(
         self, phrases: Sequence[str], weights: Weights, limit: int, fetch: Fetch

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import re
 import sqlite3
 import sys
 import threading
@@ -111,20 +112,14 @@ class SectionContent:
         return iter(self.chunks)
 
 
+#: a run of alphanumeric characters (``str.isalnum``, Unicode): FTS5's unicode61 tokens
+_TERM: Final = re.compile(r"[^\W_]+")
+
+
 def query_terms(text: str) -> list[str]:
     """The query terms of free text: lower-case words of 2+ characters, stop words
     dropped, in order, without repeats."""
-    terms: dict[str, None] = {}
-    word: list[str] = []
-    for ch in text.lower() + " ":
-        if ch.isalnum():
-            word.append(ch)
-        elif word:
-            w = "".join(word)
-            word.clear()
-            if is_term(w):
-                terms[w] = None
-    return list(terms)
+    return list(dict.fromkeys(w for w in _TERM.findall(text.lower()) if is_term(w)))
 
 
 @functools.lru_cache(maxsize=1024)

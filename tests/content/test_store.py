@@ -9,10 +9,13 @@ from pathlib import Path
 import anyio
 import anyio.from_thread
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.content import store as store_mod
+from engine.content.query import STOPWORDS
 from engine.content.sources import bundled_adventure_dir
-from engine.content.store import ModuleStore, SectionContent, fts_query, open_module
+from engine.content.store import ModuleStore, SectionContent, fts_query, open_module, query_terms
 from engine.errors import LoadError, ModuleError
 
 pytestmark = pytest.mark.anyio
@@ -268,3 +271,28 @@ async def test_recompile_keeps_a_session_store_named_like_the_module(tmp_path: P
     assert [row.turn for row in transcript] == [1, 2, 3, 4]
     assert lookalike.exists()
     assert not any((cache / name).exists() for name in first_compiles)  # the old compile went
+
+
+def _terms_char_by_char(text: str) -> list[str]:
+    """The definition, spelled out: runs of ``str.isalnum`` characters of the
+    lower-cased text, 2+ characters, not stop words, first occurrence order."""
+    terms: dict[str, None] = {}
+    word: list[str] = []
+    for ch in text.lower() + " ":
+        if ch.isalnum():
+            word.append(ch)
+        elif word:
+            w = "".join(word)
+            word.clear()
+            if len(w) > 1 and w not in STOPWORDS:
+                terms[w] = None
+    return list(terms)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=60)
+    | st.text("ab _-'é²İ1 ", max_size=30)
+)
+def test_query_terms_are_the_alphanumeric_runs(text: str) -> None:
+    assert query_terms(text) == _terms_char_by_char(text)
