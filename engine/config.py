@@ -160,6 +160,25 @@ class ParallelizationConfig:
     global_requests_per_minute: float = attrs.field(default=0.0, validator=_rate)
     global_tokens_per_minute: float = attrs.field(default=0.0, validator=_rate)
     global_lease_seconds: float = attrs.field(default=10.0, validator=_seconds)
+    # leases each process keeps admitted ahead of need (no Redis round trip per call)
+    global_spare_leases: int = attrs.field(default=0, validator=non_negative)
+
+    def __attrs_post_init__(self) -> None:
+        spares = self.global_spare_leases
+        if not spares:
+            return
+        if self.global_requests_per_minute or self.global_tokens_per_minute:
+            raise Invalid(
+                "global_spare_leases",
+                "must be 0 with global_requests_per_minute or global_tokens_per_minute "
+                "(a rate counts a call when it is admitted)",
+            )
+        if not 0 < spares <= self.global_max_concurrent_agents:
+            raise Invalid(
+                "global_spare_leases",
+                f"must be at most global_max_concurrent_agents "
+                f"({self.global_max_concurrent_agents}), which must not be 0",
+            )
 
 
 @attrs.frozen

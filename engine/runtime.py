@@ -215,6 +215,7 @@ async def _globally_limited(
             requests_per_minute=par.global_requests_per_minute or None,
             tokens_per_minute=par.global_tokens_per_minute or None,
             lease_seconds=par.global_lease_seconds,
+            spare_leases=par.global_spare_leases,
         )
     )
     limited: dict[str, Agent] = {}

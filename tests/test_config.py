@@ -135,6 +135,38 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
         "scenarios.targets.straggler_probability",
         "between",
     ),
+    (
+        {"performance": {"parallelization": {"global_spare_leases": -1}}},
+        "performance.parallelization.global_spare_leases",
+        ">= 0",
+    ),
+    (
+        {"performance": {"parallelization": {"global_spare_leases": 2}}},
+        "performance.parallelization.global_spare_leases",
+        "at most global_max_concurrent_agents (0)",
+    ),
+    (
+        {
+            "performance": {
+                "parallelization": {"global_spare_leases": 5, "global_max_concurrent_agents": 4}
+            }
+        },
+        "performance.parallelization.global_spare_leases",
+        "at most global_max_concurrent_agents (4)",
+    ),
+    (
+        {
+            "performance": {
+                "parallelization": {
+                    "global_spare_leases": 2,
+                    "global_max_concurrent_agents": 4,
+                    "global_requests_per_minute": 600.0,
+                }
+            }
+        },
+        "performance.parallelization.global_spare_leases",
+        "must be 0 with global_requests_per_minute",
+    ),
     ({"state": {"max_action_chars": 0}}, "state.max_action_chars", "> 0"),
     ({"state": {"synchronous": "OFF"}}, "state.synchronous", "one of"),
     ({"state": {"write_in_thread": "sometimes"}}, "state.write_in_thread", 'true, false or "auto"'),

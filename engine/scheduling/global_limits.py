@@ -43,6 +43,17 @@ Guarantees:
   token costs the token budget too. A slot freed in another process is noticed at
   the next poll, so under contention a hand-off between processes leaves the slot
   idle for up to 50 ms (25 ms on average).
+* **Spare leases (opt-in: ``spare_leases``).** Without rates, a process may keep up
+  to ``spare_leases`` leases admitted ahead of need, so that a call takes one at
+  once instead of waiting for Redis's answer. They are real leases (the global bound
+  counts them; they are renewed and die with their holder like the others) and are
+  admitted in the background on demand, as newcomers: only when every head queued in
+  Redis could have a slot too, so a process never takes a spare while another one
+  waits. A call takes a spare only when nobody of its process is queued; its release
+  goes to Redis as before (a spare is never recycled locally). The price, when the
+  limit binds: a process may start up to ``spare_leases`` calls ahead of a head that
+  began waiting after those spares were admitted, and a spare left unused is given
+  back after 50 ms, so it delays another process by at most that long.
 * **Cancellation-safe.** A lease id is chosen before the admission script runs and
   each admission call is shielded (bounded by ``redis_timeout``), so its outcome is
   always known: a caller cancelled while waiting holds nothing, and a caller
@@ -81,6 +92,7 @@ import random
 import secrets
 import socket
 import sys
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar, final
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -124,6 +136,8 @@ _BACKOFF_MAX = 0.05
 _TICKET_SECONDS = 2.0
 #: Jitter added to a rate wait, so that processes told the same instant spread out.
 _RATE_JITTER = 0.002
+#: A spare lease not taken within this long is given back (seconds).
+_SPARE_IDLE = 0.05
 
 
 class GlobalLimitError(EngineError):
@@ -145,7 +159,8 @@ class Lease:
 
     Attributes:
         id: the lease's member in Redis (``None`` without a concurrency bound).
-        admitted_at: when the script admitted the call, on Redis's clock (Unix s).
+        admitted_at: when the script admitted the call (for a spare lease: the
+            spare), on Redis's clock (Unix s).
         waited: seconds spent waiting for admission (this process's clock).
         tokens: the token cost charged.
     """
@@ -171,6 +186,8 @@ class GlobalLimiterStatistics:
         reclaimed: expired leases (of dead or cut-off holders) this limiter removed.
         lost: own leases that had expired before they could be renewed.
         errors: Redis calls that failed (admission, renewal, release).
+        spares: spare leases held now, unused (``held`` counts them too).
+        from_spares: admissions served by a spare lease (``acquired`` counts them).
     """
 
     held: int
@@ -183,6 +200,8 @@ class GlobalLimiterStatistics:
     reclaimed: int
     lost: int
     errors: int
+    spares: int = 0
+    from_spares: int = 0
 
 
 @attrs.frozen
@@ -242,6 +261,7 @@ class RedisLimiter:
         tokens_burst: tokens that may be spent at once after a quiet spell.
         lease_seconds: how long a lease outlives its last renewal.
         redis_timeout: the longest one Redis call may take.
+        spare_leases: leases kept admitted ahead of need (0: none).
     """
 
     url: str
@@ -253,6 +273,7 @@ class RedisLimiter:
     tokens_burst: int
     lease_seconds: float
     redis_timeout: float
+    spare_leases: int
     _client: coredis.Redis[bytes] = attrs.field(alias="client")
     _keys: tuple[str, ...] = attrs.field(alias="keys")
     _admit_script: Any = attrs.field(init=False)
@@ -282,6 +303,11 @@ class RedisLimiter:
     _reclaimed: int = attrs.field(init=False, default=0)
     _lost: int = attrs.field(init=False, default=0)
     _errors: int = attrs.field(init=False, default=0)
+    # spare leases: (lease id, Redis's admission time, local time admitted), oldest first
+    _spares: deque[tuple[str, float, float]] = attrs.field(init=False, factory=deque)
+    _spares_wanted: bool = attrs.field(init=False, default=False)  # a call came since a refusal
+    _spares_due: anyio.Event = attrs.field(init=False, factory=anyio.Event)  # wakes the keeper
+    _from_spares: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
         self._admit_script = self._client.register_script(ADMIT)
@@ -327,6 +353,7 @@ class RedisLimiter:
         lease_seconds: float = 10.0,
         redis_timeout: float = 2.0,
         key_prefix: str = "dm-engine:limits",
+        spare_leases: int = 0,
     ) -> AsyncIterator[RedisLimiter]:
         """Connect to Redis and run the limiter until the block ends.
 
@@ -348,6 +375,9 @@ class RedisLimiter:
             lease_seconds: a lease's lifetime without renewal; renewed every third.
             redis_timeout: the longest a single Redis call may take (connecting included).
             key_prefix: prefix of the Redis keys (``<prefix>:{<name>}:slots`` ...).
+            spare_leases: leases to keep admitted ahead of need, at most
+                ``max_concurrent``; only without rates (a rate counts a call when it is
+                admitted). See the module docstring for what they cost other processes.
 
         Raises:
             ValueError: a bad argument (before connecting).
@@ -374,6 +404,19 @@ class RedisLimiter:
         ]:
             if count is not None and not isinstance(count, int):
                 raise ValueError(f"{key} must be a whole number (or None), got {count!r}")
+        if isinstance(spare_leases, bool) or not isinstance(spare_leases, int):
+            raise ValueError(f"spare_leases must be a whole number, got {spare_leases!r}")
+        if spare_leases < 0:
+            raise ValueError(f"spare_leases must be >= 0, got {spare_leases!r}")
+        if spare_leases and (requests_per_minute or tokens_per_minute):
+            raise ValueError(
+                f"spare_leases ({spare_leases}) needs no requests_per_minute and no "
+                "tokens_per_minute: a rate counts a call when it is admitted"
+            )
+        if spare_leases and (max_concurrent is None or spare_leases > max_concurrent):
+            raise ValueError(
+                f"spare_leases ({spare_leases}) must be at most max_concurrent ({max_concurrent})"
+            )
         if not name or any(c in name for c in "{}"):
             raise ValueError(f"name must be non-empty without braces, got {name!r}")
         safe_url = scrub_url(url)
@@ -401,17 +444,22 @@ class RedisLimiter:
                         tokens_burst=tokens_burst or _per_second(tokens_per_minute),
                         lease_seconds=lease_seconds,
                         redis_timeout=redis_timeout,
+                        spare_leases=spare_leases,
                         client=client,
                         keys=keys,
                     )
                     await limiter._call(client.ping(), "connecting")
-                    async with anyio.create_task_group() as renewal:
-                        renewal.start_soon(limiter._renew_forever)
-                        try:
-                            yield limiter
-                        finally:
-                            renewal.cancel_scope.cancel()
-                            await limiter._close()
+                    try:
+                        async with anyio.create_task_group() as renewal:
+                            renewal.start_soon(limiter._renew_forever)
+                            if spare_leases:
+                                renewal.start_soon(limiter._keep_spares)
+                            try:
+                                yield limiter
+                            finally:
+                                renewal.cancel_scope.cancel()
+                    finally:  # the tasks have ended: no admission is in flight
+                        await limiter._close()
                 finally:
                     closing.set()
         except BaseExceptionGroup as group:
@@ -457,6 +505,8 @@ class RedisLimiter:
             reclaimed=self._reclaimed,
             lost=self._lost,
             errors=self._errors,
+            spares=len(self._spares),
+            from_spares=self._from_spares,
         )
 
     async def held_globally(self) -> int:
@@ -481,6 +531,14 @@ class RedisLimiter:
         self._check_open()
         if tokens < 0:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
+        if self.spare_leases:
+            if self._spares and not self._queued:  # nobody of this process is ahead
+                spare, admitted_at, _ = self._spares.popleft()
+                self._acquired += 1
+                self._from_spares += 1
+                self._want_spares()
+                return Lease(spare, admitted_at, 0.0, tokens)
+            self._want_spares()
         lease_id = self._new_lease_id() if self.max_concurrent else None
         start = anyio.current_time()
         asked = False  # whether an admission script may have run for lease_id
@@ -602,6 +660,58 @@ class RedisLimiter:
         released, self._released = self._released, anyio.Event()
         released.set()
 
+    def _want_spares(self) -> None:
+        """A call came: the keeper tops the spares up (again, after a refusal)."""
+        self._spares_wanted = True
+        if len(self._spares) < self.spare_leases:
+            self._spares_due.set()
+
+    async def _keep_spares(self) -> None:
+        """Keep up to ``spare_leases`` leases admitted ahead of need while calls come;
+        give back those unused for ``_SPARE_IDLE``. Admitted as newcomers: refused
+        while any head queued in Redis could not have a slot too."""
+        while True:
+            self._give_back_idle_spares()
+            deficit = self.spare_leases - len(self._spares)
+            if deficit > 0 and self._spares_wanted and not self._queued:
+                self._spares_wanted = False
+                if await self._admit_spares(deficit) < deficit:
+                    await anyio.sleep(_BACKOFF_MIN)  # full (or heads waiting): not at once
+                continue
+            due = self._spares_due = anyio.Event()
+            idle = self._spares[0][2] + _SPARE_IDLE - anyio.current_time() if self._spares else None
+            with anyio.move_on_after(math.inf if idle is None else max(idle, 0.0)):
+                await due.wait()
+
+    async def _admit_spares(self, count: int) -> int:
+        """Admit up to ``count`` spare leases at once; how many were admitted."""
+        admitted = 0
+
+        async def one() -> None:
+            nonlocal admitted
+            lease_id = self._new_lease_id()
+            try:
+                attempt = await self._try_admit(lease_id, 0, queue=False)
+            except GlobalLimitError as exc:  # the calls' own admissions report it
+                log.debug("global limiter %r: no spare lease: %s", self.name, exc)
+                return
+            if attempt.admitted:
+                self._spares.append((lease_id, attempt.now, anyio.current_time()))
+                admitted += 1
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(count):
+                tg.start_soon(one)
+        return admitted
+
+    def _give_back_idle_spares(self) -> None:
+        """Release the spares unused for ``_SPARE_IDLE`` (oldest first)."""
+        limit = anyio.current_time() - _SPARE_IDLE
+        while self._spares and self._spares[0][2] <= limit:
+            # without a usable connection the release is not sent: the lease expires
+            self._send_release(self._spares.popleft()[0])
+            self._spares_wanted = False  # fewer calls came than spares: none again until one
+
     async def _renew_forever(self) -> None:
         """Extend every held lease every ``lease_seconds / 3`` (one script call)."""
         lease_us = round(self.lease_seconds * 1e6)
@@ -623,6 +733,7 @@ class RedisLimiter:
                 if lease_id in self._leases:  # not released meanwhile: it had expired
                     del self._leases[lease_id]
                     self._lost += 1
+                    self._spares = deque(s for s in self._spares if s[0] != lease_id)
                     log.warning(
                         "global limiter %r: lease %s expired before renewal", self.name, lease_id
                     )
@@ -647,6 +758,7 @@ class RedisLimiter:
                 except GlobalLimitError as exc:
                     log.warning("%s; %d leases expire in %gs", exc, len(ids), self.lease_seconds)
         self._leases.clear()
+        self._spares.clear()
         self._closed = True
 
     async def _evalsha(self, script: Any, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:

@@ -44,12 +44,13 @@ class Slow:
         return {"text": f"{request.agent} answers"}
 
 
-def _config(tmp: Path, redis_url: str, limit: int) -> Config:
+def _config(tmp: Path, redis_url: str, limit: int, spares: int = 0) -> Config:
     config = Config()
     par = attrs.evolve(
         config.performance.parallelization,
         redis_url=redis_url,
         global_max_concurrent_agents=limit,
+        global_spare_leases=spares,
         max_concurrent_agents=16,
     )
     return attrs.evolve(
@@ -61,9 +62,12 @@ def _config(tmp: Path, redis_url: str, limit: int) -> Config:
 
 
 @pytest.mark.anyio
-async def test_two_engines_share_one_global_limit(tmp_path: Path, redis_url: str) -> None:
+@pytest.mark.parametrize("spares", [0, 2], ids=["no spares", "2 spare leases"])
+async def test_two_engines_share_one_global_limit(
+    tmp_path: Path, redis_url: str, spares: int
+) -> None:
     gauge = Gauge()
-    config = _config(tmp_path, redis_url, limit=2)
+    config = _config(tmp_path, redis_url, limit=2, spares=spares)
     agents = {name: Slow(gauge) for name in config.agents}
 
     async def engine_plays(index: int) -> None:

@@ -28,6 +28,7 @@ import pytest
 import servers
 
 from engine.errors import EngineError
+from engine.scheduling import global_limits
 from engine.scheduling.global_limits import (
     GlobalLimitError,
     GlobalLimitUnavailable,
@@ -627,6 +628,12 @@ async def test_an_error_in_the_block_leaves_as_itself(redis_url: str) -> None:
         ({"lease_seconds": 0}, "lease_seconds"),
         ({"requests_burst": 0}, "requests_burst"),
         ({"name": "a{b}"}, "name"),
+        ({"spare_leases": -1, "max_concurrent": 2}, "spare_leases"),
+        ({"spare_leases": 1.5, "max_concurrent": 2}, "spare_leases"),
+        ({"spare_leases": 3, "max_concurrent": 2}, "at most max_concurrent"),
+        ({"spare_leases": 1}, "at most max_concurrent"),
+        ({"spare_leases": 1, "max_concurrent": 2, "requests_per_minute": 60}, "rate"),
+        ({"spare_leases": 1, "max_concurrent": 2, "tokens_per_minute": 600}, "rate"),
     ],
 )
 async def test_bad_arguments_are_refused_before_connecting(
@@ -712,3 +719,83 @@ async def test_processes_take_turns_for_freed_slots(redis_url: str) -> None:
     both_waiting = order[: min(len(order) - order[::-1].index(x) for x in "ab")]
     runs = [len(list(group)) for _, group in itertools.groupby(both_waiting)]
     assert max(runs) <= 2, "".join(order)
+
+
+# ---------------------------------------------------------------------- spare leases
+
+
+async def test_spare_leases_serve_calls_without_waiting_and_go_back_when_idle(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call's demand makes the limiter admit spares in the background; the next call
+    takes one (no admission of its own); unused ones go back to Redis; closing the
+    limiter releases what it still holds."""
+    monkeypatch.setattr(global_limits, "_SPARE_IDLE", 0.5)  # a slow machine keeps them
+    name = fresh_name()
+    async with RedisLimiter.connect(redis_url, name=name, max_concurrent=4) as probe:
+        async with RedisLimiter.connect(
+            redis_url, name=name, max_concurrent=4, spare_leases=2
+        ) as limiter:
+            async with limiter.slot():  # no spare yet: admitted as before
+                await _until(lambda: limiter.statistics().spares == 2)
+                assert await probe.held_globally() == 3  # spares are leases, counted
+            assert limiter.statistics().from_spares == 0
+            async with limiter.slot() as lease:
+                stats = limiter.statistics()
+                assert (stats.from_spares, stats.acquired, lease.waited) == (1, 2, 0.0)
+                assert lease.admitted_at == pytest.approx(time.time(), abs=5.0)
+            # unused for 50 ms, the spares go back: nothing is held any more
+            await _until(lambda: limiter.statistics().held == 0)
+            assert await limiter.held_globally() == 0
+            async with limiter.slot():
+                await _until(lambda: limiter.statistics().spares == 2)
+        assert await probe.held_globally() == 0  # closed: its spares were released
+
+
+async def test_idle_spares_go_back_to_another_process_waiting(redis_url: str) -> None:
+    """A spare left unused does not keep another process out: it is given back, and
+    that process's waiting call gets its slot."""
+    name = fresh_name()
+    async with (
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=2, spare_leases=1) as a,
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=2) as b,
+    ):
+        async with a.slot():
+            await _until(lambda: a.statistics().spares == 1)  # the limit is full now
+        async with b.slot():  # the slot a's call left
+            with anyio.fail_after(5):
+                async with b.slot():  # the slot of a's spare, once given back
+                    assert a.statistics().spares == 0
+        assert b.statistics().acquired == 2
+
+
+async def test_spare_leases_never_exceed_the_global_bound(redis_url: str) -> None:
+    """Three limiters with spares, 3 x N contenders for N slots: never more than N
+    holders, spares included, and every call served."""
+    name, n, rounds = fresh_name(), 3, 6
+    inside = peak = 0
+    seen_globally: list[int] = []
+
+    async def worker(limiter: RedisLimiter) -> None:
+        nonlocal inside, peak
+        for _ in range(rounds):
+            async with limiter.slot():
+                inside += 1
+                peak = max(peak, inside)
+                seen_globally.append(await limiter.held_globally())
+                await anyio.sleep(0.01)
+                inside -= 1
+
+    async with (
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=n, spare_leases=2) as a,
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=n, spare_leases=2) as b,
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=n, spare_leases=1) as c,
+    ):
+        limiters = [a, b, c]
+        async with anyio.create_task_group() as tg:
+            for limiter in limiters:
+                for _ in range(n):
+                    tg.start_soon(worker, limiter)
+        assert peak <= n
+        assert max(seen_globally) <= n
+        assert sum(x.statistics().acquired for x in limiters) == 3 * n * rounds
