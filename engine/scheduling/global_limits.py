@@ -47,9 +47,9 @@ Guarantees:
   to ``spare_leases`` leases admitted ahead of need, so that a call takes one at
   once instead of waiting for Redis's answer. They are real leases (the global bound
   counts them; they are renewed and die with their holder like the others) and are
-  admitted in the background on demand, as newcomers: only when every head queued in
-  Redis could have a slot too, so a process never takes a spare while another one
-  waits. A call takes a spare only when nobody of its process is queued; its release
+  admitted in the background, in one script call once half of them are used, as
+  newcomers: only when every head queued in Redis could have a slot too, so a
+  process never takes a spare while another one waits. A call takes a spare only when nobody of its process is queued; its release
   goes to Redis as before (a spare is never recycled locally). The price, when the
   limit binds: a process may start up to ``spare_leases`` calls ahead of a head that
   began waiting after those spares were admitted, and a spare left unused is given
@@ -106,6 +106,7 @@ import coredis.exceptions
 from ..errors import EngineError, lone_error
 from .redis_scripts import (
     ADMIT,
+    ADMIT_SPARES,
     COUNT,
     REDIS_ERRORS,
     RELEASE,
@@ -277,6 +278,7 @@ class RedisLimiter:
     _client: coredis.Redis[bytes] = attrs.field(alias="client")
     _keys: tuple[str, ...] = attrs.field(alias="keys")
     _admit_script: Any = attrs.field(init=False)
+    _spares_script: Any = attrs.field(init=False)
     _release_script: Any = attrs.field(init=False)
     _renew_script: Any = attrs.field(init=False)
     _count_script: Any = attrs.field(init=False)
@@ -311,6 +313,7 @@ class RedisLimiter:
 
     def __attrs_post_init__(self) -> None:
         self._admit_script = self._client.register_script(ADMIT)
+        self._spares_script = self._client.register_script(ADMIT_SPARES)
         self._release_script = self._client.register_script(RELEASE)
         self._renew_script = self._client.register_script(RENEW)
         self._count_script = self._client.register_script(COUNT)
@@ -661,19 +664,22 @@ class RedisLimiter:
         released.set()
 
     def _want_spares(self) -> None:
-        """A call came: the keeper tops the spares up (again, after a refusal)."""
+        """A call came: the keeper tops the spares up once half are used (or after a
+        refusal, at the next call)."""
         self._spares_wanted = True
-        if len(self._spares) < self.spare_leases:
+        if len(self._spares) <= self.spare_leases // 2:
             self._spares_due.set()
 
     async def _keep_spares(self) -> None:
-        """Keep up to ``spare_leases`` leases admitted ahead of need while calls come;
-        give back those unused for ``_SPARE_IDLE``. Admitted as newcomers: refused
-        while any head queued in Redis could not have a slot too."""
+        """Keep up to ``spare_leases`` leases admitted ahead of need while calls come,
+        topped up in one script call once half are used; give back those unused for
+        ``_SPARE_IDLE``. Admitted as newcomers: only with a slot left for every head
+        queued in Redis."""
         while True:
             self._give_back_idle_spares()
             deficit = self.spare_leases - len(self._spares)
-            if deficit > 0 and self._spares_wanted and not self._queued:
+            low = len(self._spares) <= self.spare_leases // 2
+            if low and self._spares_wanted and not self._queued:
                 self._spares_wanted = False
                 if await self._admit_spares(deficit) < deficit:
                     await anyio.sleep(_BACKOFF_MIN)  # full (or heads waiting): not at once
@@ -684,24 +690,27 @@ class RedisLimiter:
                 await due.wait()
 
     async def _admit_spares(self, count: int) -> int:
-        """Admit up to ``count`` spare leases at once; how many were admitted."""
-        admitted = 0
-
-        async def one() -> None:
-            nonlocal admitted
-            lease_id = self._new_lease_id()
-            try:
-                attempt = await self._try_admit(lease_id, 0, queue=False)
-            except GlobalLimitError as exc:  # the calls' own admissions report it
-                log.debug("global limiter %r: no spare lease: %s", self.name, exc)
-                return
-            if attempt.admitted:
-                self._spares.append((lease_id, attempt.now, anyio.current_time()))
-                admitted += 1
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(count):
-                tg.start_soon(one)
+        """Admit up to ``count`` spare leases in one script call (shielded: if its
+        outcome is unknown, every id it sent is released); how many were admitted."""
+        ids = [self._new_lease_id() for _ in range(count)]
+        args = (self._slot_args[0], self._slot_args[1], *ids)
+        try:
+            with anyio.CancelScope(shield=True):
+                reply = await self._call(
+                    self._evalsha(self._spares_script, self._keys[:3], args), "admitting spares"
+                )
+        except GlobalLimitError as exc:  # the calls' own admissions report it
+            log.debug("global limiter %r: no spare leases: %s", self.name, exc)
+            for lease_id in ids:  # some may have been admitted: give them back
+                if not self._send_release(lease_id):
+                    break  # no connection: those expire on their own
+            return 0
+        admitted, reclaimed, now_us = (int(x) for x in reply)
+        self._reclaimed += reclaimed
+        stamp = anyio.current_time()
+        for lease_id in ids[:admitted]:
+            self._leases[lease_id] = None
+            self._spares.append((lease_id, now_us / 1e6, stamp))
         return admitted
 
     def _give_back_idle_spares(self) -> None:

@@ -14,7 +14,15 @@ import coredis
 import coredis.exceptions
 from coredis.connection import TCPConnection, UnixDomainSocketConnection
 
-__all__ = ["ADMIT", "COUNT", "REDIS_ERRORS", "RELEASE", "RENEW", "close_buffers_on_failed_connect"]
+__all__ = [
+    "ADMIT",
+    "ADMIT_SPARES",
+    "COUNT",
+    "REDIS_ERRORS",
+    "RELEASE",
+    "RENEW",
+    "close_buffers_on_failed_connect",
+]
 
 # Redis < 5 needs effects replication for TIME before a write; a no-op later on.
 PRELUDE = """
@@ -97,6 +105,29 @@ if slots > 0 then
   held = held + 1
 end
 return {1, 0, reclaimed, held, now, 0}
+"""
+)
+
+#: Spare leases, admitted together as newcomers (no rates: spares are refused with them).
+#: KEYS: slots zset, queue zset, tickets zset. ARGV: slots, lease µs, lease ids...
+#: Admits the first ids for which a slot is free with one left for every queued head
+#: (as ADMIT with queue 0, one id after another). Returns {admitted, reclaimed, now µs}.
+ADMIT_SPARES = (
+    PRELUDE
+    + """
+local slots = tonumber(ARGV[1])
+local lease_us = tonumber(ARGV[2])
+local reclaimed = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+for i = 1, #gone do redis.call('ZREM', KEYS[2], gone[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+local free = slots - redis.call('ZCARD', KEYS[1]) - redis.call('ZCARD', KEYS[2])
+local admitted = math.max(0, math.min(free, #ARGV - 2))
+for i = 1, admitted do
+  redis.call('ZADD', KEYS[1], now + lease_us, ARGV[2 + i])
+end
+if admitted > 0 then keep_key(KEYS[1], lease_us) end
+return {admitted, reclaimed, now}
 """
 )
 

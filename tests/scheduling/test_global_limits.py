@@ -799,3 +799,28 @@ async def test_spare_leases_never_exceed_the_global_bound(redis_url: str) -> Non
         assert peak <= n
         assert max(seen_globally) <= n
         assert sum(x.statistics().acquired for x in limiters) == 3 * n * rounds
+
+
+async def test_spares_are_not_taken_while_another_process_waits(redis_url: str) -> None:
+    """A slot freed while another process's head is queued in Redis is not taken as
+    a spare: the spares' admission leaves a slot for every queued head."""
+    name = fresh_name()
+    async with (
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=1, spare_leases=1) as a,
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=1) as b,
+    ):
+        got_in = anyio.Event()
+
+        async def b_waits() -> None:
+            async with b.slot():
+                got_in.set()
+
+        async with anyio.create_task_group() as tg:
+            async with a.slot():
+                tg.start_soon(b_waits)
+                await _until(lambda: b.statistics().full >= 1)  # b's head is queued
+            # the slot is free now, b's head still queued until its next poll
+            assert await a._admit_spares(1) == 0
+            with anyio.fail_after(5):
+                await got_in.wait()
+        assert a.statistics().from_spares == 0
