@@ -58,6 +58,22 @@ def test_ttl_follows_the_running_loop_across_backends() -> None:
     assert cache.statistics().expirations == 4
 
 
+def _get_in_a_thread(cache: ModuleCache, key: str) -> list[RuntimeError]:
+    """``cache.get(key)`` from a new thread (no event loop there): what it raised."""
+    errors: list[RuntimeError] = []
+
+    def in_thread() -> None:
+        try:
+            cache.get(key)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    return errors
+
+
 def test_a_thread_without_a_loop_gets_the_explanatory_error() -> None:
     cache = ModuleCache()
     errors: list[BaseException] = []
@@ -65,15 +81,7 @@ def test_a_thread_without_a_loop_gets_the_explanatory_error() -> None:
     async def main() -> None:
         cache.put("k", "v", size=1)  # the trio clock is the one in use now
 
-        def in_thread() -> None:
-            try:
-                cache.get("k")
-            except RuntimeError as exc:
-                errors.append(exc)
-
-        thread = threading.Thread(target=in_thread)
-        thread.start()
-        thread.join()
+        errors.extend(_get_in_a_thread(cache, "k"))
         assert cache.get("k") == "v"  # and the loop's own thread still reads it
 
     trio.run(main)
@@ -103,15 +111,7 @@ def test_a_stdlib_loop_is_read_through_time_monotonic(monkeypatch: pytest.Monkey
         jump[0] = 61.0  # only get's direct read moves: the loop's own time() does not
         assert cache.get("k") is None
 
-        def in_thread() -> None:
-            try:
-                cache.get("k")
-            except RuntimeError as exc:
-                errors.append(exc)
-
-        thread = threading.Thread(target=in_thread)
-        thread.start()
-        thread.join()
+        errors.extend(_get_in_a_thread(cache, "k"))
 
     asyncio.run(main())
     _trio_run(cache, "trio between")

@@ -144,9 +144,9 @@ async def test_a_dropped_connection_is_replaced(redis_url: str) -> None:
         assert limiter.statistics().errors == 0
 
 
-async def test_never_more_than_n_holders_across_limiters(redis_url: str) -> None:
-    """Four limiters (four clients, as four processes would have) and 4x N contenders."""
-    name, n, rounds = fresh_name(), 3, 6
+async def _contend(limiters: list[RedisLimiter], tasks: int, rounds: int) -> tuple[int, int]:
+    """``tasks`` workers per limiter, each holding a slot ``rounds`` times: the most
+    holders at once (counted here) and the most leases Redis counted meanwhile."""
     inside = peak = 0
     seen_globally: list[int] = []
 
@@ -160,6 +160,17 @@ async def test_never_more_than_n_holders_across_limiters(redis_url: str) -> None
                 await anyio.sleep(0.01)
                 inside -= 1
 
+    async with anyio.create_task_group() as tg:
+        for limiter in limiters:
+            for _ in range(tasks):
+                tg.start_soon(worker, limiter)
+    return peak, max(seen_globally)
+
+
+async def test_never_more_than_n_holders_across_limiters(redis_url: str) -> None:
+    """Four limiters (four clients, as four processes would have) and 4x N contenders."""
+    name, n, rounds = fresh_name(), 3, 6
+
     async with (
         RedisLimiter.connect(redis_url, name=name, max_concurrent=n) as a,
         RedisLimiter.connect(redis_url, name=name, max_concurrent=n) as b,
@@ -167,12 +178,9 @@ async def test_never_more_than_n_holders_across_limiters(redis_url: str) -> None
         RedisLimiter.connect(redis_url, name=name, max_concurrent=n) as d,
     ):
         limiters = [a, b, c, d]
-        async with anyio.create_task_group() as tg:
-            for limiter in limiters:
-                for _ in range(n):  # 4 limiters x n tasks = 4n contenders for n slots
-                    tg.start_soon(worker, limiter)
+        peak, most_leases = await _contend(limiters, n, rounds)  # 4n contenders, n slots
         assert peak == n
-        assert max(seen_globally) <= n
+        assert most_leases <= n
         assert sum(x.statistics().acquired for x in limiters) == 4 * n * rounds
         assert sum(x.statistics().waited for x in limiters) > 0
         # each count runs after its own limiter's releases (one connection, in order):
@@ -773,31 +781,15 @@ async def test_spare_leases_never_exceed_the_global_bound(redis_url: str) -> Non
     """Three limiters with spares, 3 x N contenders for N slots: never more than N
     holders, spares included, and every call served."""
     name, n, rounds = fresh_name(), 3, 6
-    inside = peak = 0
-    seen_globally: list[int] = []
-
-    async def worker(limiter: RedisLimiter) -> None:
-        nonlocal inside, peak
-        for _ in range(rounds):
-            async with limiter.slot():
-                inside += 1
-                peak = max(peak, inside)
-                seen_globally.append(await limiter.held_globally())
-                await anyio.sleep(0.01)
-                inside -= 1
-
     async with (
         RedisLimiter.connect(redis_url, name=name, max_concurrent=n, spare_leases=2) as a,
         RedisLimiter.connect(redis_url, name=name, max_concurrent=n, spare_leases=2) as b,
         RedisLimiter.connect(redis_url, name=name, max_concurrent=n, spare_leases=1) as c,
     ):
         limiters = [a, b, c]
-        async with anyio.create_task_group() as tg:
-            for limiter in limiters:
-                for _ in range(n):
-                    tg.start_soon(worker, limiter)
+        peak, most_leases = await _contend(limiters, n, rounds)
         assert peak <= n
-        assert max(seen_globally) <= n
+        assert most_leases <= n
         assert sum(x.statistics().acquired for x in limiters) == 3 * n * rounds
 
 
