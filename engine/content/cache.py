@@ -146,7 +146,7 @@ _BASE_LOOP_TIME = BaseEventLoop.time  # time.monotonic(), the stdlib loops' cloc
 #: The last asyncio loop seen running whose clock is the stdlib's ``time.monotonic()``.
 #: ``get`` reads ``time.monotonic()`` directly while that loop runs in the calling
 #: thread (``BaseEventLoop`` sets ``_thread_id`` for exactly that span): on Python
-#: 3.11 ``asyncio.get_running_loop()`` makes a ``getpid()`` system call, half of a hit.
+#: 3.11 ``asyncio.get_running_loop()`` makes a ``getpid()`` system call, a third of a hit.
 _monotonic_loop: Any = None
 
 
