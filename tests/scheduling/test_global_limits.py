@@ -473,11 +473,13 @@ async def test_cancelling_the_whole_block_releases_everything(redis_url: str) ->
         assert await other.held_globally() == 0
 
 
-async def test_cancellation_at_any_moment_leaks_nothing(redis_url: str) -> None:
-    """Cancel contended acquisitions at assorted moments, in and around the script."""
+@pytest.mark.parametrize("spares", [0, 1], ids=["no spares", "a keeps a spare"])
+async def test_cancellation_at_any_moment_leaks_nothing(redis_url: str, spares: int) -> None:
+    """Cancel contended acquisitions at assorted moments, in and around the script
+    (and, with a spare, while spares are taken and topped up)."""
     name = fresh_name()
     async with (
-        RedisLimiter.connect(redis_url, name=name, max_concurrent=2) as a,
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=2, spare_leases=spares) as a,
         RedisLimiter.connect(redis_url, name=name, max_concurrent=2) as b,
     ):
 
@@ -491,6 +493,7 @@ async def test_cancellation_at_any_moment_leaks_nothing(redis_url: str) -> None:
                 tg.start_soon(contender, a if i % 2 else b, (i % 12) * 0.0004)
                 if i % 6 == 5:
                     await anyio.sleep(0.001)
+        await _until(lambda: a.statistics().held == 0)  # a spare goes back once idle
         assert a.statistics().held == b.statistics().held == 0
         assert a.statistics().waiting == b.statistics().waiting == 0
         await b.held_globally()  # answered after b's releases reached Redis
