@@ -147,9 +147,11 @@ class PhraseScores:
         kept = self._kept.get(key)
         if kept is None:
             kept = _NO_MATCH if self._cannot_match(phrase, weights) else fetch(phrase, weights)
-            # the arrays, the key, about 200 bytes of objects around them, and a word's
-            # row bits (rows / 8 bytes) should a pair need them
-            size = kept[0].nbytes + kept[1].nbytes + len(phrase) + 200 + self.rows // 8
+            # the arrays, the key, about 200 bytes of objects around them, and for a
+            # word its row bits (rows / 8 bytes), should a pair need them
+            size = kept[0].nbytes + kept[1].nbytes + len(phrase) + 200
+            if " " not in phrase:
+                size += self.rows // 8
             if self._bytes + size > self.max_bytes:
                 self.clear()
             if size <= self.max_bytes:
@@ -165,12 +167,13 @@ class PhraseScores:
             return False
         common = -1  # every row
         for word in words:
-            rows = self._rows_of.get((f'"{word}"', weights))
+            key = (f'"{word}"', weights)
+            rows = self._rows_of.get(key)
             if rows is None:
-                alone = self._kept.get((f'"{word}"', weights))
+                alone = self._kept.get(key)
                 if alone is None:
                     return False  # not known here: ask
-                rows = self._rows_of[(f'"{word}"', weights)] = _row_bits(alone[0], self.rows)
+                rows = self._rows_of[key] = _row_bits(alone[0], self.rows)
             common &= rows
         return common == 0
 
