@@ -33,6 +33,14 @@ local function keep_key(key, ttl_us)
   local ttl_ms = math.ceil(ttl_us / 1000) + 1000
   if redis.call('PTTL', key) < ttl_ms then redis.call('PEXPIRE', key, ttl_ms) end
 end
+-- drop expired leases (how many: returned) and the queued heads whose tickets expired
+local function reclaim(slots_key, queue_key, tickets_key)
+  local reclaimed = redis.call('ZREMRANGEBYSCORE', slots_key, '-inf', now)
+  local gone = redis.call('ZRANGEBYSCORE', tickets_key, '-inf', now)
+  for i = 1, #gone do redis.call('ZREM', queue_key, gone[i]) end
+  redis.call('ZREMRANGEBYSCORE', tickets_key, '-inf', now)
+  return reclaimed
+end
 """
 
 #: KEYS: slots zset, queue zset, tickets zset, requests key, tokens key.
@@ -56,12 +64,8 @@ if slots > 0 then
     redis.call('ZADD', KEYS[1], now + lease_us, lease)
     return {1, 0, 0, redis.call('ZCARD', KEYS[1]), now, 0}
   end
-  reclaimed = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  reclaimed = reclaim(KEYS[1], KEYS[2], KEYS[3])
   held = redis.call('ZCARD', KEYS[1])
-  -- the queue of waiting processes' heads: drop tickets not refreshed in time
-  local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
-  for i = 1, #gone do redis.call('ZREM', KEYS[2], gone[i]) end
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   if queue then
     redis.call('ZADD', KEYS[2], 'NX', now, lease)
     redis.call('ZADD', KEYS[3], now + ticket_us, lease)
@@ -117,10 +121,7 @@ ADMIT_SPARES = (
     + """
 local slots = tonumber(ARGV[1])
 local lease_us = tonumber(ARGV[2])
-local reclaimed = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
-for i = 1, #gone do redis.call('ZREM', KEYS[2], gone[i]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+local reclaimed = reclaim(KEYS[1], KEYS[2], KEYS[3])
 local free = slots - redis.call('ZCARD', KEYS[1]) - redis.call('ZCARD', KEYS[2])
 local admitted = math.max(0, math.min(free, #ARGV - 2))
 for i = 1, admitted do
