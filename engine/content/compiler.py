@@ -38,10 +38,13 @@ from .tokens import DEFAULT_COUNTER
 
 __all__ = ["SCHEMA_VERSION", "compile_module", "connect_read_only", "locate_module", "read_meta"]
 
-SCHEMA_VERSION: Final = "dm-engine-module-4"
+SCHEMA_VERSION: Final = "dm-engine-module-5"
 _SCHEMA_FAMILY: Final = "dm-engine-module-"  # every version ever written
 
-_SCHEMA = """
+#: the index's tokenizer: a word's token is its porter stem ("hits", "hit": "hit")
+_TOKENIZE: Final = "porter unicode61"
+
+_SCHEMA = f"""
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE chunks(
     rowid INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, section TEXT NOT NULL,
@@ -52,7 +55,7 @@ CREATE TABLE chunk_keys(key TEXT NOT NULL, chunk INTEGER NOT NULL, PRIMARY KEY (
     WITHOUT ROWID;
 CREATE VIRTUAL TABLE chunks_fts USING fts5(
     title, keys, text, content='chunks', content_rowid='rowid',
-    tokenize='porter unicode61');
+    tokenize='{_TOKENIZE}');
 CREATE TABLE vocab(word TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
 """
 
@@ -98,8 +101,9 @@ def _write(path: Path, name: str, fingerprint: str, chunks: Iterable[Chunk]) -> 
             )
             conn.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('optimize')")
             conn.executemany("INSERT INTO vocab VALUES (?, ?)", sorted(vocab.items()))
-            # each query word's BM25 per chunk (the words a search can ask for)
-            write_word_scores(conn, filter(is_term, sorted(vocab)))
+            # each query word's BM25 per chunk (the words a search can ask for), and which
+            # of their tokens are adjacent anywhere (the pairs that can match)
+            write_word_scores(conn, filter(is_term, sorted(vocab)), _TOKENIZE)
             conn.executemany(
                 "INSERT INTO meta VALUES (?, ?)",
                 [

@@ -11,11 +11,17 @@ Two places keep a phrase's ``(rowids, scores)``:
 
 * the compiled module, for every word of its vocabulary at the default column
   weights (``write_word_scores`` at compile time, ``read_word_scores`` after): a
-  word's list is one primary-key read where its FTS5 query scores every row it
-  matches, about 1 us a row, and common words match a thousand rows;
+  text's new words are one read of primary keys where each word's FTS5 query scores
+  every row it matches, about 1 us a row, and common words match a thousand rows;
 * ``PhraseScores``, per open store: the phrases its searches used (pairs, words the
   vocabulary lacks, other weights), as numpy arrays, bounded in bytes. A pair whose
   words are kept and never share a row matches nothing: no query either.
+
+A two-word phrase matches only where the second word's token directly follows the
+first's. The compiled module also lists every pair of adjacent tokens in its index
+(``adjacent_stems``, by the tokens' ids, which ``bm25_words`` gives for each word), so
+a pair of vocabulary words that is never adjacent is known to match nothing from one
+read of primary keys (``adjacent``), where its FTS5 query reads both words' positions.
 
 ``PhraseScores.rank`` adds the kept arrays with ``numpy.bincount``: 0.02 ms for a query
 FTS5 answers in 0.1-1 ms (bench/bench_context.py).
@@ -33,12 +39,15 @@ import numpy.typing as npt
 
 __all__ = [
     "BM25_WEIGHTS",
+    "NO_MATCH",
     "WORD_SCORES_SCHEMA",
     "Fetch",
     "PhraseScores",
     "Scores",
     "Weights",
+    "adjacent",
     "fts5_scores",
+    "pair_key",
     "read_word_scores",
     "write_word_scores",
 ]
@@ -57,12 +66,16 @@ _PHRASE: Final = "SELECT rowid, -bm25(chunks_fts, ?, ?, ?) FROM chunks_fts WHERE
 _ROWIDS: Final = np.dtype("<i4")  # stored little-endian, whatever the machine
 _SCORES: Final = np.dtype("<f8")
 _DEFAULT_BYTES: Final = 8 << 20
-_NO_MATCH: Final[Scores] = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
+NO_MATCH: Final[Scores] = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
 
 WORD_SCORES_SCHEMA: Final = """
 CREATE TABLE bm25_lists(id INTEGER PRIMARY KEY, rowids BLOB NOT NULL, scores BLOB NOT NULL);
-CREATE TABLE bm25_words(word TEXT PRIMARY KEY, list INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE bm25_words(word TEXT PRIMARY KEY, list INTEGER NOT NULL, stem INTEGER)
+    WITHOUT ROWID;
+CREATE TABLE adjacent_stems(pair INTEGER PRIMARY KEY);
 """
+#: a word's compiled scores and the id of its index token (None: not one token)
+CompiledWord = tuple[Scores, "int | None"]
 
 
 def fts5_scores(conn: sqlite3.Connection, phrase: str, weights: Weights) -> Scores:
@@ -75,9 +88,65 @@ def fts5_scores(conn: sqlite3.Connection, phrase: str, weights: Weights) -> Scor
     )
 
 
-def write_word_scores(conn: sqlite3.Connection, words: Iterable[str]) -> None:
+def pair_key(first: int, second: int) -> int:
+    """The ``adjacent_stems`` key of two token ids, in this order."""
+    return first << 32 | second
+
+
+def _tokens_of(conn: sqlite3.Connection, words: list[str], tokenize: str) -> dict[str, str]:
+    """Each word's token under ``tokenize`` (the index's own tokenizer: its porter
+    stem), for the words that make exactly one token."""
+    conn.execute(f'CREATE VIRTUAL TABLE temp.word_tokens USING fts5(word, tokenize="{tokenize}")')
+    conn.execute(
+        "CREATE VIRTUAL TABLE temp.word_terms USING fts5vocab(temp, word_tokens, instance)"
+    )
+    try:
+        conn.executemany(
+            "INSERT INTO temp.word_tokens(rowid, word) VALUES (?, ?)", enumerate(words)
+        )
+        tokens: dict[int, list[str]] = {}
+        for term, doc in conn.execute("SELECT term, doc FROM temp.word_terms"):
+            tokens.setdefault(doc, []).append(term)
+    finally:
+        conn.execute("DROP TABLE temp.word_terms")
+        conn.execute("DROP TABLE temp.word_tokens")
+    return {words[doc]: found[0] for doc, found in tokens.items() if len(found) == 1}
+
+
+def _write_adjacent(conn: sqlite3.Connection, token_ids: dict[str, int]) -> None:
+    """Every pair of tokens of ``token_ids`` adjacent in some column of some row of
+    the index, as ``pair_key`` s into ``adjacent_stems``."""
+    conn.execute(
+        "CREATE VIRTUAL TABLE temp.index_terms USING fts5vocab(main, chunks_fts, instance)"
+    )
+    try:
+        rows = conn.execute(
+            "SELECT term, doc, col, offset FROM temp.index_terms ORDER BY doc, col, offset"
+        ).fetchall()
+    finally:
+        conn.execute("DROP TABLE temp.index_terms")
+    if not rows:
+        return
+    ids = np.fromiter((token_ids.get(r[0], -1) for r in rows), dtype=np.int64, count=len(rows))
+    docs = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
+    columns: dict[str, int] = {}  # column name -> its number
+    # each token's place: its column's number, then its offset in the column (< 2**32)
+    at = np.fromiter(
+        (columns.setdefault(r[2], len(columns)) << 32 | r[3] for r in rows), np.int64, len(rows)
+    )
+    follows = (docs[1:] == docs[:-1]) & (at[1:] == at[:-1] + 1) & (ids[1:] >= 0) & (ids[:-1] >= 0)
+    keys = np.unique((ids[:-1][follows] << 32) | ids[1:][follows])
+    conn.executemany("INSERT INTO adjacent_stems VALUES (?)", ((k,) for k in keys.tolist()))
+
+
+def write_word_scores(conn: sqlite3.Connection, words: Iterable[str], tokenize: str) -> None:
     """Store each word's scores at ``BM25_WEIGHTS`` (a compiled module's FTS5 index is
-    complete); words with equal lists (one stem: "hit", "hits") share one row."""
+    complete) and its token's id; words with equal lists (one stem: "hit", "hits")
+    share one row. Then the adjacent pairs of those tokens (``adjacent``).
+    ``tokenize``: the index's tokenizer option."""
+    words = list(words)
+    tokens = _tokens_of(conn, words, tokenize)
+    token_ids = {t: i for i, t in enumerate(sorted(set(tokens.values())))}
     lists: dict[tuple[bytes, bytes], int] = {}
     for word in words:
         ids, scores = fts5_scores(conn, f'"{word}"', BM25_WEIGHTS)
@@ -86,23 +155,46 @@ def write_word_scores(conn: sqlite3.Connection, words: Iterable[str]) -> None:
         if list_id is None:
             list_id = lists[blob] = len(lists) + 1
             conn.execute("INSERT INTO bm25_lists VALUES (?, ?, ?)", (list_id, *blob))
-        conn.execute("INSERT INTO bm25_words VALUES (?, ?)", (word, list_id))
+        token = tokens.get(word)
+        stem = token_ids[token] if token is not None else None
+        conn.execute("INSERT INTO bm25_words VALUES (?, ?, ?)", (word, list_id, stem))
+    _write_adjacent(conn, token_ids)
 
 
-def read_word_scores(conn: sqlite3.Connection, word: str) -> Scores | None:
-    """``word``'s compiled scores at ``BM25_WEIGHTS``; None when the module's
-    vocabulary lacks it."""
-    row = conn.execute(
-        "SELECT l.rowids, l.scores FROM bm25_words AS w JOIN bm25_lists AS l "
-        "ON l.id = w.list WHERE w.word = ?",
-        (word,),
-    ).fetchone()
-    if row is None:
-        return None
-    return (
-        np.frombuffer(row[0], dtype=_ROWIDS).astype(np.int64),
-        np.frombuffer(row[1], dtype=_SCORES).astype(np.float64),
-    )
+def read_word_scores(conn: sqlite3.Connection, words: Sequence[str]) -> dict[str, CompiledWord]:
+    """The compiled scores (at ``BM25_WEIGHTS``) and token id of each of ``words``
+    the module's vocabulary has, in one query; words it lacks are left out."""
+    out: dict[str, CompiledWord] = {}
+    for start in range(0, len(words), 500):  # stay under SQLite's variable limit
+        batch = words[start : start + 500]
+        for word, rowids, scores, stem in conn.execute(
+            "SELECT w.word, l.rowids, l.scores, w.stem FROM bm25_words AS w JOIN bm25_lists "
+            f"AS l ON l.id = w.list WHERE w.word IN ({','.join('?' * len(batch))})",
+            batch,
+        ):
+            found = (
+                np.frombuffer(rowids, dtype=_ROWIDS).astype(np.int64),
+                np.frombuffer(scores, dtype=_SCORES).astype(np.float64),
+            )
+            out[word] = (found, stem)
+    return out
+
+
+def adjacent(conn: sqlite3.Connection, keys: Iterable[int]) -> set[int]:
+    """Which of ``keys`` (``pair_key`` s of token ids) are adjacent somewhere in the
+    index: a two-word phrase whose key is not matches no row."""
+    keys = list(keys)
+    out: set[int] = set()
+    for start in range(0, len(keys), 500):
+        batch = keys[start : start + 500]
+        out.update(
+            k
+            for (k,) in conn.execute(
+                f"SELECT pair FROM adjacent_stems WHERE pair IN ({','.join('?' * len(batch))})",
+                batch,
+            )
+        )
+    return out
 
 
 def _row_bits(rowids: npt.NDArray[np.int64], rows: int) -> int:
@@ -137,6 +229,10 @@ class PhraseScores:
     def __len__(self) -> int:
         return len(self._kept)
 
+    def kept(self, phrase: str, weights: Weights) -> bool:
+        """Whether ``phrase``'s scores at ``weights`` are kept (``rank`` fetches no others)."""
+        return (phrase, weights) in self._kept
+
     def clear(self) -> None:
         self._kept.clear()
         self._rows_of.clear()
@@ -146,7 +242,7 @@ class PhraseScores:
         key = (phrase, weights)
         kept = self._kept.get(key)
         if kept is None:
-            kept = _NO_MATCH if self._cannot_match(phrase, weights) else fetch(phrase, weights)
+            kept = NO_MATCH if self._cannot_match(phrase, weights) else fetch(phrase, weights)
             # the arrays, the key, about 200 bytes of objects around them, and for a
             # word its row bits (rows / 8 bytes), should a pair need them
             size = kept[0].nbytes + kept[1].nbytes + len(phrase) + 200

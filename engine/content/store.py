@@ -47,10 +47,13 @@ from ..errors import LoadError, ModuleError
 from .compiler import compile_module, connect_read_only, locate_module, read_meta
 from .phrase_scores import (
     BM25_WEIGHTS,
+    NO_MATCH,
     PhraseScores,
     Scores,
     Weights,
+    adjacent,
     fts5_scores,
+    pair_key,
     read_word_scores,
 )
 from .query import expand_query, forget_alias_matches, is_term
@@ -151,6 +154,8 @@ _SEARCHES_KEPT: Final = 256
 _VOCABULARY_AT: Final = 200
 #: Typo repairs kept per store (all dropped at once when full).
 _REPAIRS_KEPT: Final = 10_000
+#: Words' token ids kept per store (all dropped at once when full).
+_TOKENS_KEPT: Final = 20_000
 
 _COLUMNS: Final = "c.id, c.section, c.title, c.tokens, c.keys, c.digest, c.rowid, c.units"
 
@@ -264,6 +269,8 @@ class ModuleStore:
     _searches: dict[tuple[object, ...], list[Hit]] = attrs.field(factory=dict, init=False)
     _vocabulary: dict[str, int] | None = attrs.field(default=None, init=False)  # word -> n
     _repairs: dict[str, str | None] = attrs.field(factory=dict, init=False)  # typo -> fix
+    # word -> its index token's id (None: not one token), read with its compiled scores
+    _tokens: dict[str, int | None] = attrs.field(factory=dict, init=False)
     # each phrase's BM25 per row: a new text of known phrases runs no FTS5 query
     _scores: PhraseScores = attrs.field(alias="scores", kw_only=True)
 
@@ -441,30 +448,68 @@ class ModuleStore:
         """The ranked hits: entry, score and (``with_text``) text. Entries some query
         returned before are not read again; without text, often nothing is read."""
 
+        ahead = self._read_ahead(conn, phrases, weights)
+
         def fetch(phrase: str, w: Weights) -> Scores:
-            if w == BM25_WEIGHTS and " " not in phrase:  # a word: compiled, if known
-                compiled = read_word_scores(conn, phrase[1:-1])
-                if compiled is not None:
-                    return compiled
-            return fts5_scores(conn, phrase, w)
+            found = ahead.get(phrase)
+            return found if found is not None else fts5_scores(conn, phrase, w)
 
         ranked = self._scores.rank(phrases, weights, limit, fetch)
         catalogue = self._catalogue
-        need = [r for r, _ in ranked if with_text or catalogue._known_at(r) is None]
-        read: dict[int, tuple[CatalogueEntry, str | None]] = {}
-        if need:
-            text = ", c.text" if with_text else ""
-            for row in conn.execute(
-                f"SELECT {_COLUMNS}{text} FROM chunks AS c WHERE c.rowid IN "
-                f"({','.join('?' * len(need))})",
-                need,
-            ):
-                read[row[6]] = (catalogue._remember(row), row[8] if with_text else None)
+        known = catalogue._known_at
+        unknown = [r for r, _ in ranked if known(r) is None]
+        texts: dict[int, str] = {}
+        if unknown or with_text:
+            # the entries no query returned yet (with text: every hit's row), or only
+            # the hits' text when every entry is known
+            need = [r for r, _ in ranked] if with_text else unknown
+            marks = ",".join("?" * len(need))
+            if unknown:
+                text = ", c.text" if with_text else ""
+                sql = f"SELECT {_COLUMNS}{text} FROM chunks AS c WHERE c.rowid IN ({marks})"
+                for row in conn.execute(sql, need):
+                    catalogue._remember(row)
+                    if with_text:
+                        texts[row[6]] = row[8]
+            else:
+                texts.update(
+                    conn.execute(f"SELECT rowid, text FROM chunks WHERE rowid IN ({marks})", need)
+                )
         out: list[Hit] = []
         for rowid, score in ranked:
-            e, chunk_text = read.get(rowid) or (catalogue._known_at(rowid), None)
+            e = known(rowid)
             assert e is not None  # every rowid was read or known
-            out.append((e, score, chunk_text))
+            out.append((e, score, texts.get(rowid)))
+        return out
+
+    def _read_ahead(
+        self, conn: sqlite3.Connection, phrases: tuple[str, ...], weights: Weights
+    ) -> dict[str, Scores]:
+        """The scores of ``phrases`` not kept that need no FTS5 query, in at most two
+        reads: each new word's compiled list (at the default weights; its token id is
+        kept too), and each new pair of words with token ids that the index never has
+        adjacent, which matches nothing."""
+        kept = self._scores.kept
+        new = [p for p in phrases if not kept(p, weights)]
+        out: dict[str, Scores] = {}
+        if weights == BM25_WEIGHTS:
+            compiled = read_word_scores(conn, [p[1:-1] for p in new if " " not in p])
+            if len(self._tokens) + len(compiled) > _TOKENS_KEPT:
+                self._tokens.clear()
+            for word, (scores, token) in compiled.items():
+                out[f'"{word}"'] = scores
+                self._tokens[word] = token
+        tokens = self._tokens
+        pairs: dict[str, int] = {}
+        for phrase in new:
+            first, space, second = phrase[1:-1].partition(" ")
+            if space and " " not in second:
+                a, b = tokens.get(first), tokens.get(second)
+                if a is not None and b is not None:
+                    pairs[phrase] = pair_key(a, b)
+        if pairs:
+            found = adjacent(conn, pairs.values())
+            out.update((phrase, NO_MATCH) for phrase, key in pairs.items() if key not in found)
         return out
 
     def _expand(self, query: str) -> tuple[str, ...]:
@@ -565,6 +610,7 @@ class ModuleStore:
             self._scores.clear()
             self._vocabulary = None
             self._repairs.clear()
+            self._tokens.clear()
 
     def _close(self) -> None:
         with self._lock:

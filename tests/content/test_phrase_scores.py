@@ -20,7 +20,9 @@ from engine.content.phrase_scores import (
     PhraseScores,
     Scores,
     Weights,
+    adjacent,
     fts5_scores,
+    pair_key,
     read_word_scores,
 )
 from engine.content.store import ModuleStore, open_module
@@ -172,16 +174,42 @@ def test_a_query_no_row_matches_is_empty(conn: sqlite3.Connection) -> None:
 def test_compiled_word_scores_equal_their_fts5_queries(conn: sqlite3.Connection) -> None:
     words = [w for (w,) in conn.execute("SELECT word FROM bm25_words")]
     assert len(words) > 1000 and "goblin" in words and "the" not in words  # no stop words
+    compiled = read_word_scores(conn, words)
+    assert compiled.keys() == set(words)
     for word in words:
-        compiled = read_word_scores(conn, word)
-        assert compiled is not None
+        (ids, scores), token = compiled[word]
         queried = fts5_scores(conn, f'"{word}"', BM25_WEIGHTS)
-        assert compiled[0].tolist() == queried[0].tolist(), word
-        assert compiled[1].tolist() == queried[1].tolist(), word  # to the bit
-    assert read_word_scores(conn, "zzqxj") is None
-    # one stem, one stored list: "hit" and "hits" share it
+        assert ids.tolist() == queried[0].tolist(), word
+        assert scores.tolist() == queried[1].tolist(), word  # to the bit
+        assert token is not None, word  # a vocabulary word is one token
+    assert read_word_scores(conn, ["zzqxj"]) == {}
+    # one stem, one stored list and one token: "hit" and "hits" share them
     rows = dict(conn.execute("SELECT word, list FROM bm25_words WHERE word IN ('hit', 'hits')"))
     assert rows["hit"] == rows["hits"]
+    assert compiled["hit"][1] == compiled["hits"][1] != compiled["goblin"][1]
+
+
+def test_a_pair_matches_exactly_when_its_tokens_are_adjacent_in_the_index(
+    conn: sqlite3.Connection, passages: list[list[str]]
+) -> None:
+    """``adjacent`` says, without FTS5, whether a pair of vocabulary words matches:
+    over every pair of adjacent words in some chunks (most match) and random pairs
+    (most do not), in either order."""
+    compiled = read_word_scores(conn, [w for (w,) in conn.execute("SELECT word FROM bm25_words")])
+    known = sorted(compiled)
+    rng = random.Random(5)
+    pairs = {(a, b) for words in passages for a, b in itertools.pairwise(words)}
+    pairs.update((rng.choice(known), rng.choice(known)) for _ in range(1000))
+    pairs.update((b, a) for a, b in list(pairs))
+    pairs = {(a, b) for a, b in pairs if a in compiled and b in compiled}
+    keys = {p: pair_key(compiled[p[0]][1] or 0, compiled[p[1]][1] or 0) for p in pairs}
+    found = adjacent(conn, keys.values())
+    outcomes = set()
+    for (a, b), key in keys.items():
+        matches = fts5_scores(conn, f'"{a} {b}"', BM25_WEIGHTS)[0].size > 0
+        assert (key in found) == matches, (a, b)
+        outcomes.add(matches)
+    assert outcomes == {True, False} and len(keys) > 1000
 
 
 @pytest.mark.anyio

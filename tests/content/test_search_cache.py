@@ -53,9 +53,14 @@ async def test_a_new_text_of_known_phrases_runs_no_fts5_query(tmp_path: Path) ->
         assert both[0] and not [q for q in queries if "chunks_fts" in q]
         queries.clear()
         await m.search_chunks("altar chapel", 10)  # "chapel" and "altar chapel" are new
-        # a word's scores are read from the compiled lists; only the pair asks FTS5
-        assert len([q for q in queries if "chunks_fts" in q]) == 1
+        # a word's scores are read from the compiled lists, and the pair is never
+        # adjacent in the module (one read says so): no FTS5 query
+        assert not [q for q in queries if "chunks_fts" in q]
         assert len([q for q in queries if "bm25_words" in q]) == 1
+        assert len([q for q in queries if "adjacent_stems" in q]) == 1
+        queries.clear()
+        await m.search_chunks("the altar trap", 10)  # "altar trap" is in the module
+        assert len([q for q in queries if "chunks_fts" in q]) == 1  # the pair
         m.forget_searches(phrases=False)
         queries.clear()
         assert await m.search_chunks("traps, altar", 10) == both
@@ -65,8 +70,9 @@ async def test_a_new_text_of_known_phrases_runs_no_fts5_query(tmp_path: Path) ->
         m.forget_searches()
         queries.clear()
         assert await m.search_chunks("traps, altar", 10) == both
-        assert len([q for q in queries if "chunks_fts" in q]) == 1  # the pair
-        assert len([q for q in queries if "bm25_words" in q]) == 2  # traps, altar
+        assert len([q for q in queries if "bm25_words" in q]) == 1  # traps, altar at once
+        assert len([q for q in queries if "adjacent_stems" in q]) == 1  # "traps altar": never
+        assert not [q for q in queries if "chunks_fts" in q]
         assert len([q for q in queries if "FROM vocab" in q]) == 1
 
 
