@@ -38,7 +38,7 @@ from .tokens import DEFAULT_COUNTER
 
 __all__ = ["SCHEMA_VERSION", "compile_module", "connect_read_only", "locate_module", "read_meta"]
 
-SCHEMA_VERSION: Final = "dm-engine-module-5"
+SCHEMA_VERSION: Final = "dm-engine-module-6"
 _SCHEMA_FAMILY: Final = "dm-engine-module-"  # every version ever written
 
 #: the index's tokenizer: a word's token is its porter stem ("hits", "hit": "hit")

@@ -9,19 +9,18 @@ them: the scores are equal to the last bit, and so is the ranking.
 
 Two places keep a phrase's ``(rowids, scores)``:
 
-* the compiled module, for every word of its vocabulary at the default column
-  weights (``write_word_scores`` at compile time, ``read_word_scores`` after): a
-  text's new words are one read of primary keys where each word's FTS5 query scores
-  every row it matches, about 1 us a row, and common words match a thousand rows;
-* ``PhraseScores``, per open store: the phrases its searches used (pairs, words the
-  vocabulary lacks, other weights), as numpy arrays, bounded in bytes. A pair whose
-  words are kept and never share a row matches nothing: no query either.
-
-A two-word phrase matches only where the second word's token directly follows the
-first's. The compiled module also lists every pair of adjacent tokens in its index
-(``adjacent_stems``, by the tokens' ids, which ``bm25_words`` gives for each word), so
-a pair of vocabulary words that is never adjacent is known to match nothing from one
-read of primary keys (``adjacent``), where its FTS5 query reads both words' positions.
+* the compiled module, at the default column weights (``write_word_scores`` at
+  compile time, ``read_word_scores`` and ``read_pair_scores`` after), for every word
+  of its vocabulary and every pair of those words' tokens that the index has
+  adjacent somewhere (a two-word phrase matches only where the second word's token
+  directly follows the first's, so a pair not listed matches nothing). A text's new
+  words are one read of primary keys, and its new pairs one more, where FTS5 scores
+  every row a word matches (about 1 us a row; common words match a thousand rows)
+  and reads both words' positions for a pair;
+* ``PhraseScores``, per open store: the phrases its searches used, as numpy arrays,
+  bounded in bytes (from the compiled lists, or from FTS5 for words the vocabulary
+  lacks and other weights). A pair whose words are kept and never share a row
+  matches nothing: no query either.
 
 ``PhraseScores.rank`` adds the kept arrays with ``numpy.bincount``: 0.02 ms for a query
 FTS5 answers in 0.1-1 ms (bench/bench_context.py).
@@ -45,9 +44,9 @@ __all__ = [
     "PhraseScores",
     "Scores",
     "Weights",
-    "adjacent",
     "fts5_scores",
     "pair_key",
+    "read_pair_scores",
     "read_word_scores",
     "write_word_scores",
 ]
@@ -72,7 +71,7 @@ WORD_SCORES_SCHEMA: Final = """
 CREATE TABLE bm25_lists(id INTEGER PRIMARY KEY, rowids BLOB NOT NULL, scores BLOB NOT NULL);
 CREATE TABLE bm25_words(word TEXT PRIMARY KEY, list INTEGER NOT NULL, stem INTEGER)
     WITHOUT ROWID;
-CREATE TABLE adjacent_stems(pair INTEGER PRIMARY KEY);
+CREATE TABLE bm25_pairs(pair INTEGER PRIMARY KEY, list INTEGER NOT NULL);
 """
 #: a word's compiled scores and the id of its index token (None: not one token)
 CompiledWord = tuple[Scores, "int | None"]
@@ -89,7 +88,7 @@ def fts5_scores(conn: sqlite3.Connection, phrase: str, weights: Weights) -> Scor
 
 
 def pair_key(first: int, second: int) -> int:
-    """The ``adjacent_stems`` key of two token ids, in this order."""
+    """The ``bm25_pairs`` key of two token ids, in this order."""
     return first << 32 | second
 
 
@@ -113,9 +112,9 @@ def _tokens_of(conn: sqlite3.Connection, words: list[str], tokenize: str) -> dic
     return {words[doc]: found[0] for doc, found in tokens.items() if len(found) == 1}
 
 
-def _write_adjacent(conn: sqlite3.Connection, token_ids: dict[str, int]) -> None:
+def _adjacent(conn: sqlite3.Connection, token_ids: dict[str, int]) -> list[tuple[int, int]]:
     """Every pair of tokens of ``token_ids`` adjacent in some column of some row of
-    the index, as ``pair_key`` s into ``adjacent_stems``."""
+    the index, as token ids in their order there (sorted)."""
     conn.execute(
         "CREATE VIRTUAL TABLE temp.index_terms USING fts5vocab(main, chunks_fts, instance)"
     )
@@ -126,7 +125,7 @@ def _write_adjacent(conn: sqlite3.Connection, token_ids: dict[str, int]) -> None
     finally:
         conn.execute("DROP TABLE temp.index_terms")
     if not rows:
-        return
+        return []
     ids = np.fromiter((token_ids.get(r[0], -1) for r in rows), dtype=np.int64, count=len(rows))
     docs = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
     columns: dict[str, int] = {}  # column name -> its number
@@ -135,30 +134,56 @@ def _write_adjacent(conn: sqlite3.Connection, token_ids: dict[str, int]) -> None
         (columns.setdefault(r[2], len(columns)) << 32 | r[3] for r in rows), np.int64, len(rows)
     )
     follows = (docs[1:] == docs[:-1]) & (at[1:] == at[:-1] + 1) & (ids[1:] >= 0) & (ids[:-1] >= 0)
-    keys = np.unique((ids[:-1][follows] << 32) | ids[1:][follows])
-    conn.executemany("INSERT INTO adjacent_stems VALUES (?)", ((k,) for k in keys.tolist()))
+    keys = np.unique((ids[:-1][follows] << 32) | ids[1:][follows]).tolist()
+    return [(k >> 32, k & 0xFFFFFFFF) for k in keys]
+
+
+class _Lists:
+    """``bm25_lists`` being written: each distinct list once."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._ids: dict[tuple[bytes, bytes], int] = {}
+
+    def add(self, phrase: str) -> int:
+        """The id of ``phrase``'s list at ``BM25_WEIGHTS``, written if new."""
+        ids, scores = fts5_scores(self._conn, phrase, BM25_WEIGHTS)
+        blob = (ids.astype(_ROWIDS).tobytes(), scores.astype(_SCORES).tobytes())
+        list_id = self._ids.get(blob)
+        if list_id is None:
+            list_id = self._ids[blob] = len(self._ids) + 1
+            self._conn.execute("INSERT INTO bm25_lists VALUES (?, ?, ?)", (list_id, *blob))
+        return list_id
 
 
 def write_word_scores(conn: sqlite3.Connection, words: Iterable[str], tokenize: str) -> None:
-    """Store each word's scores at ``BM25_WEIGHTS`` (a compiled module's FTS5 index is
-    complete) and its token's id; words with equal lists (one stem: "hit", "hits")
-    share one row. Then the adjacent pairs of those tokens (``adjacent``).
+    """Store the scores at ``BM25_WEIGHTS`` (a compiled module's FTS5 index is
+    complete) of each word, with its token's id, then of each pair of those tokens
+    adjacent in the index. Equal lists share one row ("hit" and "hits" stem alike).
     ``tokenize``: the index's tokenizer option."""
     words = list(words)
     tokens = _tokens_of(conn, words, tokenize)
     token_ids = {t: i for i, t in enumerate(sorted(set(tokens.values())))}
-    lists: dict[tuple[bytes, bytes], int] = {}
+    lists = _Lists(conn)
+    spelling: dict[int, str] = {}  # token id -> a word with that token
     for word in words:
-        ids, scores = fts5_scores(conn, f'"{word}"', BM25_WEIGHTS)
-        blob = (ids.astype(_ROWIDS).tobytes(), scores.astype(_SCORES).tobytes())
-        list_id = lists.get(blob)
-        if list_id is None:
-            list_id = lists[blob] = len(lists) + 1
-            conn.execute("INSERT INTO bm25_lists VALUES (?, ?, ?)", (list_id, *blob))
         token = tokens.get(word)
         stem = token_ids[token] if token is not None else None
-        conn.execute("INSERT INTO bm25_words VALUES (?, ?, ?)", (word, list_id, stem))
-    _write_adjacent(conn, token_ids)
+        if stem is not None:
+            spelling.setdefault(stem, word)
+        conn.execute(
+            "INSERT INTO bm25_words VALUES (?, ?, ?)", (word, lists.add(f'"{word}"'), stem)
+        )
+    for first, second in _adjacent(conn, token_ids):
+        list_id = lists.add(f'"{spelling[first]} {spelling[second]}"')
+        conn.execute("INSERT INTO bm25_pairs VALUES (?, ?)", (pair_key(first, second), list_id))
+
+
+def _decoded(rowids: bytes, scores: bytes) -> Scores:
+    return (
+        np.frombuffer(rowids, dtype=_ROWIDS).astype(np.int64),
+        np.frombuffer(scores, dtype=_SCORES).astype(np.float64),
+    )
 
 
 def read_word_scores(conn: sqlite3.Connection, words: Sequence[str]) -> dict[str, CompiledWord]:
@@ -172,28 +197,23 @@ def read_word_scores(conn: sqlite3.Connection, words: Sequence[str]) -> dict[str
             f"AS l ON l.id = w.list WHERE w.word IN ({','.join('?' * len(batch))})",
             batch,
         ):
-            found = (
-                np.frombuffer(rowids, dtype=_ROWIDS).astype(np.int64),
-                np.frombuffer(scores, dtype=_SCORES).astype(np.float64),
-            )
-            out[word] = (found, stem)
+            out[word] = (_decoded(rowids, scores), stem)
     return out
 
 
-def adjacent(conn: sqlite3.Connection, keys: Iterable[int]) -> set[int]:
-    """Which of ``keys`` (``pair_key`` s of token ids) are adjacent somewhere in the
-    index: a two-word phrase whose key is not matches no row."""
+def read_pair_scores(conn: sqlite3.Connection, keys: Iterable[int]) -> dict[int, Scores]:
+    """The compiled scores (at ``BM25_WEIGHTS``) of the pairs of ``keys`` (``pair_key``
+    s of token ids) the index has adjacent somewhere; a pair left out matches nothing."""
     keys = list(keys)
-    out: set[int] = set()
-    for start in range(0, len(keys), 500):
+    out: dict[int, Scores] = {}
+    for start in range(0, len(keys), 500):  # stay under SQLite's variable limit
         batch = keys[start : start + 500]
-        out.update(
-            k
-            for (k,) in conn.execute(
-                f"SELECT pair FROM adjacent_stems WHERE pair IN ({','.join('?' * len(batch))})",
-                batch,
-            )
-        )
+        for key, rowids, scores in conn.execute(
+            "SELECT p.pair, l.rowids, l.scores FROM bm25_pairs AS p JOIN bm25_lists AS l "
+            f"ON l.id = p.list WHERE p.pair IN ({','.join('?' * len(batch))})",
+            batch,
+        ):
+            out[key] = _decoded(rowids, scores)
     return out
 
 

@@ -312,9 +312,9 @@ def expand_query(
     the most frequent known word one edit away (ties: alphabetical). Two adjacent
     words of 3+ letters, neither a stop word, whose concatenation is known ("owl
     bear") are replaced by it. One call for the words, their relatives and the pairs;
-    one more only when some word is unknown and not in ``repairs``, a dict the caller
-    keeps for the same vocabulary: each unknown word's repair (None: none) is
-    remembered there."""
+    one more only when some word is unknown. ``repairs``, a dict the caller keeps for
+    the same vocabulary, remembers what was learnt of each word checked (the word
+    itself: not a typo; its repair; None: no repair), so that it is not checked again."""
     tokens = words(text)
     if not tokens:
         return (text,)
@@ -330,29 +330,32 @@ def expand_query(
     ]
     protected = _alias_words(text)
     checkable = [w for w in dict.fromkeys(tokens) if len(w) >= 4 and w.isalpha()]
-    relatives = {w: related_forms(w) for w in checkable}
-    plurals = {w: singulars(w) for w in dict.fromkeys(tokens)}
-    lookup = [*checkable, *joined, *itertools.chain(*relatives.values(), *plurals.values())]
-    found = known(list(dict.fromkeys(lookup)))
-    unknown = [
-        w
-        for w in checkable
-        if w not in found and w not in protected and found.keys().isdisjoint(relatives[w])
-    ]
     # read once, written once: another thread may clear ``repairs`` meanwhile
-    found_fixes = {w: repairs.get(w, _UNKNOWN) for w in unknown} if repairs else {}
-    new = [w for w in unknown if found_fixes.get(w, _UNKNOWN) is _UNKNOWN]
-    if new:
-        neighbours = {w: edits1(w) for w in new}
-        pool = known(sorted(set().union(*neighbours.values())))
-        made: dict[str, str | None] = {}
+    kept = {w: repairs.get(w, _UNKNOWN) for w in checkable} if repairs else {}
+    settled = {w: fix for w, fix in kept.items() if fix is not _UNKNOWN}
+    fresh = [w for w in checkable if w not in settled]
+    relatives = {w: related_forms(w) for w in fresh}
+    plurals = {w: singulars(w) for w in dict.fromkeys(tokens)}
+    lookup = [*fresh, *joined, *itertools.chain(*relatives.values(), *plurals.values())]
+    found = known(list(dict.fromkeys(lookup))) if lookup else {}
+    learnt: dict[str, str | None] = {
+        w: w for w in fresh if w in found or not found.keys().isdisjoint(relatives[w])
+    }
+    typos = [w for w in fresh if w not in learnt and w not in protected]
+    if typos:
+        neighbours = {w: edits1(w) for w in typos}
+        pool = known(list(set().union(*neighbours.values())))
         for w, near in neighbours.items():
             best = min(((-pool[c], c) for c in near if c in pool), default=None)
-            made[w] = best[1] if best is not None else None
-        found_fixes.update(made)
-        if repairs is not None:
-            repairs.update(made)
-    fixes = {w: fix for w, fix in found_fixes.items() if isinstance(fix, str)}
+            learnt[w] = best[1] if best is not None else None
+    if repairs is not None:
+        repairs.update(learnt)
+    # a word an alias names is kept as typed, whatever the vocabulary says of it
+    fixes = {
+        w: fix
+        for w, fix in (*settled.items(), *learnt.items())
+        if isinstance(fix, str) and fix != w and w not in protected
+    }
     out: list[str] = []
     i = 0
     changed = False

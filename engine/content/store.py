@@ -51,9 +51,9 @@ from .phrase_scores import (
     PhraseScores,
     Scores,
     Weights,
-    adjacent,
     fts5_scores,
     pair_key,
+    read_pair_scores,
     read_word_scores,
 )
 from .query import expand_query, forget_alias_matches, is_term
@@ -485,20 +485,21 @@ class ModuleStore:
     def _read_ahead(
         self, conn: sqlite3.Connection, phrases: tuple[str, ...], weights: Weights
     ) -> dict[str, Scores]:
-        """The scores of ``phrases`` not kept that need no FTS5 query, in at most two
-        reads: each new word's compiled list (at the default weights; its token id is
-        kept too), and each new pair of words with token ids that the index never has
-        adjacent, which matches nothing."""
+        """The scores of ``phrases`` not kept that the compiled lists give (at the
+        default weights), in at most two reads: the new words' (their token ids are
+        kept too), then the new pairs of words with token ids (a pair the index never
+        has adjacent matches nothing)."""
+        if weights != BM25_WEIGHTS:
+            return {}
         kept = self._scores.kept
         new = [p for p in phrases if not kept(p, weights)]
         out: dict[str, Scores] = {}
-        if weights == BM25_WEIGHTS:
-            compiled = read_word_scores(conn, [p[1:-1] for p in new if " " not in p])
-            if len(self._tokens) + len(compiled) > _TOKENS_KEPT:
-                self._tokens.clear()
-            for word, (scores, token) in compiled.items():
-                out[f'"{word}"'] = scores
-                self._tokens[word] = token
+        compiled = read_word_scores(conn, [p[1:-1] for p in new if " " not in p])
+        if len(self._tokens) + len(compiled) > _TOKENS_KEPT:
+            self._tokens.clear()
+        for word, (scores, token) in compiled.items():
+            out[f'"{word}"'] = scores
+            self._tokens[word] = token
         tokens = self._tokens
         pairs: dict[str, int] = {}
         for phrase in new:
@@ -508,8 +509,8 @@ class ModuleStore:
                 if a is not None and b is not None:
                     pairs[phrase] = pair_key(a, b)
         if pairs:
-            found = adjacent(conn, pairs.values())
-            out.update((phrase, NO_MATCH) for phrase, key in pairs.items() if key not in found)
+            found = read_pair_scores(conn, pairs.values())
+            out.update((phrase, found.get(key, NO_MATCH)) for phrase, key in pairs.items())
         return out
 
     def _expand(self, query: str) -> tuple[str, ...]:

@@ -16,13 +16,14 @@ from hypothesis import strategies as st
 
 from engine.content.phrase_scores import (
     BM25_WEIGHTS,
+    NO_MATCH,
     Fetch,
     PhraseScores,
     Scores,
     Weights,
-    adjacent,
     fts5_scores,
     pair_key,
+    read_pair_scores,
     read_word_scores,
 )
 from engine.content.store import ModuleStore, open_module
@@ -189,26 +190,31 @@ def test_compiled_word_scores_equal_their_fts5_queries(conn: sqlite3.Connection)
     assert compiled["hit"][1] == compiled["hits"][1] != compiled["goblin"][1]
 
 
-def test_a_pair_matches_exactly_when_its_tokens_are_adjacent_in_the_index(
+def test_compiled_pair_scores_equal_their_fts5_queries(
     conn: sqlite3.Connection, passages: list[list[str]]
 ) -> None:
-    """``adjacent`` says, without FTS5, whether a pair of vocabulary words matches:
-    over every pair of adjacent words in some chunks (most match) and random pairs
-    (most do not), in either order."""
+    """Every pair of vocabulary words has its FTS5 scores compiled, to the bit, or
+    matches nothing: over every pair of adjacent words in some chunks (most match)
+    and random pairs (most do not), in either order."""
     compiled = read_word_scores(conn, [w for (w,) in conn.execute("SELECT word FROM bm25_words")])
     known = sorted(compiled)
     rng = random.Random(5)
     pairs = {(a, b) for words in passages for a, b in itertools.pairwise(words)}
     pairs.update((rng.choice(known), rng.choice(known)) for _ in range(1000))
     pairs.update((b, a) for a, b in list(pairs))
-    pairs = {(a, b) for a, b in pairs if a in compiled and b in compiled}
-    keys = {p: pair_key(compiled[p[0]][1] or 0, compiled[p[1]][1] or 0) for p in pairs}
-    found = adjacent(conn, keys.values())
+    keys = {
+        (a, b): pair_key(compiled[a][1] or 0, compiled[b][1] or 0)
+        for a, b in pairs
+        if a in compiled and b in compiled
+    }
+    found = read_pair_scores(conn, keys.values())
     outcomes = set()
     for (a, b), key in keys.items():
-        matches = fts5_scores(conn, f'"{a} {b}"', BM25_WEIGHTS)[0].size > 0
-        assert (key in found) == matches, (a, b)
-        outcomes.add(matches)
+        queried = fts5_scores(conn, f'"{a} {b}"', BM25_WEIGHTS)
+        ids, scores = found.get(key, NO_MATCH)
+        assert ids.tolist() == queried[0].tolist(), (a, b)
+        assert scores.tolist() == queried[1].tolist(), (a, b)  # to the bit
+        outcomes.add(key in found)
     assert outcomes == {True, False} and len(keys) > 1000
 
 

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine.content.query import (
@@ -145,3 +145,29 @@ def test_alias_matches_equal_each_pattern_run_on_its_own(parts: list[str], sep: 
     forget_alias_matches()
     assert aliases(text) == tuple(found)
     assert _alias_words(text) == frozenset(matched)
+
+
+# vocabulary words, typos of them, words an alias names, unknown words, stop words
+_TEXT_WORDS = [*VOCAB, "initative", "listen", "stopping", "breather", "fire", "ball", "owl"]
+_TEXT_WORDS += ["bear", "dual", "wield", "aoo", "zzqx", "goblin", "the", "to", "me", "deel"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(_TEXT_WORDS), max_size=8), min_size=1, max_size=6))
+@example([["dual"], ["i", "dual", "wield"]])  # a typo remembered, then named by an alias
+def test_what_repairs_remember_changes_no_expansion(texts: list[list[str]]) -> None:
+    """Every text expands exactly as with nothing remembered (the sequential model: a
+    fresh call), looking up no word the fresh call does not; a text expanded again
+    looks up no typo's neighbours."""
+    known, calls = known_in(VOCAB)
+    repairs: dict[str, str | None] = {}
+    for parts in texts:
+        text = " ".join(parts)
+        fresh, fresh_calls = known_in(VOCAB)
+        want = expand_query(text, fresh)
+        calls.clear()
+        assert expand_query(text, known, repairs) == want
+        assert {w for c in calls for w in c} <= {w for c in fresh_calls for w in c}
+        calls.clear()
+        assert expand_query(text, known, repairs) == want
+        assert len(calls) <= 1

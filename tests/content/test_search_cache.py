@@ -53,14 +53,15 @@ async def test_a_new_text_of_known_phrases_runs_no_fts5_query(tmp_path: Path) ->
         assert both[0] and not [q for q in queries if "chunks_fts" in q]
         queries.clear()
         await m.search_chunks("altar chapel", 10)  # "chapel" and "altar chapel" are new
-        # a word's scores are read from the compiled lists, and the pair is never
-        # adjacent in the module (one read says so): no FTS5 query
+        # a word's and a pair's scores are read from the compiled lists (the pair is
+        # never adjacent in the module: the read finds nothing): no FTS5 query
         assert not [q for q in queries if "chunks_fts" in q]
         assert len([q for q in queries if "bm25_words" in q]) == 1
-        assert len([q for q in queries if "adjacent_stems" in q]) == 1
+        assert len([q for q in queries if "bm25_pairs" in q]) == 1
         queries.clear()
         await m.search_chunks("the altar trap", 10)  # "altar trap" is in the module
-        assert len([q for q in queries if "chunks_fts" in q]) == 1  # the pair
+        assert len([q for q in queries if "bm25_pairs" in q]) == 1
+        assert not [q for q in queries if "chunks_fts" in q]
         m.forget_searches(phrases=False)
         queries.clear()
         assert await m.search_chunks("traps, altar", 10) == both
@@ -71,9 +72,16 @@ async def test_a_new_text_of_known_phrases_runs_no_fts5_query(tmp_path: Path) ->
         queries.clear()
         assert await m.search_chunks("traps, altar", 10) == both
         assert len([q for q in queries if "bm25_words" in q]) == 1  # traps, altar at once
-        assert len([q for q in queries if "adjacent_stems" in q]) == 1  # "traps altar": never
+        assert len([q for q in queries if "bm25_pairs" in q]) == 1  # "traps altar"
         assert not [q for q in queries if "chunks_fts" in q]
         assert len([q for q in queries if "FROM vocab" in q]) == 1
+        queries.clear()
+        await m.search_chunks("the altar xyzzy", 10)  # a word the vocabulary lacks
+        # FTS5 is asked for it, and not for its pair: the word matches no row
+        assert [q for q in queries if "chunks_fts" in q] == [
+            "SELECT rowid, -bm25(chunks_fts, 4.0, 3.0, 1.0) FROM chunks_fts "
+            "WHERE chunks_fts MATCH '\"xyzzy\"'"
+        ]
 
 
 async def test_a_typo_reads_the_vocabulary_once(tmp_path: Path) -> None:
