@@ -8,10 +8,11 @@ read only when something iterates it or looks up an id no query has returned yet
 Compiling (and recompiling when the sources change) is ``compiler.py``'s part.
 
 A search ranks by FTS5's BM25 without running the OR query: it adds each phrase's
-kept scores (``phrase_scores.py``; a word's come from the compiled lists), so a text
-of phrases seen before runs no FTS5 query. Kept per store, each bounded and dropped
-at close: search results (256), query expansions (1 024), phrase scores (8 MB),
-typo repairs (10 000) and, from the first typo repair on, the vocabulary.
+kept scores (``phrase_scores.py``; a vocabulary word's and pair's come from the
+compiled lists), so a text of phrases seen before runs no FTS5 query. Kept per
+store, each bounded and dropped at close: search results (256), query expansions
+(1 024), phrase scores (8 MB), typo checks (10 000), words' token ids (20 000) and,
+from the first typo repair on, the vocabulary.
 
 Threads: one ``sqlite3`` connection per store, ``check_same_thread=False``, every use
 under a ``threading.Lock``. Queries run on the event loop by default: measured, a
@@ -152,7 +153,7 @@ def fts_query(text: str, *more: str) -> str:
 _SEARCHES_KEPT: Final = 256
 #: A look-up of more words than this (a typo's neighbours) reads the whole vocabulary.
 _VOCABULARY_AT: Final = 200
-#: Typo repairs kept per store (all dropped at once when full).
+#: Typo checks kept per store (all dropped at once when full).
 _REPAIRS_KEPT: Final = 10_000
 #: Words' token ids kept per store (all dropped at once when full).
 _TOKENS_KEPT: Final = 20_000
@@ -268,7 +269,8 @@ class ModuleStore:
     # so equal queries give equal rows
     _searches: dict[tuple[object, ...], list[Hit]] = attrs.field(factory=dict, init=False)
     _vocabulary: dict[str, int] | None = attrs.field(default=None, init=False)  # word -> n
-    _repairs: dict[str, str | None] = attrs.field(factory=dict, init=False)  # typo -> fix
+    # each word checked for typos -> its repair (itself: not a typo; None: no repair)
+    _repairs: dict[str, str | None] = attrs.field(factory=dict, init=False)
     # word -> its index token's id (None: not one token), read with its compiled scores
     _tokens: dict[str, int | None] = attrs.field(factory=dict, init=False)
     # each phrase's BM25 per row: a new text of known phrases runs no FTS5 query
