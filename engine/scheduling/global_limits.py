@@ -49,11 +49,16 @@ Guarantees:
   counts them; they are renewed and die with their holder like the others) and are
   admitted in the background, in one script call once half of them are used, as
   newcomers: only when every head queued in Redis could have a slot too, so a
-  process never takes a spare while another one waits. A call takes a spare only when nobody of its process is queued; its release
-  goes to Redis as before (a spare is never recycled locally). The price, when the
-  limit binds: a process may start up to ``spare_leases`` calls ahead of a head that
-  began waiting after those spares were admitted, and a spare left unused is given
-  back after 50 ms, so it delays another process by at most that long.
+  process never takes a spare while another one waits. A call takes a spare only
+  when nobody of its process is queued. A call's lease is kept as a spare instead of
+  being released (no Redis call at all) while spares are short, nobody of its
+  process is queued and Redis said within the last 50 ms that no process's head
+  waits; past those 50 ms the release goes to Redis and the keeper asks again, and
+  an admission refused here stops the keeping at once. The price, when the limit
+  binds: for up to 50 ms after another process's head began waiting, a process may
+  go on starting calls on its spares (those admitted before, and leases kept), and a
+  spare left unused is given back after 50 ms, so it delays another process by at
+  most that long beyond the calls started on spares.
 * **Cancellation-safe.** A lease id is chosen before the admission script runs and
   each admission call is shielded (bounded by ``redis_timeout``), so its outcome is
   always known: a caller cancelled while waiting holds nothing, and a caller
@@ -189,6 +194,7 @@ class GlobalLimiterStatistics:
         errors: Redis calls that failed (admission, renewal, release).
         spares: spare leases held now, unused (``held`` counts them too).
         from_spares: admissions served by a spare lease (``acquired`` counts them).
+        kept: leases kept as spares when their call ended, instead of released.
     """
 
     held: int
@@ -203,6 +209,7 @@ class GlobalLimiterStatistics:
     errors: int
     spares: int = 0
     from_spares: int = 0
+    kept: int = 0
 
 
 @attrs.frozen
@@ -310,6 +317,12 @@ class RedisLimiter:
     _spares_wanted: bool = attrs.field(init=False, default=False)  # a call came since a refusal
     _spares_due: anyio.Event = attrs.field(init=False, factory=anyio.Event)  # wakes the keeper
     _from_spares: int = attrs.field(init=False, default=0)
+    # until when (local time) Redis's last word says no process's head waits: a
+    # finished call's lease may be kept as a spare until then
+    _clear_until: float = attrs.field(init=False, default=-math.inf)
+    _confirm_wanted: bool = attrs.field(init=False, default=False)  # ask Redis again
+    _redis_clock: float = attrs.field(init=False, default=0.0)  # Redis's time - local time
+    _kept: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
         self._admit_script = self._client.register_script(ADMIT)
@@ -492,8 +505,11 @@ class RedisLimiter:
         try:
             yield lease
         finally:
-            if lease.id is not None and not self._send_release(lease.id):
-                await self._release(lease.id)
+            lease_id = lease.id
+            if lease_id is not None and not (
+                self._keep_as_spare(lease_id) or self._send_release(lease_id)
+            ):
+                await self._release(lease_id)
 
     def statistics(self) -> GlobalLimiterStatistics:
         """What this limiter holds and has done (see :class:`GlobalLimiterStatistics`)."""
@@ -510,6 +526,7 @@ class RedisLimiter:
             errors=self._errors,
             spares=len(self._spares),
             from_spares=self._from_spares,
+            kept=self._kept,
         )
 
     async def held_globally(self) -> int:
@@ -584,6 +601,7 @@ class RedisLimiter:
         return Lease(lease_id, attempt.now, anyio.current_time() - start, tokens)
 
     def _count_refusal(self, attempt: _Attempt) -> None:
+        self._clear_until = -math.inf  # the limit binds: keep no finished call's lease
         if attempt.rate_wait > 0:
             self._rate_limited += 1
         else:
@@ -663,6 +681,24 @@ class RedisLimiter:
         released, self._released = self._released, anyio.Event()
         released.set()
 
+    def _keep_as_spare(self, lease_id: str) -> bool:
+        """Keep a finished call's lease as a spare instead of releasing it: only while
+        spares are short, nobody of this process is queued and Redis said no process's
+        head waits (within ``_SPARE_IDLE``); past that, the keeper is asked to find out
+        and the lease is released. True when kept."""
+        if len(self._spares) >= self.spare_leases or self._queued or lease_id not in self._leases:
+            return False
+        now = anyio.current_time()
+        if now >= self._clear_until:
+            self._confirm_wanted = True
+            self._spares_due.set()
+            return False
+        if not self._spares:
+            self._spares_due.set()  # the keeper may sleep with no spare to give back
+        self._spares.append((lease_id, now + self._redis_clock, now))
+        self._kept += 1
+        return True
+
     def _want_spares(self) -> None:
         """A call came: the keeper tops the spares up once half are used (or after a
         refusal, at the next call)."""
@@ -679,9 +715,12 @@ class RedisLimiter:
             self._give_back_idle_spares()
             deficit = self.spare_leases - len(self._spares)
             low = len(self._spares) <= self.spare_leases // 2
-            if low and self._spares_wanted and not self._queued:
-                self._spares_wanted = False
-                if await self._admit_spares(deficit) < deficit:
+            # short of spares after calls came; or, asked whether leases may be kept,
+            # only that question (no new spares while calls may have stopped)
+            count = deficit if low and self._spares_wanted else 0
+            if (count or (self._confirm_wanted and deficit > 0)) and not self._queued:
+                self._spares_wanted = self._confirm_wanted = False
+                if await self._admit_spares(count) < count:
                     await anyio.sleep(_BACKOFF_MIN)  # full (or heads waiting): not at once
                 continue
             due = self._spares_due = anyio.Event()
@@ -691,9 +730,12 @@ class RedisLimiter:
 
     async def _admit_spares(self, count: int) -> int:
         """Admit up to ``count`` spare leases in one script call (shielded: if its
-        outcome is unknown, every id it sent is released); how many were admitted."""
+        outcome is unknown, every id it sent is released); how many were admitted.
+        When Redis says no process's head waits, finished calls' leases may be kept as
+        spares for ``_SPARE_IDLE`` from the call's start."""
         ids = [self._new_lease_id() for _ in range(count)]
         args = (self._slot_args[0], self._slot_args[1], *ids)
+        sent = anyio.current_time()
         try:
             with anyio.CancelScope(shield=True):
                 reply = await self._call(
@@ -705,9 +747,11 @@ class RedisLimiter:
                 if not self._send_release(lease_id):
                     break  # no connection: those expire on their own
             return 0
-        admitted, reclaimed, now_us = (int(x) for x in reply)
+        admitted, reclaimed, now_us, heads_waiting = (int(x) for x in reply)
         self._reclaimed += reclaimed
         stamp = anyio.current_time()
+        self._redis_clock = now_us / 1e6 - stamp
+        self._clear_until = -math.inf if heads_waiting else sent + _SPARE_IDLE
         for lease_id in ids[:admitted]:
             self._leases[lease_id] = None
             self._spares.append((lease_id, now_us / 1e6, stamp))

@@ -115,20 +115,22 @@ return {1, 0, reclaimed, held, now, 0}
 #: Spare leases, admitted together as newcomers (no rates: spares are refused with them).
 #: KEYS: slots zset, queue zset, tickets zset. ARGV: slots, lease µs, lease ids...
 #: Admits the first ids for which a slot is free with one left for every queued head
-#: (as ADMIT with queue 0, one id after another). Returns {admitted, reclaimed, now µs}.
+#: (as ADMIT with queue 0, one id after another); no ids: only the count of heads.
+#: Returns {admitted, reclaimed, now µs, queued heads}.
 ADMIT_SPARES = (
     PRELUDE
     + """
 local slots = tonumber(ARGV[1])
 local lease_us = tonumber(ARGV[2])
 local reclaimed = reclaim(KEYS[1], KEYS[2], KEYS[3])
-local free = slots - redis.call('ZCARD', KEYS[1]) - redis.call('ZCARD', KEYS[2])
+local heads = redis.call('ZCARD', KEYS[2])
+local free = slots - redis.call('ZCARD', KEYS[1]) - heads
 local admitted = math.max(0, math.min(free, #ARGV - 2))
 for i = 1, admitted do
   redis.call('ZADD', KEYS[1], now + lease_us, ARGV[2 + i])
 end
 if admitted > 0 then keep_key(KEYS[1], lease_us) end
-return {admitted, reclaimed, now}
+return {admitted, reclaimed, now, heads}
 """
 )
 

@@ -496,8 +496,10 @@ async def test_cancellation_at_any_moment_leaks_nothing(redis_url: str, spares: 
         await _until(lambda: a.statistics().held == 0)  # a spare goes back once idle
         assert a.statistics().held == b.statistics().held == 0
         assert a.statistics().waiting == b.statistics().waiting == 0
-        await b.held_globally()  # answered after b's releases reached Redis
-        assert await a.held_globally() == 0
+    # closing releases what a limiter holds (a spare admitted late, say): a lease left
+    # in Redis now is one that no limiter knew of
+    async with RedisLimiter.connect(redis_url, name=name, max_concurrent=2) as probe:
+        assert await probe.held_globally() == 0
 
 
 # ---------------------------------------------------------------------- rates
@@ -794,6 +796,66 @@ async def test_spare_leases_never_exceed_the_global_bound(redis_url: str) -> Non
         assert peak <= n
         assert most_leases <= n
         assert sum(x.statistics().acquired for x in limiters) == 3 * n * rounds
+
+
+async def test_a_finished_calls_lease_is_kept_as_a_spare_while_nobody_waits(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While Redis last said (within 50 ms) that no process's head waits, a call's lease
+    goes back into the spares instead of to Redis: the same leases serve call after
+    call. Past that, the lease is released and the keeper asks Redis again."""
+    monkeypatch.setattr(global_limits, "_SPARE_IDLE", 0.5)  # a slow machine keeps them
+    name = fresh_name()
+    async with (
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=4) as probe,
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=4, spare_leases=2) as limiter,
+    ):
+        async with limiter.slot():  # the demand: two spares, and Redis's word
+            await _until(lambda: limiter.statistics().spares == 2)
+        assert await limiter.held_globally() == 2  # the spares (after its own release)
+        ids = []
+        for _ in range(6):  # no checkpoint in between: nothing else runs
+            async with limiter.slot() as lease:
+                ids.append(lease.id)
+        stats = limiter.statistics()
+        assert (stats.from_spares, stats.kept, stats.spares) == (6, 6, 2)
+        assert len(set(ids)) == 2  # two leases served all six calls
+        assert await probe.held_globally() == 2  # nothing admitted or released since
+        limiter._clear_until = -math.inf  # as 50 ms after Redis's last word
+        async with limiter.slot() as lease:
+            pass
+        assert limiter.statistics().kept == 6  # released, not kept
+        await _until(lambda: limiter._clear_until > anyio.current_time())  # asked again
+        async with limiter.slot():
+            pass
+        assert limiter.statistics().kept == 7
+
+
+async def test_no_lease_is_kept_while_another_process_waits(redis_url: str) -> None:
+    """Once Redis says another process's head waits (or this process is refused), a
+    finished call's lease goes to Redis, and the waiting process gets it."""
+    name = fresh_name()
+    async with (
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=1, spare_leases=1) as a,
+        RedisLimiter.connect(redis_url, name=name, max_concurrent=1) as b,
+    ):
+        async with a.slot():  # the one slot; the keeper learns that nobody waits
+            await _until(lambda: a._clear_until > anyio.current_time())
+        assert a.statistics().kept == 1  # kept as a spare: a still holds the slot
+        got_in = anyio.Event()
+
+        async def b_waits() -> None:
+            async with b.slot():
+                got_in.set()
+
+        async with anyio.create_task_group() as tg:
+            async with a.slot():  # on the kept lease
+                tg.start_soon(b_waits)
+                await _until(lambda: b.statistics().full >= 1)  # b's head is queued
+                assert await a._admit_spares(0) == 0  # Redis's word now: a head waits
+            assert (a.statistics().kept, a.statistics().spares) == (1, 0)  # released
+            with anyio.fail_after(5):
+                await got_in.wait()
 
 
 async def test_spares_are_not_taken_while_another_process_waits(redis_url: str) -> None:
