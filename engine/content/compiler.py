@@ -101,8 +101,8 @@ def _write(path: Path, name: str, fingerprint: str, chunks: Iterable[Chunk]) -> 
             )
             conn.execute("INSERT INTO chunks_fts(chunks_fts) VALUES ('optimize')")
             conn.executemany("INSERT INTO vocab VALUES (?, ?)", sorted(vocab.items()))
-            # each query word's BM25 per chunk (the words a search can ask for), and which
-            # of their tokens are adjacent anywhere (the pairs that can match)
+            # the BM25 per chunk of each query word (the words a search can ask for) and
+            # of each pair of their tokens adjacent somewhere (the pairs that can match)
             write_word_scores(conn, filter(is_term, sorted(vocab)), _TOKENIZE)
             conn.executemany(
                 "INSERT INTO meta VALUES (?, ?)",

@@ -202,8 +202,9 @@ def read_word_scores(conn: sqlite3.Connection, words: Sequence[str]) -> dict[str
 
 
 def read_pair_scores(conn: sqlite3.Connection, keys: Iterable[int]) -> dict[int, Scores]:
-    """The compiled scores (at ``BM25_WEIGHTS``) of the pairs of ``keys`` (``pair_key``
-    s of token ids) the index has adjacent somewhere; a pair left out matches nothing."""
+    """The compiled scores (at ``BM25_WEIGHTS``) of the pairs of ``keys`` (each made by
+    ``pair_key`` of two token ids) that the index has adjacent somewhere; a pair left
+    out matches nothing."""
     keys = list(keys)
     out: dict[int, Scores] = {}
     for start in range(0, len(keys), 500):  # stay under SQLite's variable limit
