@@ -54,11 +54,11 @@ Guarantees:
   being released (no Redis call at all) while spares are short, nobody of its
   process is queued and Redis said within the last 50 ms that no process's head
   waits; past those 50 ms the release goes to Redis and the keeper asks again, and
-  an admission refused here stops the keeping at once. The price, when the limit
-  binds: for up to 50 ms after another process's head began waiting, a process may
-  go on starting calls on its spares (those admitted before, and leases kept), and a
-  spare left unused is given back after 50 ms, so it delays another process by at
-  most that long beyond the calls started on spares.
+  an admission this process is refused stops the keeping at once. The price, when
+  the limit binds: for up to 50 ms after another process's head began waiting, a
+  process may go on starting calls on its spares (those admitted before, and leases
+  kept), and a spare left unused is given back after 50 ms, so it delays another
+  process by at most that long beyond the calls started on spares.
 * **Cancellation-safe.** A lease id is chosen before the admission script runs and
   each admission call is shielded (bounded by ``redis_timeout``), so its outcome is
   always known: a caller cancelled while waiting holds nothing, and a caller
@@ -732,7 +732,7 @@ class RedisLimiter:
         """Admit up to ``count`` spare leases in one script call (shielded: if its
         outcome is unknown, every id it sent is released); how many were admitted.
         When Redis says no process's head waits, finished calls' leases may be kept as
-        spares for ``_SPARE_IDLE`` from the call's start."""
+        spares for ``_SPARE_IDLE`` from when this script call was sent."""
         ids = [self._new_lease_id() for _ in range(count)]
         args = (self._slot_args[0], self._slot_args[1], *ids)
         sent = anyio.current_time()
