@@ -259,21 +259,25 @@ class PhraseScores:
         self._rows_of.clear()
         self._bytes = 0
 
+    def keep(self, phrase: str, weights: Weights, scores: Scores) -> None:
+        """Keep ``phrase``'s scores at ``weights`` (read elsewhere, e.g. from the
+        compiled lists), within ``max_bytes``: ``rank`` then fetches nothing for it."""
+        # the arrays, the key, about 200 bytes of objects around them, and for a
+        # word its row bits (rows / 8 bytes), should a pair need them
+        size = scores[0].nbytes + scores[1].nbytes + len(phrase) + 200
+        if " " not in phrase:
+            size += self.rows // 8
+        if self._bytes + size > self.max_bytes:
+            self.clear()
+        if size <= self.max_bytes:
+            self._kept[(phrase, weights)] = scores
+            self._bytes += size
+
     def _phrase(self, phrase: str, weights: Weights, fetch: Fetch) -> Scores:
-        key = (phrase, weights)
-        kept = self._kept.get(key)
+        kept = self._kept.get((phrase, weights))
         if kept is None:
             kept = NO_MATCH if self._cannot_match(phrase, weights) else fetch(phrase, weights)
-            # the arrays, the key, about 200 bytes of objects around them, and for a
-            # word its row bits (rows / 8 bytes), should a pair need them
-            size = kept[0].nbytes + kept[1].nbytes + len(phrase) + 200
-            if " " not in phrase:
-                size += self.rows // 8
-            if self._bytes + size > self.max_bytes:
-                self.clear()
-            if size <= self.max_bytes:
-                self._kept[key] = kept
-                self._bytes += size
+            self.keep(phrase, weights, kept)
         return kept
 
     def _cannot_match(self, phrase: str, weights: Weights) -> bool:

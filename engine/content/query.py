@@ -331,8 +331,11 @@ def expand_query(
     protected = _alias_words(text)
     checkable = [w for w in dict.fromkeys(tokens) if len(w) >= 4 and w.isalpha()]
     # read once, written once: another thread may clear ``repairs`` meanwhile
-    kept = {w: repairs.get(w, _UNKNOWN) for w in checkable} if repairs else {}
-    settled = {w: fix for w, fix in kept.items() if fix is not _UNKNOWN}
+    settled = (
+        {w: fix for w in checkable if (fix := repairs.get(w, _UNKNOWN)) is not _UNKNOWN}
+        if repairs
+        else {}
+    )
     fresh = [w for w in checkable if w not in settled]
     relatives = {w: related_forms(w) for w in fresh}
     plurals = {w: singulars(w) for w in dict.fromkeys(tokens)}

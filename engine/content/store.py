@@ -50,7 +50,6 @@ from .phrase_scores import (
     BM25_WEIGHTS,
     NO_MATCH,
     PhraseScores,
-    Scores,
     Weights,
     fts5_scores,
     pair_key,
@@ -450,13 +449,8 @@ class ModuleStore:
         """The ranked hits: entry, score and (``with_text``) text. Entries some query
         returned before are not read again; without text, often nothing is read."""
 
-        ahead = self._read_ahead(conn, phrases, weights)
-
-        def fetch(phrase: str, w: Weights) -> Scores:
-            found = ahead.get(phrase)
-            return found if found is not None else fts5_scores(conn, phrase, w)
-
-        ranked = self._scores.rank(phrases, weights, limit, fetch)
+        self._read_ahead(conn, phrases, weights)
+        ranked = self._scores.rank(phrases, weights, limit, lambda p, w: fts5_scores(conn, p, w))
         catalogue = self._catalogue
         known = catalogue._known_at
         unknown = [r for r, _ in ranked if known(r) is None]
@@ -486,21 +480,20 @@ class ModuleStore:
 
     def _read_ahead(
         self, conn: sqlite3.Connection, phrases: tuple[str, ...], weights: Weights
-    ) -> dict[str, Scores]:
-        """The scores of ``phrases`` not kept that the compiled lists give (at the
-        default weights), in at most two reads: the new words' (their token ids are
-        kept too), then the new pairs of words with token ids (a pair the index never
-        has adjacent matches nothing)."""
+    ) -> None:
+        """Keep the scores of ``phrases`` not kept that the compiled lists give (at the
+        default weights), read in at most two queries: the new words' (their token ids
+        are kept too), then the new pairs of words with token ids (a pair the index
+        never has adjacent matches nothing). ``rank`` fetches only the others."""
         if weights != BM25_WEIGHTS:
-            return {}
-        kept = self._scores.kept
-        new = [p for p in phrases if not kept(p, weights)]
-        out: dict[str, Scores] = {}
+            return
+        scores = self._scores
+        new = [p for p in phrases if not scores.kept(p, weights)]
         compiled = read_word_scores(conn, [p[1:-1] for p in new if " " not in p])
         if len(self._tokens) + len(compiled) > _TOKENS_KEPT:
             self._tokens.clear()
-        for word, (scores, token) in compiled.items():
-            out[f'"{word}"'] = scores
+        for word, (found, token) in compiled.items():
+            scores.keep(f'"{word}"', weights, found)
             self._tokens[word] = token
         tokens = self._tokens
         pairs: dict[str, int] = {}
@@ -511,9 +504,9 @@ class ModuleStore:
                 if a is not None and b is not None:
                     pairs[phrase] = pair_key(a, b)
         if pairs:
-            found = read_pair_scores(conn, pairs.values())
-            out.update((phrase, found.get(key, NO_MATCH)) for phrase, key in pairs.items())
-        return out
+            listed = read_pair_scores(conn, pairs.values())
+            for phrase, key in pairs.items():
+                scores.keep(phrase, weights, listed.get(key, NO_MATCH))
 
     def _expand(self, query: str) -> tuple[str, ...]:
         segments = self._expansions.get(query)
