@@ -115,6 +115,7 @@ async def _open(
         executor = ParallelAgentExecutor.from_config(
             traced, config, on_response=_failure_counter(metrics)
         )
+        await stack.enter_async_context(executor.serving())  # one hedge timer for all
         if metrics is not None:
             await stack.enter_async_context(metrics)
             metrics.watch_cache("module", cache.statistics)

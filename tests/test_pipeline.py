@@ -368,6 +368,14 @@ async def test_hedges_are_counted_in_metrics(module_dir: Path, tmp_path: Path) -
     archivist = result.responses["archivist"]
     assert archivist.hedged and archivist.hedge_won and archivist.attempts == 2
     assert archivist.duration == 0.25 + 0.125
+    # both attempts are traced in the action's tree (the hedge was sent by the engine's
+    # shared timer task, in the request's context)
+    attempts = sorted(
+        (s.attributes.get("attempt"), s.status)
+        for s in result.span.walk()
+        if s.name == "agent_query" and s.attributes.get("agent") == "archivist"
+    )
+    assert attempts == [(1, "cancelled"), (2, "ok")]
     assert 'dm_hedges_sent_total{agent="archivist"} 1.0' in text
     assert 'dm_hedges_won_total{agent="archivist"} 1.0' in text
 

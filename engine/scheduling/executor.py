@@ -9,9 +9,11 @@ Guarantees:
   first dependent a request made ready on that request's task); only the others get
   a task of their own. A chain of requests is one task. (An agent on the caller's
   task shares its context variables, as any coroutine the caller awaits does.)
-  Hedges are sent by one task per execution (the caller's when a request ready at
-  the start may be hedged, instead of it running the first root): a hedge costs no
-  task and no timer of its own until it is sent.
+  Hedges are sent by one timer task: the executor's own while :meth:`serving`
+  (every execution on that loop shares it, so hedging adds no task and no trip
+  through the event loop to an execution), else one per execution (the caller's when
+  a request ready at the start may be hedged, instead of it running the first root).
+  A hedge costs no task and no timer of its own until it is sent.
 * **Bounded.** At most ``max_concurrent`` agent attempts hold a limiter token at once,
   hedges included; admission is FIFO by readiness.
 * **Timed from readiness.** A request's timeout covers queueing and running; the
@@ -29,9 +31,11 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import heapq
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any, final
 
@@ -82,6 +86,8 @@ class ParallelAgentExecutor:
     on_response: Callable[[AgentResponse], None] | None = None
     _limiter: FifoLimiter | None = attrs.field(default=None, init=False)
     _limiter_loop: object = attrs.field(default=None, init=False)
+    _timer: _HedgeTimer | None = attrs.field(default=None, init=False)
+    _timer_loop: object = attrs.field(default=None, init=False)
     _requests: int = attrs.field(default=0, init=False)
     _attempts: int = attrs.field(default=0, init=False)
 
@@ -118,6 +124,42 @@ class ParallelAgentExecutor:
             hedges_won=hedges.hedges_won if hedges else 0,
         )
 
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        """Run the executor's hedge timer for the block (a no-op without a hedge policy).
+
+        Executions on this event loop inside the block schedule their hedges on that
+        one task instead of a clock of their own, so a hedged execution starts its
+        first root on the caller's task and ends when its last request does, as an
+        unhedged one: no task of its own to start, wake or wait for. Behaviour is
+        otherwise the same. The engine serves for its whole life (``open_engine``).
+
+        Raises:
+            RuntimeError: the executor is already serving.
+        """
+        if self.hedging is None:
+            yield
+            return
+        if self._timer is not None:
+            raise RuntimeError("the executor is already serving")
+        timer = _HedgeTimer()
+        async with anyio.create_task_group() as tg:
+            await tg.start(timer.run)
+            self._timer = timer
+            self._timer_loop = anyio.lowlevel.current_token().native_token
+            try:
+                yield
+            finally:
+                self._timer = self._timer_loop = None
+                tg.cancel_scope.cancel()
+
+    def _shared_timer(self) -> _HedgeTimer | None:
+        """The serving timer, if it runs on the current event loop."""
+        timer = self._timer
+        if timer is None or self._timer_loop is not anyio.lowlevel.current_token().native_token:
+            return None
+        return timer
+
     async def execute_parallel(
         self,
         requests: Sequence[AgentRequest],
@@ -146,14 +188,15 @@ class ParallelAgentExecutor:
         remaining = [len(p) for p in graph.parents]
         ready_at: dict[int, float] = {}
         undecided = n
-        clock: _HedgeClock | None = None
+        clock: _HedgeClock | _SharedClock | None = None
+        own: _HedgeClock | None = None  # this execution's own clock (not serving)
 
         def decide(i: int, response: AgentResponse) -> None:
             nonlocal undecided
             responses[i] = response
             undecided -= 1
-            if undecided == 0 and clock is not None:
-                clock.close()
+            if undecided == 0 and own is not None:
+                own.close()
             if self.on_response is not None:
                 self.on_response(response)
             if on_response is not None:
@@ -207,11 +250,15 @@ class ParallelAgentExecutor:
                 for i in roots:
                     ready_at[i] = start
                 if self.hedging is not None:
-                    clock = _HedgeClock(tg)
-                if clock is not None and self._hedges_at_once(graph, roots):
+                    timer = self._shared_timer()
+                    if timer is not None:
+                        clock = _SharedClock(timer, tg)
+                    else:
+                        clock = own = _HedgeClock(tg)
+                if own is not None and self._hedges_at_once(graph, roots):
                     for i in roots:
                         tg.start_soon(run_from, i)
-                    await clock.run()  # this task sends the hedges until all is decided
+                    await own.run()  # this task sends the hedges until all is decided
                 else:
                     for i in roots[1:]:
                         tg.start_soon(run_from, i)
@@ -222,8 +269,8 @@ class ParallelAgentExecutor:
         # holds: break both, so this execution is freed when it returns, not by the
         # cyclic collector (whose pauses grow with the garbage it finds)
         run_from = None  # type: ignore[assignment]
-        if clock is not None:
-            clock.close()
+        if own is not None:
+            own.close()
         # Only the overall deadline leaves requests undecided.
         end = anyio.current_time()
         result: list[AgentResponse] = []
@@ -263,7 +310,8 @@ class ParallelAgentExecutor:
             response, _end = await self._run_request(request, inputs or {}, ready_at, limiter)
         else:
             async with anyio.create_task_group() as tg:
-                clock = _HedgeClock(tg)
+                timer = self._shared_timer()
+                clock = _SharedClock(timer, tg) if timer is not None else _HedgeClock(tg)
                 response, _end = await self._run_request(
                     request, inputs or {}, ready_at, limiter, clock
                 )
@@ -303,7 +351,7 @@ class ParallelAgentExecutor:
         inputs: Mapping[str, Any],
         ready_at: float,
         limiter: FifoLimiter,
-        clock: _HedgeClock | None = None,
+        clock: _HedgeClock | _SharedClock | None = None,
     ) -> tuple[AgentResponse, float]:
         """Run one request; its response and the time it was decided. Under a hedge
         policy ``clock`` sends the hedges."""
@@ -344,7 +392,7 @@ class ParallelAgentExecutor:
         ready_at: float,
         limiter: FifoLimiter,
         policy: HedgePolicy,
-        clock: _HedgeClock,
+        clock: _HedgeClock | _SharedClock,
     ) -> tuple[AgentResponse, float]:
         """:meth:`_run_request` under a hedge policy: the call earns hedge budget, may
         be hedged, and its latency (to its first piece when streaming) is observed."""
@@ -451,6 +499,9 @@ class _HedgeClock:
         if alarm is not None and when < alarm.deadline:
             alarm.deadline = when
 
+    def withdraw(self, race: _Race) -> None:
+        """``race`` is over (its entry is dropped when it falls due, or at :meth:`close`)."""
+
     def close(self) -> None:
         """No more hedges: :meth:`run` returns. The races still due are dropped (they
         refer to the clock: a cycle the cyclic collector would have to free)."""
@@ -475,9 +526,94 @@ class _HedgeClock:
 
 
 @final
+class _HedgeTimer:
+    """The hedges of every execution on one event loop, sent from one task that
+    :meth:`ParallelAgentExecutor.serving` runs.
+
+    Its alarm is always set while it serves, so :meth:`add` moves it at once (a hedge
+    due in the instant attempt 1 first writes comes first, as with an execution's own
+    clock). A race that ends is dropped from the front at once (:meth:`withdraw`), so
+    the task wakes only for hedges that may still be sent; one that ends behind the
+    front is dropped when it gets there.
+    """
+
+    __slots__ = ("_alarm", "_due", "_order")
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, _Race]] = []  # a heap
+        self._order = 0
+        self._alarm: anyio.CancelScope | None = None
+
+    @property
+    def pending(self) -> int:
+        """Races held (some may be over, behind one that is not)."""
+        return len(self._due)
+
+    def add(self, when: float, race: _Race) -> None:
+        """Call ``race.due()`` at ``when`` unless the race is over by then."""
+        self._order += 1
+        heapq.heappush(self._due, (when, self._order, race))
+        alarm = self._alarm
+        if alarm is not None and when < alarm.deadline:
+            alarm.deadline = when
+
+    def withdraw(self, race: _Race) -> None:
+        """``race`` is over: drop the races over at the front, and wake later."""
+        due = self._due
+        if not due or due[0][2] is not race:
+            return
+        while due and due[0][2].over:
+            heapq.heappop(due)
+        if self._alarm is not None:
+            self._alarm.deadline = due[0][0] if due else math.inf
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Send the hedges as they fall due, until cancelled (started with ``start``)."""
+        due = self._due
+        started = False
+        never = anyio.Event()  # not a sleep: a virtual clock must not jump to infinity
+        try:
+            while True:
+                now = anyio.current_time()
+                while due and (due[0][0] <= now or due[0][2].over):
+                    heapq.heappop(due)[2].due()
+                with anyio.CancelScope(deadline=due[0][0] if due else math.inf) as self._alarm:
+                    if not started:
+                        started = True
+                        task_status.started()
+                    await never.wait()
+        finally:
+            self._alarm = None
+            due.clear()
+
+
+@final
+class _SharedClock:
+    """An execution's view of the serving :class:`_HedgeTimer`: the same interface as
+    :class:`_HedgeClock`, with the hedges started in the execution's own ``tasks``."""
+
+    __slots__ = ("_timer", "tasks")
+
+    def __init__(self, timer: _HedgeTimer, tasks: anyio.abc.TaskGroup) -> None:
+        self._timer = timer
+        self.tasks = tasks
+
+    async def schedule(self, when: float, race: _Race) -> None:
+        """As :meth:`_HedgeClock.schedule`; returns at once (the alarm is set)."""
+        self._timer.add(when, race)
+
+    def withdraw(self, race: _Race) -> None:
+        self._timer.withdraw(race)
+
+    def close(self) -> None:
+        """Nothing to close: the timer serves other executions."""
+
+
+@final
 class _Race:
     """A request's attempts: the first on the request's task, the hedge (if the clock
-    sends one) on a task of the execution's group.
+    sends one) on a task of the execution's group, in a copy of the request's context
+    variables (so its spans are the request's, whichever task sent it).
 
     The first attempt to succeed wins and the other is cancelled; when streaming, the
     first to write a piece owns the stream (the other is cancelled at once) and only
@@ -487,6 +623,7 @@ class _Race:
     __slots__ = (
         "_agent",
         "_clock",
+        "_context",
         "_executor",
         "_hedge_ended",
         "_inputs",
@@ -513,7 +650,7 @@ class _Race:
         request: AgentRequest,
         inputs: Mapping[str, Any],
         limiter: FifoLimiter,
-        clock: _HedgeClock,
+        clock: _HedgeClock | _SharedClock,
     ) -> None:
         self._executor = executor
         self._policy = policy
@@ -522,6 +659,8 @@ class _Race:
         self._inputs = inputs
         self._limiter = limiter
         self._clock = clock
+        # the hedge runs in this (the request's) context, whichever task sends it
+        self._context = contextvars.copy_context()
         self._scopes: dict[int, anyio.CancelScope] = {}
         self._winner = 0  # the attempt whose answer is the response (0: none yet)
         self._owner = 0  # the attempt whose text streams (the first to write; 0: none)
@@ -552,12 +691,18 @@ class _Race:
             assert self._hedge_ended is not None
             await self._hedge_ended.wait()
 
+    @property
+    def over(self) -> bool:
+        """Decided or abandoned: no hedge may start any more."""
+        return self._over
+
     def stop(self) -> None:
         """The request is over (decided, timed out or cancelled): no hedge starts any
         more, and a hedge still running is cancelled."""
         self._over = True
         if self.hedge_running:
             self._scopes[2].cancel()
+        self._clock.withdraw(self)
 
     def due(self) -> None:
         """The hedge delay passed: send the hedge unless the request is over, a piece
@@ -578,6 +723,8 @@ class _Race:
         self._clock.tasks.start_soon(self._run_hedge, hedge)
 
     async def _run_hedge(self, request: AgentRequest) -> None:
+        for var, value in self._context.items():  # as if the request's task started it
+            var.set(value)
         try:
             await self._attempt(2, request)
         finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import anyio
@@ -9,7 +11,7 @@ import pytest
 from gc_watch import engine_cyclic_garbage
 
 import engine
-from engine.agents.base import AgentRequest, Status
+from engine.agents.base import AgentRequest, AgentResponse, Status
 from engine.scheduling.executor import ParallelAgentExecutor
 from engine.scheduling.hedging import HedgePolicy
 from engine.scheduling.limits import FifoLimiter
@@ -267,6 +269,7 @@ def hedged(
     return executor(agent, hedging=policy, **kw)
 
 
+@pytest.mark.usefixtures("hedge_clock")
 @pytest.mark.virtual_clock
 async def test_hedge_wins_and_loser_is_cancelled() -> None:
     agent = ScriptedAgent({"a": [10, 1]})  # first attempt straggles, the hedge is quick
@@ -282,6 +285,7 @@ async def test_hedge_wins_and_loser_is_cancelled() -> None:
     assert (stats.hedges_sent, stats.hedges_won, stats.borrowed_tokens) == (1, 1, 0)
 
 
+@pytest.mark.usefixtures("hedge_clock")
 @pytest.mark.virtual_clock
 async def test_first_answer_wins_when_primary_is_faster() -> None:
     agent = ScriptedAgent({"a": [3, 5]})
@@ -292,6 +296,7 @@ async def test_first_answer_wins_when_primary_is_faster() -> None:
     assert agent.running == 0
 
 
+@pytest.mark.usefixtures("hedge_clock")
 @pytest.mark.virtual_clock
 async def test_no_hedge_when_answer_is_in_time() -> None:
     agent = ScriptedAgent({"a": [1, 1]})
@@ -300,6 +305,7 @@ async def test_no_hedge_when_answer_is_in_time() -> None:
     assert len(agent.starts["a"]) == 1
 
 
+@pytest.mark.usefixtures("hedge_clock")
 @pytest.mark.virtual_clock
 async def test_hedge_never_waits_for_capacity() -> None:
     # both tokens are busy when the hedge would fire: no hedge, no extra queueing
@@ -311,6 +317,7 @@ async def test_hedge_never_waits_for_capacity() -> None:
     assert len(agent.starts["a"]) == 1
 
 
+@pytest.mark.usefixtures("hedge_clock")
 @pytest.mark.virtual_clock
 async def test_hedge_budget_caps_extra_calls() -> None:
     agent = ScriptedAgent({f"r{i}": [5, 1] for i in range(40)})
@@ -323,6 +330,7 @@ async def test_hedge_budget_caps_extra_calls() -> None:
     assert stats.attempts == 44
 
 
+@pytest.mark.usefixtures("hedge_clock")
 @pytest.mark.virtual_clock
 async def test_failed_primary_waits_for_running_hedge() -> None:
     agent = ScriptedAgent({"a": [3, 2]}, fail=frozenset())
@@ -340,6 +348,7 @@ async def test_failed_primary_waits_for_running_hedge() -> None:
     assert response.status is Status.OK and response.output == "out:a:2"
 
 
+@pytest.mark.usefixtures("hedge_clock")
 @pytest.mark.virtual_clock
 async def test_timeout_cancels_both_attempts_of_a_hedged_request() -> None:
     agent = ScriptedAgent({"a": [10, 10]})
@@ -353,6 +362,7 @@ async def test_timeout_cancels_both_attempts_of_a_hedged_request() -> None:
     assert ex.statistics().borrowed_tokens == 0
 
 
+@pytest.mark.usefixtures("hedge_clock")
 @pytest.mark.virtual_clock
 async def test_dependent_starts_when_the_hedge_answers() -> None:
     agent = ScriptedAgent({"a": [10, 1], "b": [1, 1], "c": [1, 1]})
@@ -365,6 +375,7 @@ async def test_dependent_starts_when_the_hedge_answers() -> None:
     assert anyio.current_time() - t0 == 4 and agent.running == 0
 
 
+@pytest.mark.usefixtures("hedge_clock")
 @pytest.mark.virtual_clock
 async def test_a_dependent_is_hedged_when_no_root_is() -> None:
     # only "b" hedges, and it becomes ready at 1: the hedge clock starts then
@@ -381,6 +392,7 @@ async def test_a_dependent_is_hedged_when_no_root_is() -> None:
     assert agent.cancelled == ["b"] and ex.statistics().borrowed_tokens == 0
 
 
+@pytest.mark.usefixtures("hedge_clock")
 @pytest.mark.virtual_clock
 async def test_execute_with_timeout_is_hedged() -> None:
     agent = ScriptedAgent({"a": [10, 1]})
@@ -402,18 +414,113 @@ async def test_p95_hedge_delay_learns_from_observations() -> None:
     assert policy.delay_for("other") is None
 
 
+@pytest.mark.parametrize("serving", [False, True], ids=["own clock", "serving"])
 @pytest.mark.parametrize("hedged", [False, True])
 @pytest.mark.virtual_clock
-async def test_an_execution_leaves_no_cyclic_garbage(hedged: bool) -> None:
+async def test_an_execution_leaves_no_cyclic_garbage(hedged: bool, serving: bool) -> None:
     """Everything an execution made is freed by reference counting when it returns:
     the cyclic collector's pauses grow with the garbage it has to find."""
     agent = ScriptedAgent(default=1)
     hedging = HedgePolicy({"a": 0.5}, budget_fraction=1.0) if hedged else None
     ex = executor(agent, hedging=hedging)
     requests = [req("x"), req("y"), req("z", "x", "y"), req("w", "z")]
-    await ex.execute_parallel(requests)  # warm: whatever is made once is made
-    with engine_cyclic_garbage() as ours:
-        responses = await ex.execute_parallel(requests)
+    async with ex.serving() if serving else contextlib.nullcontext():  # as the engine: once
+        await ex.execute_parallel(requests)  # warm: whatever is made once is made
+        with engine_cyclic_garbage() as ours:
+            responses = await ex.execute_parallel(requests)
     assert all(r.ok for r in responses)
     assert any(r.hedged for r in responses) == hedged
     assert ours == []
+
+
+# ---------------------------------------------------------------- serving
+
+
+@pytest.mark.virtual_clock
+async def test_serving_runs_a_hedged_first_root_before_any_other_task() -> None:
+    """Serving, a hedged execution starts its first root on the caller's task, without
+    a pass of the event loop (its own clock would take the caller's task instead)."""
+    order: list[str] = []
+
+    class Recording(ScriptedAgent):
+        async def run(self, request: AgentRequest, inputs: Any) -> Any:
+            order.append(f"start {request.id}")
+            return await super().run(request, inputs)
+
+    async def other() -> None:
+        order.append("other task")
+
+    ex = hedged(Recording(default=1), after=0.5)
+    async with ex.serving(), anyio.create_task_group() as tg:
+        tg.start_soon(other)  # runs at the loop's next pass
+        responses = await ex.execute_parallel([req("x"), req("y")])
+    # x before the loop's next pass (the other task and y run in it, in either order)
+    assert order.index("start x") < order.index("other task") < order.index("start x", 1)
+    assert all(r.ok for r in responses) and responses[0].hedged  # x's hedge: the one
+    assert agent_tokens_free(ex)
+
+
+def agent_tokens_free(ex: ParallelAgentExecutor) -> bool:
+    stats = ex.statistics()
+    return stats.borrowed_tokens == 0 and stats.waiting == 0
+
+
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="none")
+
+
+@pytest.mark.parametrize("serving", [False, True], ids=["own clock", "serving"])
+@pytest.mark.virtual_clock
+async def test_a_hedge_runs_in_its_requests_context(serving: bool) -> None:
+    """The hedge sees the context variables its request saw (the profiler's current
+    span is one), whichever task sent it: here two callers, each its own value, set
+    after the executor began serving (as the engine's actions do)."""
+    seen: dict[tuple[str, int], str] = {}
+
+    class Reading(ScriptedAgent):
+        async def run(self, request: AgentRequest, inputs: Any) -> Any:
+            seen[request.id, int(request.context.get("attempt", 1))] = _CALLER.get()
+            return await super().run(request, inputs)
+
+    policy = HedgePolicy({"a": 2.0}, budget_fraction=1.0)  # each call earns its hedge
+    ex = executor(Reading({"a": [10, 1], "b": [10, 1]}), hedging=policy)
+    got: list[AgentResponse] = []
+
+    async def caller(rid: str) -> None:
+        _CALLER.set(f"caller of {rid}")  # this task's own context
+        got.extend(await ex.execute_parallel([req(rid)]))
+
+    serve = ex.serving() if serving else contextlib.nullcontext()
+    async with serve, anyio.create_task_group() as tg:
+        tg.start_soon(caller, "a")
+        tg.start_soon(caller, "b")
+    assert [r.hedge_won for r in got] == [True, True]
+    assert seen == {(rid, n): f"caller of {rid}" for rid in "ab" for n in (1, 2)}
+
+
+@pytest.mark.virtual_clock
+async def test_serving_twice_fails_and_serving_without_hedging_does_nothing() -> None:
+    ex = hedged(ScriptedAgent())
+    async with ex.serving():
+        with pytest.raises(RuntimeError, match="already serving"):
+            async with ex.serving():
+                pass
+    async with ex.serving():  # a new block after the first ended
+        (response,) = await ex.execute_parallel([req("a")])
+    assert response.ok
+    plain = executor(ScriptedAgent())
+    async with plain.serving(), plain.serving():  # no hedge policy: nothing to serve
+        (response,) = await plain.execute_parallel([req("a")])
+    assert response.ok
+
+
+@pytest.mark.virtual_clock
+async def test_serving_forgets_the_races_that_ended() -> None:
+    """A request that ends before its hedge is due leaves nothing behind in the shared
+    timer: it does not wake for it, nor keep the request's inputs alive."""
+    agent = ScriptedAgent(default=1)
+    ex = hedged(agent, after=5.0)
+    async with ex.serving():
+        for _ in range(3):
+            responses = await ex.execute_parallel([req("x"), req("y", "x"), req("z")])
+            assert not any(r.hedged for r in responses)
+            assert ex._timer is not None and ex._timer.pending == 0

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import attrs
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from virtual_clock import run_virtual
 
@@ -25,7 +25,8 @@ from engine.scheduling.limits import ServerLimitedAgent
 
 from .helpers import Boom
 
-pytestmark = [pytest.mark.anyio, pytest.mark.virtual_clock]  # pure-loop: all in virtual time
+# pure-loop: all in virtual time; each test with an execution's own hedge clock and serving
+pytestmark = [pytest.mark.anyio, pytest.mark.virtual_clock, pytest.mark.usefixtures("hedge_clock")]
 
 
 @pytest.fixture
@@ -353,7 +354,10 @@ def model(a1: Attempt, a2: Attempt) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("backend", ["trio", "asyncio"])
-@settings(max_examples=300, deadline=None)
+# the hedge_clock fixture's patch holds for every example (not reset between them)
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(attempts(), attempts())
 def test_streaming_hedges_match_a_sequential_model(backend: str, a1: Attempt, a2: Attempt) -> None:
     a1 = attrs.evolve(a1, first=a1.first + 1 / 8)
