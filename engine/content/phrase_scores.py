@@ -29,8 +29,8 @@ FTS5 answers in 0.1-1 ms (bench/bench_context.py).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
-from typing import Final
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Final
 
 import attrs
 import numpy as np
@@ -189,33 +189,34 @@ def _decoded(rowids: bytes, scores: bytes) -> Scores:
 def read_word_scores(conn: sqlite3.Connection, words: Sequence[str]) -> dict[str, CompiledWord]:
     """The compiled scores (at ``BM25_WEIGHTS``) and token id of each of ``words``
     the module's vocabulary has, in one query; words it lacks are left out."""
-    out: dict[str, CompiledWord] = {}
-    for start in range(0, len(words), 500):  # stay under SQLite's variable limit
-        batch = words[start : start + 500]
-        for word, rowids, scores, stem in conn.execute(
-            "SELECT w.word, l.rowids, l.scores, w.stem FROM bm25_words AS w JOIN bm25_lists "
-            f"AS l ON l.id = w.list WHERE w.word IN ({','.join('?' * len(batch))})",
-            batch,
-        ):
-            out[word] = (_decoded(rowids, scores), stem)
-    return out
+    rows = _rows_in(
+        conn,
+        "SELECT w.word, l.rowids, l.scores, w.stem FROM bm25_words AS w JOIN bm25_lists "
+        "AS l ON l.id = w.list WHERE w.word IN ({})",
+        words,
+    )
+    return {word: (_decoded(rowids, scores), stem) for word, rowids, scores, stem in rows}
 
 
 def read_pair_scores(conn: sqlite3.Connection, keys: Iterable[int]) -> dict[int, Scores]:
     """The compiled scores (at ``BM25_WEIGHTS``) of the pairs of ``keys`` (each made by
     ``pair_key`` of two token ids) that the index has adjacent somewhere; a pair left
     out matches nothing."""
-    keys = list(keys)
-    out: dict[int, Scores] = {}
-    for start in range(0, len(keys), 500):  # stay under SQLite's variable limit
+    rows = _rows_in(
+        conn,
+        "SELECT p.pair, l.rowids, l.scores FROM bm25_pairs AS p JOIN bm25_lists AS l "
+        "ON l.id = p.list WHERE p.pair IN ({})",
+        list(keys),
+    )
+    return {key: _decoded(rowids, scores) for key, rowids, scores in rows}
+
+
+def _rows_in(conn: sqlite3.Connection, sql: str, keys: Sequence[Any]) -> Iterator[Any]:
+    """The rows of ``sql`` whose ``IN ({})`` takes ``keys``, in batches under SQLite's
+    variable limit."""
+    for start in range(0, len(keys), 500):
         batch = keys[start : start + 500]
-        for key, rowids, scores in conn.execute(
-            "SELECT p.pair, l.rowids, l.scores FROM bm25_pairs AS p JOIN bm25_lists AS l "
-            f"ON l.id = p.list WHERE p.pair IN ({','.join('?' * len(batch))})",
-            batch,
-        ):
-            out[key] = _decoded(rowids, scores)
-    return out
+        yield from conn.execute(sql.format(",".join("?" * len(batch))), batch)
 
 
 def _row_bits(rowids: npt.NDArray[np.int64], rows: int) -> int:

@@ -86,7 +86,7 @@ class ParallelAgentExecutor:
     on_response: Callable[[AgentResponse], None] | None = None
     _limiter: FifoLimiter | None = attrs.field(default=None, init=False)
     _limiter_loop: object = attrs.field(default=None, init=False)
-    _timer: _HedgeTimer | None = attrs.field(default=None, init=False)
+    _timer: _HedgeClock | None = attrs.field(default=None, init=False)
     _timer_loop: object = attrs.field(default=None, init=False)
     _requests: int = attrs.field(default=0, init=False)
     _attempts: int = attrs.field(default=0, init=False)
@@ -142,8 +142,8 @@ class ParallelAgentExecutor:
             return
         if self._timer is not None:
             raise RuntimeError("the executor is already serving")
-        timer = _HedgeTimer()
         async with anyio.create_task_group() as tg:
+            timer = _HedgeClock(tg)
             await tg.start(timer.run)
             self._timer = timer
             self._timer_loop = anyio.lowlevel.current_token().native_token
@@ -151,9 +151,9 @@ class ParallelAgentExecutor:
                 yield
             finally:
                 self._timer = self._timer_loop = None
-                tg.cancel_scope.cancel()
+                timer.close()
 
-    def _shared_timer(self) -> _HedgeTimer | None:
+    def _shared_timer(self) -> _HedgeClock | None:
         """The serving timer, if it runs on the current event loop."""
         timer = self._timer
         if timer is None or self._timer_loop is not anyio.lowlevel.current_token().native_token:
@@ -464,12 +464,17 @@ class ParallelAgentExecutor:
 
 @final
 class _HedgeClock:
-    """Starts the hedges of one execution when they are due, from one task.
+    """Starts hedges when they are due, from one task: an execution's own, or while
+    the executor serves, one for every execution on the loop (:class:`_SharedClock`
+    is an execution's view of it).
 
     That task sleeps until the earliest hedge is due, and scheduling an earlier one
     moves its alarm at once: a hedge costs no task and no timer of its own until it
-    is sent. The task is the execution's own (:meth:`run`) or, when none runs the
-    clock, one started by the first :meth:`schedule`. Hedges start in ``tasks``.
+    is sent. An execution's own clock runs on the execution's task (:meth:`run`) or,
+    when none runs it, on one started in ``tasks`` by the first :meth:`schedule`; its
+    hedges start in ``tasks``. A race that ends is dropped from the front at once
+    (:meth:`withdraw`), so the task wakes only for hedges that may still be sent; one
+    that ends behind the front is dropped when it gets there.
     """
 
     __slots__ = ("_alarm", "_armed", "_closed", "_due", "_order", "tasks")
@@ -482,80 +487,32 @@ class _HedgeClock:
         self._armed: anyio.Event | None = None  # set once a started task set its alarm
         self._closed = anyio.Event()
 
-    async def schedule(self, when: float, race: _Race) -> None:
-        """Call ``race.due()`` at ``when``, unless the clock is closed by then.
-
-        Returns once the alarm is set: the hedge falls due before any timer the
-        caller sets afterwards for the same instant.
-        """
-        self._order += 1
-        heapq.heappush(self._due, (when, self._order, race))
-        if self._alarm is None:
-            if self._armed is None:
-                self._armed = anyio.Event()
-                self.tasks.start_soon(self.run)
-            await self._armed.wait()
-        alarm = self._alarm
-        if alarm is not None and when < alarm.deadline:
-            alarm.deadline = when
-
-    def withdraw(self, race: _Race) -> None:
-        """``race`` is over (its entry is dropped when it falls due, or at :meth:`close`)."""
-
-    def close(self) -> None:
-        """No more hedges: :meth:`run` returns. The races still due are dropped (they
-        refer to the clock: a cycle the cyclic collector would have to free)."""
-        self._closed.set()
-        self._due.clear()
-
-    async def run(self) -> None:
-        """Send the hedges as they fall due, until :meth:`close`."""
-        due = self._due
-        closed = self._closed
-        try:
-            while not closed.is_set():
-                now = anyio.current_time()
-                while due and due[0][0] <= now:
-                    heapq.heappop(due)[2].due()
-                with anyio.CancelScope(deadline=due[0][0] if due else math.inf) as self._alarm:
-                    if self._armed is not None:
-                        self._armed.set()
-                    await closed.wait()
-        finally:
-            self._alarm = None
-
-
-@final
-class _HedgeTimer:
-    """The hedges of every execution on one event loop, sent from one task that
-    :meth:`ParallelAgentExecutor.serving` runs.
-
-    Its alarm is always set while it serves, so :meth:`add` moves it at once (a hedge
-    due in the instant attempt 1 first writes comes first, as with an execution's own
-    clock). A race that ends is dropped from the front at once (:meth:`withdraw`), so
-    the task wakes only for hedges that may still be sent; one that ends behind the
-    front is dropped when it gets there.
-    """
-
-    __slots__ = ("_alarm", "_due", "_order")
-
-    def __init__(self) -> None:
-        self._due: list[tuple[float, int, _Race]] = []  # a heap
-        self._order = 0
-        self._alarm: anyio.CancelScope | None = None
-
     @property
     def pending(self) -> int:
         """Races held (some may be over, behind one that is not)."""
         return len(self._due)
 
     def add(self, when: float, race: _Race) -> None:
-        """Call ``race.due()`` at ``when`` unless the race is over by then."""
+        """Call ``race.due()`` at ``when`` unless the race is over or the clock closed
+        by then; the alarm, if set, moves at once."""
         self._order += 1
         heapq.heappush(self._due, (when, self._order, race))
         alarm = self._alarm
         if alarm is not None and when < alarm.deadline:
             alarm.deadline = when
+
+    async def schedule(self, when: float, race: _Race) -> None:
+        """:meth:`add`, starting the clock's task if none runs it.
+
+        Returns once the alarm is set: the hedge falls due before any timer the
+        caller sets afterwards for the same instant.
+        """
+        self.add(when, race)
+        if self._alarm is None:
+            if self._armed is None:
+                self._armed = anyio.Event()
+                self.tasks.start_soon(self.run)
+            await self._armed.wait()  # its alarm is the earliest hedge's, this one's too
 
     def withdraw(self, race: _Race) -> None:
         """``race`` is over: drop the races over at the front, and wake later."""
@@ -567,46 +524,57 @@ class _HedgeTimer:
         if self._alarm is not None:
             self._alarm.deadline = due[0][0] if due else math.inf
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        """Send the hedges as they fall due, until cancelled (started with ``start``)."""
+    def close(self) -> None:
+        """No more hedges: :meth:`run` returns. The races still due are dropped (they
+        refer to the clock: a cycle the cyclic collector would have to free)."""
+        self._closed.set()
+        self._due.clear()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Send the hedges as they fall due, until :meth:`close` (``task_status``:
+        started once the alarm is set)."""
         due = self._due
+        closed = self._closed
         started = False
-        never = anyio.Event()  # not a sleep: a virtual clock must not jump to infinity
         try:
-            while True:
+            while not closed.is_set():
                 now = anyio.current_time()
                 while due and (due[0][0] <= now or due[0][2].over):
                     heapq.heappop(due)[2].due()
                 with anyio.CancelScope(deadline=due[0][0] if due else math.inf) as self._alarm:
+                    if self._armed is not None:
+                        self._armed.set()
                     if not started:
                         started = True
                         task_status.started()
-                    await never.wait()
+                    await closed.wait()
         finally:
             self._alarm = None
-            due.clear()
 
 
 @final
 class _SharedClock:
-    """An execution's view of the serving :class:`_HedgeTimer`: the same interface as
-    :class:`_HedgeClock`, with the hedges started in the execution's own ``tasks``."""
+    """An execution's view of the serving :class:`_HedgeClock`: the same interface,
+    with the hedges started in the execution's own ``tasks``."""
 
-    __slots__ = ("_timer", "tasks")
+    __slots__ = ("_clock", "tasks")
 
-    def __init__(self, timer: _HedgeTimer, tasks: anyio.abc.TaskGroup) -> None:
-        self._timer = timer
+    def __init__(self, clock: _HedgeClock, tasks: anyio.abc.TaskGroup) -> None:
+        self._clock = clock
         self.tasks = tasks
 
     async def schedule(self, when: float, race: _Race) -> None:
-        """As :meth:`_HedgeClock.schedule`; returns at once (the alarm is set)."""
-        self._timer.add(when, race)
+        """As :meth:`_HedgeClock.schedule`; returns at once (the serving clock's alarm
+        is set while it serves; after that, no hedge is sent)."""
+        self._clock.add(when, race)
 
     def withdraw(self, race: _Race) -> None:
-        self._timer.withdraw(race)
+        self._clock.withdraw(race)
 
     def close(self) -> None:
-        """Nothing to close: the timer serves other executions."""
+        """Nothing to close: the clock serves other executions."""
 
 
 @final
