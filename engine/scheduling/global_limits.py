@@ -503,6 +503,9 @@ class RedisLimiter:
         """
         lease = await self._admit(tokens)
         try:
+            # Admitted in the instant the caller was cancelled (the admission is
+            # shielded, and a spare is taken without waiting): leave, do not run.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             yield lease
         finally:
             lease_id = lease.id

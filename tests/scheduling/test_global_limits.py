@@ -453,6 +453,52 @@ async def test_cancelled_after_the_script_admitted_releases(
             pass
 
 
+@pytest.mark.parametrize("spares", [0, 1], ids=["admitted", "from a spare"])
+async def test_cancelled_in_the_instant_of_admission_does_not_enter(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, spares: int
+) -> None:
+    """The caller's scope is cancelled while the (shielded) admission runs, or as a
+    spare is taken; the admission returns without a checkpoint: the block must not
+    run, and the lease is released (or kept as a spare)."""
+    scope = anyio.CancelScope()
+    async with RedisLimiter.connect(
+        redis_url, name=fresh_name(), max_concurrent=2, spare_leases=spares
+    ) as limiter:
+        if spares:
+            async with limiter.slot():  # a call came: the keeper admits a spare
+                pass
+            with anyio.fail_after(5):
+                while not limiter.statistics().spares:
+                    await anyio.sleep(0.01)
+            original_take = RedisLimiter._want_spares
+
+            def cancel_on_take(self: RedisLimiter) -> None:
+                scope.cancel()
+                original_take(self)
+
+            monkeypatch.setattr(RedisLimiter, "_want_spares", cancel_on_take)
+        else:
+            original_admit = RedisLimiter._try_admit
+
+            async def admit_and_cancel(
+                self: RedisLimiter, lease_id: str | None, tokens: int, *, queue: bool
+            ) -> Any:
+                scope.cancel()
+                return await original_admit(self, lease_id, tokens, queue=queue)
+
+            monkeypatch.setattr(RedisLimiter, "_try_admit", admit_and_cancel)
+        with scope:
+            async with limiter.slot():
+                pytest.fail("entered the block of a cancelled caller")
+        monkeypatch.undo()
+        assert scope.cancelled_caught
+        stats = limiter.statistics()
+        assert stats.held == stats.spares and stats.waiting == 0  # no call holds one
+        with anyio.fail_after(5):  # Redis agrees, once the keeper's top-up is in
+            while await limiter.held_globally() != limiter.statistics().held:
+                await anyio.sleep(0.01)
+
+
 async def test_cancelling_the_whole_block_releases_everything(redis_url: str) -> None:
     name = fresh_name()
     entered = 0
