@@ -396,6 +396,7 @@ async def test_an_error_in_the_body_comes_out_as_itself_and_cancels(
     assert type(info.value) is Oops
 
 
+@pytest.mark.virtual_clock  # its times are checked: asyncio's real clock is too loose
 async def test_cancellation_by_move_on_after_cancels_and_records_nothing(
     module_dir: Path, tmp_path: Path
 ) -> None:
