@@ -743,13 +743,91 @@ async def test_SessionStore_batches_concurrent_actions_on_the_loop(store_at: Bac
                 for sid in submitted:
                     tg.start_soon(one, sid, k)
         stats = store.statistics()
-        # every caller queued during the first flusher's scheduling point: one transaction
-        assert (stats.batches, stats.largest_batch, stats.actions_written) == (1, 20, 20)
+        # every caller queued during the first flusher's scheduling point: one
+        # transaction; except on SQLite, whose first caller found the store quiet and
+        # wrote at once, alone: the 19 submitted in the same instant shared the window
+        alone = int(store.quiet_write_seconds > 0)
+        assert (stats.batches, stats.largest_batch, stats.actions_written) == (
+            1 + alone,
+            20 - alone,
+            20,
+        )
         assert (stats.pending, stats.withdrawn, stats.flushing) == (0, 0, False)
         for sid, texts in submitted.items():
             assert await _texts(store, sid) == texts  # submission order per session
             assert [turns[t] for t in texts] == [1, 2, 3, 4, 5]
             assert (await store.get_session(sid)).turn == 5
+
+
+@pytest.mark.virtual_clock
+@pytest.mark.parametrize("in_thread", [False, "auto"])
+async def test_SessionStore_writes_an_action_on_a_quiet_store_at_once(
+    tmp_path: Path, in_thread: bool | str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite on the loop: an action submitted with none other in the last
+    ``quiet_write_seconds`` costs no pass through the event loop (no window); actions
+    submitted closer together share the window and one transaction."""
+    quiet = SessionStore.quiet_write_seconds
+    assert quiet > 0
+    monkeypatch.setattr(group_commit, "_work_timer", lambda: 0.0)  # "auto": every write fast
+    async with SessionStore.open(tmp_path / "s.sqlite", in_thread=in_thread) as store:
+        await store.ensure_session("s")
+        others: list[int] = []
+
+        async def other() -> None:
+            others.append(len(others))
+
+        async with anyio.create_task_group() as tg:
+            for turn in (1, 2):  # the first action on the store, then one after a pause
+                tg.start_soon(other)
+                assert await store.record_action("s", **_action(f"a{turn}")) == turn
+                assert len(others) == turn - 1  # the task started before it has not run
+                await anyio.sleep(2 * quiet)
+                assert len(others) == turn
+            # two in the same instant: the first alone at once, the second waits a pass
+            # (the window) for company
+            tg.start_soon(other)
+            turns: list[int] = []
+
+            async def record(text: str) -> None:
+                turns.append(await store.record_action("s", **_action(text)))
+
+            tg.start_soon(record, "a3")
+            tg.start_soon(record, "a4")
+            tg.start_soon(record, "a5")
+        assert sorted(turns) == [3, 4, 5] and len(others) == 3
+        stats = store.statistics()
+        assert (stats.batches, stats.largest_batch, stats.actions_written) == (4, 2, 5)
+        texts = await _texts(store, "s")
+        assert texts[:2] == ["a1", "a2"] and sorted(texts[2:]) == ["a3", "a4", "a5"]
+
+
+async def test_SessionStore_quiet_write_waits_for_a_busy_connection(tmp_path: Path) -> None:
+    """A quiet action whose connection is held (another call in a worker thread)
+    waits for it, as a window, and is written after it."""
+    async with SessionStore.open(tmp_path / "s.sqlite", in_thread="auto") as store:
+        await store.ensure_session("s")
+        done: list[int] = []
+
+        async def record() -> None:
+            done.append(await store.record_action("s", **_action("a1")))
+
+        held = True
+        await store._limiter.acquire()  # as a call in a worker thread holds it
+        try:
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(record)
+                    await _until(lambda: store.statistics().flushing)
+                    await anyio.sleep(0.01)
+                    assert done == [] and store.statistics().pending == 1
+                    store._limiter.release()
+                    held = False
+        finally:
+            if held:
+                store._limiter.release()
+        assert done == [1]
+        assert await _texts(store, "s") == ["a1"]
 
 
 async def test_SessionStore_callers_during_a_flush_wait_for_the_next_batch(

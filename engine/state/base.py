@@ -77,13 +77,20 @@ class SessionStoreBase(Generic[C]):
 
     #: whether ``in_thread="auto"`` may run work on the loop (not for network calls)
     loop_allowed: ClassVar[bool] = True
+    #: an action submitted this long after the one before it (and the connection
+    #: free) is written at once, without group commit's window (0: always the window)
+    quiet_write_seconds: ClassVar[float] = 0.001
 
     def __attrs_post_init__(self) -> None:
         self._placement = WritePlacement.from_setting(
             self.in_thread, loop_allowed=self.loop_allowed
         )
         self._commit = GroupCommit(
-            self._limiter, self._write_batch, self._driver.where, self._placement
+            self._limiter,
+            self._write_batch,
+            self._driver.where,
+            self._placement,
+            quiet_after=self.quiet_write_seconds,
         )
 
     def __repr__(self) -> str:
@@ -296,6 +303,17 @@ class SessionStoreBase(Generic[C]):
             return in_thread()
         if placement.mode == "thread":
             return await anyio.to_thread.run_sync(in_thread, limiter=self._limiter)
+        if not placement.in_thread():  # "auto", fast: a free connection costs no pass
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            try:
+                self._limiter.acquire_nowait()
+            except anyio.WouldBlock:
+                pass
+            else:
+                try:
+                    return placement.timed(in_thread)
+                finally:
+                    self._limiter.release()
         async with self._limiter:  # "auto": no thread holds the connection meanwhile
             if placement.in_thread():
                 return await anyio.to_thread.run_sync(placement.timed, in_thread)

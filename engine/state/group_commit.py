@@ -4,7 +4,9 @@ One caller at a time holds the **flusher** role: it waits for the store's
 connection (the batching window: callers arriving meanwhile join the queue), takes
 every queued action and writes them in ONE transaction, each in its own SAVEPOINT
 (:func:`write_batch`); every caller returns once the transaction holding its action
-has committed. Backend-independent: a store supplies the connection slot (its
+has committed. With ``quiet_after``, a caller that finds the store quiet (no other
+action submitted within that many seconds before it, the connection free) writes
+at once, without the window's pass through the event loop. Backend-independent: a store supplies the connection slot (its
 ``CapacityLimiter``) and a function that writes a batch with its :class:`Driver`.
 See docs/state.md ("Group commit") for the design and the cancellation table.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Literal, TypeVar
@@ -154,6 +157,11 @@ class GroupCommit:
             or ``error`` and returns True, or writes nothing and returns False (then
             ``write`` runs). PostgreSQL's: one pipelined transaction on a
             connection of its own.
+        quiet_after: a caller that becomes the flusher when it submits, with no
+            other action submitted within this many seconds before it and the
+            connection free, writes at once (no batching window: it would only
+            delay a lone action by a pass of a busy loop). Actions submitted closer
+            together still share the window. 0: always the window.
     """
 
     limiter: anyio.CapacityLimiter
@@ -161,6 +169,8 @@ class GroupCommit:
     where: str
     placement: WritePlacement = attrs.field(factory=lambda: WritePlacement("thread"))
     write_first: Callable[[list[Pending]], Awaitable[bool]] | None = None
+    quiet_after: float = 0.0
+    _last_submit: float = attrs.field(default=-math.inf, init=False)
     # queued actions in submission order (a dict: O(1) withdrawal)
     _queue: dict[Pending, None] = attrs.field(factory=dict, init=False)
     _flushing: bool = attrs.field(default=False, init=False)
@@ -192,15 +202,20 @@ class GroupCommit:
         transaction will commit or roll back whatever the caller does.
         """
         pending = Pending(action)
+        now = anyio.current_time()
+        quiet = now - self._last_submit >= self.quiet_after > 0
+        self._last_submit = now
         self._queue[pending] = None
         if not self._flushing:
             self._flushing = True
             pending.phase = Phase.PROMOTED
+        else:
+            quiet = False
         try:
             if pending.phase is Phase.QUEUED:
                 await pending.wakeup.wait()  # set when promoted or done
             if pending.phase is Phase.PROMOTED:
-                await self._flush()
+                await self._flush(window=not quiet)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 if pending.phase in (Phase.QUEUED, Phase.PROMOTED):
@@ -214,11 +229,12 @@ class GroupCommit:
         assert pending.result is not None
         return pending.result
 
-    async def _flush(self) -> None:
+    async def _flush(self, *, window: bool = True) -> None:
         """Write every queued action in ONE transaction; the caller is the flusher.
 
         Waiting for the connection (``limiter``; with ``write_first``, one pass of
         the loop) is the batching window: actions queued meanwhile join the batch.
+        Without ``window`` the batch is taken at once when the connection is free.
         Cancellation before the batch is taken leaves everything queued (the caller
         withdraws); after it, the write runs shielded to the end and ``Cancelled``
         is raised afterwards.
@@ -226,10 +242,18 @@ class GroupCommit:
         placement = self.placement
         # no thread may hold the connection (``write_first`` needs none)
         holds_slot = placement.may_use_threads and self.write_first is None
-        if holds_slot:
-            await self.limiter.acquire()  # a checkpoint: callers of this loop pass join
-        else:
-            await anyio.lowlevel.checkpoint()  # let callers of this loop pass join
+        if not window:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            if holds_slot:
+                try:
+                    self.limiter.acquire_nowait()
+                except anyio.WouldBlock:
+                    window = True  # a call holds the connection: wait, as a window
+        if window:
+            if holds_slot:
+                await self.limiter.acquire()  # a checkpoint: callers of this loop pass join
+            else:
+                await anyio.lowlevel.checkpoint()  # let callers of this loop pass join
         batch = list(self._queue)
         self._queue.clear()
         for pending in batch:

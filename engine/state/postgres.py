@@ -109,6 +109,7 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
 
     shared: ClassVar[bool] = True
     loop_allowed: ClassVar[bool] = False  # a network call may hang: "auto" means threads
+    quiet_write_seconds: ClassVar[float] = 0.0  # its writes wait on the network: batch them
 
     url: str = attrs.field(kw_only=True)
     lease_seconds: float = attrs.field(kw_only=True)
