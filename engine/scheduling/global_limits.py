@@ -64,8 +64,8 @@ Guarantees:
   always known: a caller cancelled while waiting holds nothing, and a caller
   cancelled at any point after the script admitted it releases the lease before
   the cancellation propagates, and never runs its block (not even when the
-  admission, or a spare, came in the instant it was cancelled). Release is idempotent (``ZREM``) and also gives up the
-  caller's place in the queue.
+  admission, or a spare, came in the instant it was cancelled). Release is
+  idempotent (``ZREM``) and also gives up the caller's place in the queue.
 * **Leaving a slot does not wait for Redis.** The release is queued on the
   limiter's connection with no reply asked for, and the caller goes on at once.
   Redis runs one connection's commands in order, so this limiter's next admission

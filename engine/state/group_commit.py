@@ -6,8 +6,9 @@ every queued action and writes them in ONE transaction, each in its own SAVEPOIN
 (:func:`write_batch`); every caller returns once the transaction holding its action
 has committed. With ``quiet_after``, a caller that finds the store quiet (no other
 action submitted within that many seconds before it, the connection free) writes
-at once, without the window's pass through the event loop. Backend-independent: a store supplies the connection slot (its
-``CapacityLimiter``) and a function that writes a batch with its :class:`Driver`.
+at once, without the window's pass through the event loop. Backend-independent: a
+store supplies the connection slot (its ``CapacityLimiter``) and a function that
+writes a batch with its :class:`Driver`.
 See docs/state.md ("Group commit") for the design and the cancellation table.
 """
 
