@@ -784,8 +784,8 @@ async def test_SessionStore_writes_an_action_on_a_quiet_store_at_once(
                 assert len(others) == turn - 1  # the task started before it has not run
                 await anyio.sleep(2 * quiet)
                 assert len(others) == turn
-            # two in the same instant: the first alone at once, the second waits a pass
-            # (the window) for company
+            # three in the same instant: the first is written alone at once, the
+            # others wait a pass (the window) and share one transaction
             tg.start_soon(other)
             turns: list[int] = []
 
@@ -820,9 +820,10 @@ async def test_SessionStore_quiet_write_waits_for_a_busy_connection(tmp_path: Pa
                     tg.start_soon(record)
                     await _until(lambda: store.statistics().flushing)
                     await anyio.sleep(0.01)
-                    assert done == [] and store.statistics().pending == 1
-                    store._limiter.release()
+                    waited = done == [] and store.statistics().pending == 1
+                    store._limiter.release()  # first, so that a failure cannot hang
                     held = False
+                    assert waited  # not taken into a batch while the connection was held
         finally:
             if held:
                 store._limiter.release()
