@@ -27,6 +27,7 @@ from .group_commit import (
     Pending,
     SessionStoreStatistics,
     WritePlacement,
+    acquire_if_free,
     write_batch,
 )
 from .records import SessionState, TranscriptEntry, action_row, check_session_id
@@ -305,11 +306,7 @@ class SessionStoreBase(Generic[C]):
             return await anyio.to_thread.run_sync(in_thread, limiter=self._limiter)
         if not placement.in_thread():  # "auto", fast: a free connection costs no pass
             await anyio.lowlevel.checkpoint_if_cancelled()
-            try:
-                self._limiter.acquire_nowait()
-            except anyio.WouldBlock:
-                pass
-            else:
+            if acquire_if_free(self._limiter):
                 try:
                     return placement.timed(in_thread)
                 finally:

@@ -30,7 +30,14 @@ from ..errors import SessionError
 from .records import ActionRow
 from .rows import Connection, Driver
 
-__all__ = ["GroupCommit", "Pending", "SessionStoreStatistics", "WritePlacement", "write_batch"]
+__all__ = [
+    "GroupCommit",
+    "Pending",
+    "SessionStoreStatistics",
+    "WritePlacement",
+    "acquire_if_free",
+    "write_batch",
+]
 
 C = TypeVar("C", bound=Connection)
 _T = TypeVar("_T")
@@ -204,14 +211,13 @@ class GroupCommit:
         """
         pending = Pending(action)
         now = anyio.current_time()
-        quiet = now - self._last_submit >= self.quiet_after > 0
+        # the flusher at once, and nobody submitted just before it: no window
+        quiet = not self._flushing and now - self._last_submit >= self.quiet_after > 0
         self._last_submit = now
         self._queue[pending] = None
         if not self._flushing:
             self._flushing = True
             pending.phase = Phase.PROMOTED
-        else:
-            quiet = False
         try:
             if pending.phase is Phase.QUEUED:
                 await pending.wakeup.wait()  # set when promoted or done
@@ -245,11 +251,8 @@ class GroupCommit:
         holds_slot = placement.may_use_threads and self.write_first is None
         if not window:
             await anyio.lowlevel.checkpoint_if_cancelled()
-            if holds_slot:
-                try:
-                    self.limiter.acquire_nowait()
-                except anyio.WouldBlock:
-                    window = True  # a call holds the connection: wait, as a window
+            # a call holding the connection is waited for, as a window
+            window = holds_slot and not acquire_if_free(self.limiter)
         if window:
             if holds_slot:
                 await self.limiter.acquire()  # a checkpoint: callers of this loop pass join
@@ -303,6 +306,15 @@ class GroupCommit:
             first.wakeup.set()
             return
         self._flushing = False
+
+
+def acquire_if_free(limiter: anyio.CapacityLimiter) -> bool:
+    """Take a token of ``limiter`` now if one is free (no pass through the loop)."""
+    try:
+        limiter.acquire_nowait()
+    except anyio.WouldBlock:
+        return False
+    return True
 
 
 def write_batch(driver: Driver[C], batch: list[Pending], clock: Callable[[], float]) -> None:
