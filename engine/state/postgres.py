@@ -67,13 +67,15 @@ _FIRST_POLL = 0.005
 _MAX_POLL = 0.1
 
 # Take the lease if it is free, expired, or already held by this holder; the server's
-# clock decides expiry, so the engines' clocks need not agree.
+# clock decides expiry, so the engines' clocks need not agree. The clock is read once:
+# a lease taken over starts no earlier than the instant its predecessor expired.
 _TAKE = b"""
 INSERT INTO session_leases AS l (session_id, holder, expires_at)
 VALUES ($1::text, $2::text, clock_timestamp() + make_interval(secs => $3::float8))
 ON CONFLICT (session_id) DO UPDATE
     SET holder = excluded.holder, expires_at = excluded.expires_at
-    WHERE l.holder = excluded.holder OR l.expires_at <= clock_timestamp()
+    WHERE l.holder = excluded.holder
+        OR l.expires_at <= excluded.expires_at - make_interval(secs => $3::float8)
 RETURNING l.holder
 """
 _RENEW = b"""
