@@ -52,6 +52,7 @@ __all__ = [
     "AgentConfig",
     "CacheConfig",
     "Config",
+    "GcConfig",
     "HedgingConfig",
     "LatencyModel",
     "LatencyTarget",
@@ -248,6 +249,15 @@ class PromptConfig:
 
 
 @attrs.frozen
+class GcConfig:
+    # young collections every this many net allocations while the engine is open;
+    # 0: Python's own (700). See engine/gc_tuning.py.
+    young_threshold: int = attrs.field(
+        default=50_000, validator=between(0, 10_000_000, "allocations (0: Python's own)")
+    )
+
+
+@attrs.frozen
 class PerformanceConfig:
     profiling: ProfilingConfig = attrs.field(factory=ProfilingConfig)
     parallelization: ParallelizationConfig = attrs.field(factory=ParallelizationConfig)
@@ -256,6 +266,7 @@ class PerformanceConfig:
     lazy_loading: LazyLoadingConfig = attrs.field(factory=LazyLoadingConfig)
     monitoring: MonitoringConfig = attrs.field(factory=MonitoringConfig)
     prompts: PromptConfig = attrs.field(factory=PromptConfig)
+    gc: GcConfig = attrs.field(factory=GcConfig)
     targets: Mapping[str, LatencyTarget] = attrs.field(
         factory=lambda: DEFAULT_TARGETS, converter=_frozen_map, metadata=_OPERATION_KEYS
     )

@@ -30,6 +30,7 @@ from .content.context import OptimizedContextBuilder
 from .content.lazy import LazyLoadManager
 from .content.store import from_config as open_configured_module
 from .errors import lone_error
+from .gc_tuning import young_threshold
 from .observability.metrics import MetricsExporter
 from .observability.profiler import PerformanceProfiler
 from .observability.spanlog import SpanLog
@@ -86,6 +87,7 @@ async def _open(
     profiler: PerformanceProfiler | None,
 ) -> AsyncIterator[DungeonMaster]:
     async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(young_threshold(config.performance.gc.young_threshold))
         if profiler is None:
             profiler = PerformanceProfiler.from_config(config, clock=anyio.current_time)
         if module is None:

@@ -168,6 +168,11 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
         "must be 0 with global_requests_per_minute",
     ),
     ({"state": {"max_action_chars": 0}}, "state.max_action_chars", "> 0"),
+    (
+        {"performance": {"gc": {"young_threshold": -1}}},
+        "performance.gc.young_threshold",
+        "0: Python's own",
+    ),
     ({"state": {"synchronous": "OFF"}}, "state.synchronous", "one of"),
     ({"state": {"write_in_thread": "sometimes"}}, "state.write_in_thread", 'true, false or "auto"'),
     ({"state": {"write_in_thread": 1}}, "state.write_in_thread", "true or false or a string"),

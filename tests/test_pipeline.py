@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 from collections.abc import Mapping
 from pathlib import Path
@@ -222,6 +223,21 @@ async def test_open_engine_closes_cleanly_when_cancelled(module_dir: Path, tmp_p
     # the store was closed and can be reopened
     async with engine.SessionStore.open(tmp_path / "s.sqlite") as store:
         assert await store.count_actions() == 0
+
+
+@pytest.mark.parametrize("young", [50_000, 0])
+async def test_the_collector_is_tuned_while_the_engine_is_open(
+    module_dir: Path, tmp_path: Path, young: int
+) -> None:
+    config = make_config(module_dir)
+    config = attrs.evolve(
+        config, performance=attrs.evolve(config.performance, gc=engine.config.GcConfig(young))
+    )
+    found = gc.get_threshold()
+    async with engine.open_engine(config, state_path=tmp_path / "s.sqlite") as dm:
+        assert gc.get_threshold() == ((young or found[0]), *found[1:])
+        await dm.player_action("s", "I attack the goblin")
+    assert gc.get_threshold() == found
 
 
 @pytest.mark.parametrize(
