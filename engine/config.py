@@ -253,7 +253,7 @@ class GcConfig:
     # young collections every this many net allocations while the engine is open;
     # 0: Python's own (700). See engine/gc_tuning.py.
     young_threshold: int = attrs.field(
-        default=50_000, validator=between(0, 10_000_000, "allocations (0: Python's own)")
+        default=50_000, validator=between(0, 10_000_000, "allocations; 0: Python's own")
     )
 
 
