@@ -66,6 +66,10 @@ async def open_engine(
         state_path: the session store file, instead of ``[state] path``.
         profiler: a profiler to record into (default: one from the config, on the
             event loop's clock, so virtual-time runs record virtual latencies).
+
+    While the engine is open, the garbage collector's young threshold is
+    ``[performance.gc] young_threshold`` (0: left alone); the thresholds found come
+    back when the last open engine closes (:mod:`engine.gc_tuning`).
     """
     config = config or Config()
     try:
