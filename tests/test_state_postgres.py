@@ -663,17 +663,21 @@ async def test_the_lane_sends_statements_called_meanwhile_in_one_pipeline_each_a
             assert conn.execute("SELECT count(*) FROM session_leases").fetchone()[0] == 0
 
 
-# each call: whether its statement succeeds, and after how many of the test's
-# checkpoints its caller is cancelled (None: never)
+# each call: whether its statement succeeds, after how many of the test's
+# checkpoints its caller is cancelled (None: never), and whether a second statement
+# (tag + PAIRED, always succeeding) goes with it in one ``execute_each``
 _lane_calls = st.lists(
-    st.tuples(st.sampled_from(["ok", "fail"]), st.one_of(st.none(), st.integers(0, 8))),
+    st.tuples(
+        st.sampled_from(["ok", "fail"]), st.one_of(st.none(), st.integers(0, 8)), st.booleans()
+    ),
     min_size=1,
     max_size=12,
 )
+PAIRED = 1000
 
 
 async def _lane_schedule(
-    server: PostgresServer, url: str, calls: list[tuple[str, int | None]]
+    server: PostgresServer, url: str, calls: list[tuple[str, int | None, bool]]
 ) -> tuple[list[int], dict[int, Any], list[tuple[int, int]]]:
     """Run the calls at once on a store's lane, cancelling as drawn; return the order
     the calls entered ``execute``, each one's outcome, and the rows written."""
@@ -683,23 +687,26 @@ async def _lane_schedule(
     async with PostgresSessionStore.open(url, password=server.password) as store:
         lane = store._lane
 
-        async def one(i: int, kind: str) -> None:
-            sql = b"INSERT INTO log (tag) VALUES ($1::int) RETURNING id"
-            if kind == "fail":
-                sql = b"INSERT INTO log (tag) SELECT $1::int WHERE 1 / 0 = 1"
+        async def one(i: int, kind: str, paired: bool) -> None:
+            ok = b"INSERT INTO log (tag) VALUES ($1::int) RETURNING id"
+            sql = b"INSERT INTO log (tag) SELECT $1::int WHERE 1 / 0 = 1" if kind == "fail" else ok
             outcome[i] = "cancelled"
             with scopes[i]:
                 order.append(i)  # no checkpoint before execute queues the call
+                if paired:
+                    results = await lane.execute_each("log", [(sql, (i,)), (ok, (i + PAIRED,))])
+                    outcome[i] = [r if isinstance(r, SessionError) else r.rows for r in results]
+                    return
                 try:
                     outcome[i] = (await lane.execute("log", sql, (i,))).rows
                 except SessionError as exc:
                     outcome[i] = exc
 
         async with anyio.create_task_group() as tg:
-            for i, (kind, _) in enumerate(calls):
-                tg.start_soon(one, i, kind)
+            for i, (kind, _, paired) in enumerate(calls):
+                tg.start_soon(one, i, kind, paired)
             for step in range(10):
-                for i, (_, at) in enumerate(calls):
+                for i, (_, at, _) in enumerate(calls):
                     if at == step:
                         scopes[i].cancel()
                 await anyio.lowlevel.checkpoint()
@@ -713,21 +720,34 @@ async def _lane_schedule(
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(calls=_lane_calls)
 def test_lane_calls_with_cancellations_match_the_sequential_model(
-    backend: str, postgres_server: PostgresServer, calls: list[tuple[str, int | None]]
+    backend: str, postgres_server: PostgresServer, calls: list[tuple[str, int | None, bool]]
 ) -> None:
-    """Concurrent ``execute`` calls, some failing, some cancelled at any point: each
-    statement runs at most once, in the order the calls came; a failing one fails
-    alone; one that returned is stored with the id it returned; a cancelled one is
-    stored or not, never twice; the lane is left idle."""
+    """Concurrent ``execute`` and ``execute_each`` calls, some failing, some cancelled
+    at any point: each statement runs at most once, in the order the calls came, a
+    call's statements one after another; a failing one fails alone; one that returned
+    is stored with the id it returned; a cancelled call's statements are all sent or
+    none, never twice; the lane is left idle."""
     url = postgres_server.schema_url()
     with postgres_server.connect(url) as conn:
         conn.execute("CREATE TABLE log (id bigserial PRIMARY KEY, tag integer NOT NULL)")
     order, outcome, rows = anyio.run(_lane_schedule, postgres_server, url, calls, backend=backend)
     tags = [tag for _, tag in rows]
     assert len(set(tags)) == len(tags)  # never twice
-    assert tags == [i for i in order if i in tags]  # in the order the calls came
-    for i, (kind, cancel_at) in enumerate(calls):
+    sent = [t for i in order for t in ([i, i + PAIRED] if calls[i][2] else [i])]
+    assert tags == [t for t in sent if t in tags]  # in the order the calls came
+    for i, (kind, cancel_at, paired) in enumerate(calls):
         out = outcome[i]
+        if paired:
+            if out == "cancelled":  # sent whole or not at all
+                assert cancel_at is not None
+                if kind == "ok":
+                    assert (i in tags) == (i + PAIRED in tags)
+                else:
+                    assert i not in tags
+                continue
+            first, ((returned,),) = out
+            assert (int(str(returned)), i + PAIRED) in rows  # ran, whatever the first did
+            out = first
         if out == "cancelled":
             assert cancel_at is not None
             assert kind == "ok" or i not in tags

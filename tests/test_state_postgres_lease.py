@@ -82,11 +82,14 @@ def _leases(server: PostgresServer, url: str) -> list[tuple[str, str]]:
     return [(str(r[0]), str(r[1])) for r in rows]
 
 
+@pytest.mark.parametrize("reread", ["ensure_session", "find_session"])
 async def test_actions_under_leases_never_interleave_lose_or_share_a_turn(
-    postgres_server: PostgresServer, pg_url: str
+    postgres_server: PostgresServer, pg_url: str, reread: str
 ) -> None:
     """Two stores x three tasks act on two sessions at once, like engines: take the
-    lease, read the turn, think, record with ``turn_expected``. Nothing overlaps."""
+    lease, read the turn, think, record with ``turn_expected``. Nothing overlaps.
+    ``find_session`` (the engine's reread) uses the row read with the take: it must
+    hold every action the other store recorded before."""
     rng = random.Random(7)
     sessions = ("s1", "s2")
     per_task = 6
@@ -97,7 +100,11 @@ async def test_actions_under_leases_never_interleave_lose_or_share_a_turn(
             for i in range(per_task):
                 async with store.session_lease(sid):
                     entered = time.monotonic()
-                    turn = (await store.ensure_session(sid)).turn  # reread: shared store
+                    if reread == "ensure_session":
+                        turn = (await store.ensure_session(sid)).turn  # reread: shared store
+                    else:
+                        found = await store.find_session(sid)
+                        turn = 0 if found is None else found.turn
                     await anyio.sleep(rng.uniform(0, 0.004))  # the agents think
                     new = await store.record_action(
                         sid, turn_expected=turn, **_action(f"{who} {i}", last=f"{who} {i}")
@@ -119,6 +126,35 @@ async def test_actions_under_leases_never_interleave_lose_or_share_a_turn(
             assert [e.action_text for e in entries] == [text for _, _, text in ordered]
             assert (await stores[1].get_session(sid)).state == {"last": ordered[-1][2]}
     assert _leases(postgres_server, pg_url) == []  # every lease was given back
+
+
+async def test_the_take_brings_the_session_row_for_the_holders_first_read(
+    postgres_server: PostgresServer, pg_url: str
+) -> None:
+    """Taking a lease reads the session in the same round trip; the holder's first
+    ``find_session`` uses that row (no round trip of its own), and it is current. A
+    second read asks the server; a row the holder did not read ends with its lease."""
+    async with _stores(postgres_server, pg_url, 2) as (a, b):
+        async with b.session_lease("s"):
+            assert await b.find_session("s") is None  # not created yet
+            await b.record_action("s", turn_expected=0, **_action("b", hp=1))
+        sent = a._lane.pipelines
+        async with a.session_lease("s"):
+            assert a._lane.pipelines == sent + 1  # the take and the read together
+            found = await a.find_session("s")
+            assert a._lane.pipelines == sent + 1  # no round trip
+            assert found is not None and (found.turn, found.state) == (1, {"hp": 1})
+            await a.record_action("s", turn_expected=1, **_action("a", hp=2))
+            again = await a.find_session("s")
+            assert a._lane.pipelines == sent + 2
+            assert again is not None and (again.turn, again.state) == (2, {"hp": 2})
+        async with a.session_lease("t"):
+            pass  # its row (no session yet) was read, never used
+        async with b.session_lease("t"):
+            await b.record_action("t", turn_expected=0, **_action("b", hp=5))
+        found = await a.find_session("t")  # outside a lease: read now, on the server
+        assert found is not None and (found.turn, found.state) == (1, {"hp": 5})
+        assert a._found == {} and b._found == {}
 
 
 async def test_without_leases_turn_expected_still_fences_stale_writers(

@@ -11,7 +11,9 @@ Three connections. Two *lanes* are driven from the event loop with libpq's
 non-blocking API (:mod:`engine.state.postgres_lane`; psycopg's async API is
 asyncio-only, and the engine runs on trio too): one runs the single statements that
 need no transaction, the leases' (their commits do not wait for the WAL flush) and
-``find_session``'s read, the ones called together in one round trip; the other runs
+``find_session``'s read, the ones called together in one round trip (a lease's take
+reads the session's row in its round trip, for the holder's first ``find_session``);
+the other runs
 each group-commit batch as one pipelined transaction, two round trips
 (:mod:`engine.state.postgres_batch`).
 The main connection runs everything else with psycopg's blocking API in a worker
@@ -54,7 +56,7 @@ from .base import SessionStoreBase
 from .group_commit import Pending, WritePlacement
 from .postgres_batch import write_on_lane
 from .postgres_driver import PostgresDriver
-from .postgres_lane import Lane
+from .postgres_lane import Lane, LaneResult
 from .postgres_schema import Scrubber, connect, prepare
 from .records import DEFAULT_MAX_ACTION_CHARS, SessionState, check_session_id
 from .sqlite import validated
@@ -124,6 +126,9 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
     _leases: itertools.count[int] = attrs.field(init=False, factory=itertools.count)
     # per session: a FIFO lock for this store's waiters (one of them polls the server)
     _waiting: dict[str, tuple[anyio.Lock, int]] = attrs.field(init=False, factory=dict)
+    # per session held here: its row as read right after the lease was taken, until
+    # the first ``find_session`` (or the lease's end) uses it up
+    _found: dict[str, LaneResult] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -303,6 +308,7 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
                     if lost:
                         raise SessionError(lost[0]) from error
                 finally:
+                    self._found.pop(session_id, None)
                     with anyio.CancelScope(shield=True):
                         await self._give_back(session_id, token)
         finally:
@@ -313,16 +319,24 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
                 self._waiting[session_id] = (lock, refs - 1)
 
     async def _take(self, session_id: str) -> str:
-        """Poll until the lease is ours; return its holder token."""
+        """Poll until the lease is ours; return its holder token. The session's row
+        is read in the same round trip, right after the take (its own statement, so
+        it sees every commit made before the lease was ours), for the holder's first
+        ``find_session``."""
         token = f"{self._holder}#{next(self._leases)}"
         delay = _FIRST_POLL
         while True:
             # a take that was sent runs to its end (the lane shields it), so a
             # cancelled caller never leaves a lease behind that it did not learn of
-            took = await self._lane.execute(
-                "session_lease", _TAKE, (session_id, token, self.lease_seconds)
+            took, found = await self._lane.execute_each(
+                "session_lease",
+                [(_TAKE, (session_id, token, self.lease_seconds)), (_FIND, (session_id,))],
             )
+            if isinstance(took, SessionError):
+                raise took
             if took.rows:
+                if isinstance(found, LaneResult):  # else find_session reads it again
+                    self._found[session_id] = found
                 return token
             await anyio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, _MAX_POLL)
@@ -369,9 +383,14 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
     # ------------------------------------------------------------------ the lane
 
     async def find_session(self, session_id: str) -> SessionState | None:
-        """As every store's (see ``SessionStoreBase``), in one statement on the lane."""
+        """As every store's (see ``SessionStoreBase``), in one statement on the lane;
+        the first call of a lease's holder uses the row read with the take instead (no
+        round trip: nobody else may have written the session since)."""
         check_session_id(session_id)
-        rows = (await self._lane.execute("find_session", _FIND, (session_id,))).rows
+        found = self._found.pop(session_id, None)  # read when this holder took the lease
+        if found is None:
+            found = await self._lane.execute("find_session", _FIND, (session_id,))
+        rows = found.rows
         if not rows:
             return None
         turn, created, updated = (str(v) for v in rows[0][:3])  # NOT NULL columns

@@ -145,27 +145,46 @@ class Lane:
             SessionError: the lane is closed, the statement failed, or the server
                 could not be reached (twice).
         """
-        call = _Call(op, (sql, params))
-        self._queue[call] = None
+        (outcome,) = await self.execute_each(op, [(sql, params)])
+        if isinstance(outcome, SessionError):
+            raise outcome
+        return outcome
+
+    async def execute_each(
+        self, op: str, statements: Sequence[Statement]
+    ) -> list[LaneResult | SessionError]:
+        """Run ``statements`` in order in one pipeline, each autocommit, as ``execute``
+        would one after another (a later one sees what an earlier one committed), and
+        return each one's outcome: its result, or the ``SessionError`` it failed with
+        (one's failure fails it alone). Cancelled before they were sent, none runs;
+        after, all run to their end."""
+        calls = [_Call(op, statement) for statement in statements]
+        for call in calls:  # queued together: always taken into one pipeline together
+            self._queue[call] = None
+        lead = calls[0]
         if not self._sending:
-            self._sending = call.promoted = True
+            self._sending = lead.promoted = True
         try:
-            if not call.promoted:
-                await call.wakeup.wait()  # promoted, or done by another caller's pipeline
-            if not call.taken:
+            if not lead.promoted:
+                await lead.wakeup.wait()  # promoted, or done by another caller's pipeline
+            if not lead.taken:
                 await self._send_queued()
         except BaseException:
             with anyio.CancelScope(shield=True):
-                if call.taken:
-                    await call.done.wait()  # sent: its outcome comes, whatever we do
+                if lead.taken:
+                    await lead.done.wait()  # sent: their outcomes come, whatever we do
                 else:
-                    self._withdraw(call)  # never sent
+                    for call in calls:
+                        self._withdraw(call)  # never sent
             raise
+        return [self._outcome(call) for call in calls]
+
+    def _outcome(self, call: _Call) -> LaneResult | SessionError:
         if call.error is not None:
-            raise call.error
+            return call.error
         assert call.result is not None
         if call.result.status not in _OK:
-            raise self._error(op, call.result.get_error_message())
+            return self._error(call.op, call.result.get_error_message())
         return LaneResult.of(call.result)
 
     async def _send_queued(self) -> None:
