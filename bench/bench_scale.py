@@ -8,8 +8,8 @@ Run: ``.venv/bin/python -m bench.bench_scale --config FILE --plan 120:1,240:2,18
 actions with a think time of 5 s (RATE actions/s offered at the peak), no process
 killed, the entries one after another in the given order (alternate 1 and 2
 processes: the machine's speed drifts). Per run it prints the throughput, the
-engine overhead p50 / p95, the state update, session lease and agents' wake-up lag
-p95, the player's round trip p50 / p95, lost and mismatched actions, and CPU per
+engine overhead p50 / p95, the p95 of the overhead before the agents, of the state
+update, of the session lease and of the agents' wake-up lag, the player's round trip p50 / p95, lost and mismatched actions, and CPU per
 action: the engine processes', the coordinator's (this process) and, with
 ``--server-cpu``, PostgreSQL's and Redis's (every process of this machine named
 ``postgres*`` or ``redis*``, read from ``/proc``: Linux, servers on this host).
@@ -76,7 +76,8 @@ def _line(rate: float, n: int, r: ProcessLoadResult, cpu: dict[str, float]) -> s
     return (
         f"{rate:g}/s offered, {n} process{'es' if n > 1 else ''}: {r.throughput:.1f} actions/s"
         f" | overhead p50 {r.overhead.p50 * ms:.2f} p95 {r.overhead.p95 * ms:.2f}"
-        f" | p95: state {r.state_write.p95 * ms:.2f} lease {r.lease.p95 * ms:.2f}"
+        f" | p95: before agents {r.before_agents.p95 * ms:.2f} state {r.state_write.p95 * ms:.2f}"
+        f" lease {r.lease.p95 * ms:.2f}"
         f" lag {r.agent_lag.p95 * ms:.2f}"
         f" | round trip p50 {r.round_trip.p50 * ms:.1f} p95 {r.round_trip.p95 * ms:.1f}"
         f" | lost {r.lost_actions} mismatched {r.mismatched_sessions}"
