@@ -247,6 +247,70 @@ async def test_a_cancelled_waiter_leaves_nothing_behind(
         assert _leases(postgres_server, pg_url) == []
 
 
+async def _until(condition: Any) -> None:
+    for _ in range(100_000):
+        if condition():
+            return
+        await anyio.sleep(0.001)
+    pytest.fail("the condition never held")  # pragma: no cover
+
+
+def _wait_for_lock(server: PostgresServer, url: str, pid: int) -> None:
+    """Poll (real time, bounded) until backend ``pid`` waits for a lock."""
+    with server.connect(url) as admin:
+        for _ in range(1000):
+            sql = "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'"
+            if admin.execute(sql, (pid,)).fetchone():
+                return
+            time.sleep(0.01)
+    pytest.fail(f"backend {pid} never waited for a lock")  # pragma: no cover
+
+
+async def test_a_take_cancelled_in_flight_gives_back_the_lease_it_took(
+    postgres_server: PostgresServer, pg_url: str
+) -> None:
+    """A caller cancelled while its take is on the server, sent in another caller's
+    pipeline: the take runs to its end and takes the lease (here a dead holder's
+    expired one, once another transaction's row lock is gone), and the store gives
+    it back at once instead of leaving it to block the session until it expires."""
+    async with _stores(postgres_server, pg_url, 2) as (a, b):
+        lane = a._lane
+        ((pid,),) = (await lane.execute("pid", b"SELECT pg_backend_pid()", ())).rows
+        taker = anyio.CancelScope()
+        entered: list[bool] = []
+
+        async def take() -> None:
+            with taker:
+                async with a.session_lease("s"):
+                    entered.append(True)  # pragma: no cover - it never gets here
+
+        with postgres_server.connect(pg_url) as admin:
+            admin.execute(
+                "INSERT INTO session_leases VALUES ('s', 'dead', now() - interval '1 min')"
+            )
+            admin.execute("BEGIN")
+            admin.execute("SELECT 1 FROM session_leases WHERE session_id = 's' FOR UPDATE")
+            async with anyio.create_task_group() as tg:
+                sent = lane.pipelines
+                tg.start_soon(lane.execute, "slow", b"SELECT pg_sleep(0.5)", ())
+                await _until(lambda: lane.pipelines == sent + 1)
+                tg.start_soon(lane.execute, "first", b"SELECT 1", ())  # leads the next one
+                await _until(lambda: len(lane._queue) == 1)
+                tg.start_soon(take)
+                await _until(lambda: len(lane._queue) == 3)  # "first", the take, the read
+                await anyio.to_thread.run_sync(
+                    _wait_for_lock, postgres_server, pg_url, int(str(pid))
+                )
+                taker.cancel()
+                await anyio.sleep(0.05)  # the taker now waits, shielded, for the outcome
+                admin.execute("COMMIT")  # the take goes on: the expired lease is taken
+        assert taker.cancelled_caught and not entered
+        assert _leases(postgres_server, pg_url) == []  # given back, not left to expire
+        with anyio.fail_after(1):  # at once, not after the 30 s expiry
+            async with b.session_lease("s"):
+                pass
+
+
 # Takes the lease of session "s" (lease_seconds from argv), prints "leased", holds it.
 HOLDER = textwrap.dedent(
     f"""

@@ -326,14 +326,21 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
         token = f"{self._holder}#{next(self._leases)}"
         delay = _FIRST_POLL
         while True:
-            # a take that was sent runs to its end (the lane shields it), so a
-            # cancelled caller never leaves a lease behind that it did not learn of
-            took, found = await self._lane.execute_each(
-                "session_lease",
-                [(_TAKE, (session_id, token, self.lease_seconds)), (_FIND, (session_id,))],
-            )
-            if isinstance(took, SessionError):
-                raise took
+            try:
+                took, found = await self._lane.execute_each(
+                    "session_lease",
+                    [(_TAKE, (session_id, token, self.lease_seconds)), (_FIND, (session_id,))],
+                )
+                if isinstance(took, SessionError):
+                    raise took
+            except BaseException:
+                # Cancelled once the take was sent (it ran to its end, unheard), or
+                # failed with its connection after it may have run: give back the
+                # lease it may have taken, so it does not block the session until it
+                # expires. Nothing taken: this deletes nothing.
+                with anyio.CancelScope(shield=True):
+                    await self._give_back(session_id, token)
+                raise
             if took.rows:
                 if isinstance(found, LaneResult):  # else find_session reads it again
                     self._found[session_id] = found

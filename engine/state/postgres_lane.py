@@ -158,6 +158,8 @@ class Lane:
         return each one's outcome: its result, or the ``SessionError`` it failed with
         (one's failure fails it alone). Cancelled before they were sent, none runs;
         after, all run to their end."""
+        if not statements:
+            return []
         calls = [_Call(op, statement) for statement in statements]
         for call in calls:  # queued together: always taken into one pipeline together
             self._queue[call] = None
