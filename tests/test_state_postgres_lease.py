@@ -255,15 +255,18 @@ async def _until(condition: Any) -> None:
     pytest.fail("the condition never held")  # pragma: no cover
 
 
-def _wait_for_lock(server: PostgresServer, url: str, pid: int) -> None:
-    """Poll (real time, bounded) until backend ``pid`` waits for a lock."""
+def _wait_for_row_lock(server: PostgresServer, url: str, pid: int) -> None:
+    """Poll (real time, bounded) until backend ``pid`` waits for a row's lock."""
+    sql = (
+        "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'"
+        " AND wait_event IN ('transactionid', 'tuple')"
+    )
     with server.connect(url) as admin:
         for _ in range(1000):
-            sql = "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'"
             if admin.execute(sql, (pid,)).fetchone():
                 return
             time.sleep(0.01)
-    pytest.fail(f"backend {pid} never waited for a lock")  # pragma: no cover
+    pytest.fail(f"backend {pid} never waited for a row lock")  # pragma: no cover
 
 
 async def test_a_take_cancelled_in_flight_gives_back_the_lease_it_took(
@@ -284,22 +287,25 @@ async def test_a_take_cancelled_in_flight_gives_back_the_lease_it_took(
                 async with a.session_lease("s"):
                     entered.append(True)  # pragma: no cover - it never gets here
 
-        with postgres_server.connect(pg_url) as admin:
+        gated = b"SELECT pg_advisory_lock(4242), pg_advisory_unlock(4242)"
+        with postgres_server.connect(pg_url) as admin, postgres_server.connect(pg_url) as gate:
             admin.execute(
                 "INSERT INTO session_leases VALUES ('s', 'dead', now() - interval '1 min')"
             )
             admin.execute("BEGIN")
             admin.execute("SELECT 1 FROM session_leases WHERE session_id = 's' FOR UPDATE")
+            gate.execute("SELECT pg_advisory_lock(4242)")
             async with anyio.create_task_group() as tg:
                 sent = lane.pipelines
-                tg.start_soon(lane.execute, "slow", b"SELECT pg_sleep(0.5)", ())
-                await _until(lambda: lane.pipelines == sent + 1)
+                tg.start_soon(lane.execute, "gated", gated, ())
+                await _until(lambda: lane.pipelines == sent + 1)  # sent, held at the gate
                 tg.start_soon(lane.execute, "first", b"SELECT 1", ())  # leads the next one
                 await _until(lambda: len(lane._queue) == 1)
                 tg.start_soon(take)
                 await _until(lambda: len(lane._queue) == 3)  # "first", the take, the read
+                gate.execute("SELECT pg_advisory_unlock(4242)")  # the next pipeline goes
                 await anyio.to_thread.run_sync(
-                    _wait_for_lock, postgres_server, pg_url, int(str(pid))
+                    _wait_for_row_lock, postgres_server, pg_url, int(str(pid))
                 )
                 taker.cancel()
                 await anyio.sleep(0.05)  # the taker now waits, shielded, for the outcome
