@@ -322,25 +322,24 @@ class PostgresSessionStore(SessionStoreBase["psycopg.Connection[Any]"]):
         """Poll until the lease is ours; return its holder token. The session's row
         is read in the same round trip, right after the take (its own statement, so
         it sees every commit made before the lease was ours), for the holder's first
-        ``find_session``."""
+        ``find_session``. A take sent, then unheard because its caller was cancelled,
+        runs to its end; a lease it took is given back at once."""
         token = f"{self._holder}#{next(self._leases)}"
         delay = _FIRST_POLL
+
+        async def unheard(outcomes: list[LaneResult | SessionError]) -> None:
+            took = outcomes[0]
+            if isinstance(took, LaneResult) and took.rows:  # taken: not left to expire
+                await self._give_back(session_id, token)
+
         while True:
-            try:
-                took, found = await self._lane.execute_each(
-                    "session_lease",
-                    [(_TAKE, (session_id, token, self.lease_seconds)), (_FIND, (session_id,))],
-                )
-                if isinstance(took, SessionError):
-                    raise took
-            except BaseException:
-                # Cancelled once the take was sent (it ran to its end, unheard), or
-                # failed with its connection after it may have run: give back the
-                # lease it may have taken, so it does not block the session until it
-                # expires. Nothing taken: this deletes nothing.
-                with anyio.CancelScope(shield=True):
-                    await self._give_back(session_id, token)
-                raise
+            took, found = await self._lane.execute_each(
+                "session_lease",
+                [(_TAKE, (session_id, token, self.lease_seconds)), (_FIND, (session_id,))],
+                unheard=unheard,
+            )
+            if isinstance(took, SessionError):
+                raise took
             if took.rows:
                 if isinstance(found, LaneResult):  # else find_session reads it again
                     self._found[session_id] = found

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, final
 
 import anyio
@@ -151,13 +151,19 @@ class Lane:
         return outcome
 
     async def execute_each(
-        self, op: str, statements: Sequence[Statement]
+        self,
+        op: str,
+        statements: Sequence[Statement],
+        *,
+        unheard: Callable[[list[LaneResult | SessionError]], Awaitable[None]] | None = None,
     ) -> list[LaneResult | SessionError]:
         """Run ``statements`` in order in one pipeline, each autocommit, as ``execute``
         would one after another (a later one sees what an earlier one committed), and
         return each one's outcome: its result, or the ``SessionError`` it failed with
         (one's failure fails it alone). Cancelled before they were sent, none runs;
-        after, all run to their end."""
+        after, all run to their end, and their outcomes go to ``unheard`` (awaited,
+        shielded, before the cancellation goes on), so a caller can undo what they
+        did."""
         if not statements:
             return []
         calls = [_Call(op, statement) for statement in statements]
@@ -175,6 +181,8 @@ class Lane:
             with anyio.CancelScope(shield=True):
                 if lead.taken:
                     await lead.done.wait()  # sent: their outcomes come, whatever we do
+                    if unheard is not None:
+                        await unheard([self._outcome(call) for call in calls])
                 else:
                     for call in calls:
                         self._withdraw(call)  # never sent
