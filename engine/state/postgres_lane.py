@@ -15,8 +15,9 @@ Guarantees:
       (one round trip and one wake-up of the loop for all of them under load), each
       still its own transaction.
     * What was sent runs to its end even if its caller is cancelled (the wait for the
-      results is shielded), so its outcome is known and the connection stays in step;
-      a caller cancelled while still waiting for its turn sends nothing.
+      results is shielded), so the connection stays in step and the outcome is known
+      (``execute_each`` hands it to the caller's ``unheard``); a caller cancelled
+      while still waiting for its turn sends nothing.
     * A connection found dead (the server restarted or dropped it) is replaced,
       connecting in a worker thread, and the statements sent again, once — but never
       a ``COMMIT``: ``execute``'s statements must be idempotent, and a transaction's
