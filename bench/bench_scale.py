@@ -9,8 +9,9 @@ actions with a think time of 5 s (RATE actions/s offered at the peak), no proces
 killed, the entries one after another in the given order (alternate 1 and 2
 processes: the machine's speed drifts). Per run it prints the throughput, the
 engine overhead p50 / p95, the p95 of the overhead before the agents, of the state
-update, of the session lease and of the agents' wake-up lag, the player's round trip p50 / p95, lost and mismatched actions, and CPU per
-action: the engine processes', the coordinator's (this process) and, with
+update, of the session lease and of the agents' wake-up lag, the player's round
+trip p50 / p95, lost and mismatched actions, and CPU per action: the engine
+processes', the coordinator's (this process) and, with
 ``--server-cpu``, PostgreSQL's and Redis's (every process of this machine named
 ``postgres*`` or ``redis*``, read from ``/proc``: Linux, servers on this host).
 
