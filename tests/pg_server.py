@@ -104,6 +104,17 @@ class PostgresServer:
 
         return psycopg.connect(url or self.url, password=self.password, autocommit=True, **kwargs)
 
+    def wait_for_backend(self, pid: int, condition: str) -> None:
+        """Poll (real time, bounded) until backend ``pid`` matches ``condition`` in
+        ``pg_stat_activity``; a connection of its own. Blocking: run it in a thread."""
+        with self.connect() as admin:
+            for _ in range(1000):
+                sql = f"SELECT 1 FROM pg_stat_activity WHERE pid = %s AND {condition}"
+                if admin.execute(sql, (pid,)).fetchone():
+                    return
+                time.sleep(0.01)
+        pytest.fail(f"backend {pid} never matched {condition}")  # pragma: no cover
+
     def schema_url(self, name: str | None = None) -> str:
         """Create a fresh schema; return the URL whose ``search_path`` is that schema."""
         name = name or f"t{os.getpid()}_{next(self._schemas)}"

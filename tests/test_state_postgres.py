@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-import time
 import traceback
 import urllib.parse
 from pathlib import Path
@@ -494,18 +493,6 @@ async def test_batches_take_the_pipeline_and_fall_back_on_a_failure(
         assert store.statistics().batches == 2
 
 
-def _wait_on_server(server: PostgresServer, url: str, pid: int, condition: str) -> None:
-    """Poll (real time, bounded) until backend ``pid`` matches ``condition`` in
-    ``pg_stat_activity``; a connection of its own."""
-    with server.connect(url) as admin:
-        for _ in range(1000):
-            sql = f"SELECT 1 FROM pg_stat_activity WHERE pid = %s AND {condition}"
-            if admin.execute(sql, (pid,)).fetchone():
-                return
-            time.sleep(0.01)
-    pytest.fail(f"backend {pid} never matched {condition}")  # pragma: no cover
-
-
 async def _commit_lane_pid(store: PostgresSessionStore) -> int:
     ((pid,),) = (await store._commit_lane.execute("pid", b"SELECT pg_backend_pid()", ())).rows
     return int(str(pid))
@@ -544,7 +531,7 @@ async def test_a_pipelined_batch_in_flight_queues_later_callers_and_ends_when_ca
             async with anyio.create_task_group() as tg:
                 tg.start_soon(act, "first", "s0")
                 await anyio.to_thread.run_sync(
-                    _wait_on_server, postgres_server, pg_url, pid, "wait_event_type = 'Lock'"
+                    postgres_server.wait_for_backend, pid, "wait_event_type = 'Lock'"
                 )
                 for name in ("a", "b", "c"):
                     tg.start_soon(act, name, "s1")
@@ -602,7 +589,7 @@ async def test_a_pipelined_batch_whose_commit_fails_or_is_lost_says_so(
         async with anyio.create_task_group() as tg:
             tg.start_soon(functools.partial(act, stall=1))
             await anyio.to_thread.run_sync(
-                _wait_on_server, postgres_server, pg_url, pid, "wait_event = 'PgSleep'"
+                postgres_server.wait_for_backend, pid, "wait_event = 'PgSleep'"
             )
             with postgres_server.connect() as admin:
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))

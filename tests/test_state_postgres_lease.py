@@ -255,20 +255,6 @@ async def _until(condition: Any) -> None:
     pytest.fail("the condition never held")  # pragma: no cover
 
 
-def _wait_for_row_lock(server: PostgresServer, url: str, pid: int) -> None:
-    """Poll (real time, bounded) until backend ``pid`` waits for a row's lock."""
-    sql = (
-        "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'"
-        " AND wait_event IN ('transactionid', 'tuple')"
-    )
-    with server.connect(url) as admin:
-        for _ in range(1000):
-            if admin.execute(sql, (pid,)).fetchone():
-                return
-            time.sleep(0.01)
-    pytest.fail(f"backend {pid} never waited for a row lock")  # pragma: no cover
-
-
 async def test_a_take_cancelled_in_flight_gives_back_the_lease_it_took(
     postgres_server: PostgresServer, pg_url: str
 ) -> None:
@@ -304,8 +290,10 @@ async def test_a_take_cancelled_in_flight_gives_back_the_lease_it_took(
                 tg.start_soon(take)
                 await _until(lambda: len(lane._queue) == 3)  # "first", the take, the read
                 gate.execute("SELECT pg_advisory_unlock(4242)")  # the next pipeline goes
-                await anyio.to_thread.run_sync(
-                    _wait_for_row_lock, postgres_server, pg_url, int(str(pid))
+                await anyio.to_thread.run_sync(  # the take waits for the row's lock
+                    postgres_server.wait_for_backend,
+                    int(str(pid)),
+                    "wait_event_type = 'Lock' AND wait_event IN ('transactionid', 'tuple')",
                 )
                 taker.cancel()
                 await anyio.sleep(0.05)  # the taker now waits, shielded, for the outcome

@@ -4,7 +4,6 @@ branches, on the same draws; peers.json has its schema. No duration is asserted.
 from __future__ import annotations
 
 import json
-import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,12 +16,7 @@ import pytest
 pytest.importorskip("langgraph", reason="the [bench] extra: pip install -e '.[bench]'")
 pytest.importorskip("pydantic_graph", reason="the [bench] extra: pip install -e '.[bench]'")
 
-# bench/ is a directory of scripts at the repository root, not an installed package
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.bench_peers import (  # noqa: E402
+from bench.bench_peers import (
     RUNTIMES,
     Action,
     Draws,
@@ -34,8 +28,8 @@ from bench.bench_peers import (  # noqa: E402
     make_runtimes,
     run_batch,
 )
-from engine.agents.simulated import SimulatedAgent  # noqa: E402
-from engine.config import Config  # noqa: E402
+from engine.agents.simulated import SimulatedAgent
+from engine.config import Config
 
 Trace = list[tuple[str, str, str, int]]
 PEERS = ("langgraph", "pydantic-graph")

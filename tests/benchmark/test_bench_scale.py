@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-# bench/ is a directory of scripts at the repository root, not an installed package
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.bench_scale import (  # noqa: E402
+from bench.bench_scale import (
     GOAL,
     Point,
     _count,
